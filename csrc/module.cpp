@@ -1,0 +1,22 @@
+// Entry point of harmonizer_fast._C: each csrc/*.cpp file exposes a register_* function.
+#include <pybind11/pybind11.h>
+
+#ifdef HF_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+// register_* declarations (one per csrc/*.cpp file)
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
+  m.def("openmp_max_threads", []() {
+#ifdef HF_HAVE_OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+  // register_* calls
+}

@@ -1,0 +1,368 @@
+"""The harmonization loss of Fel et al. (2022), pure PyTorch: the reference semantics.
+
+This module is the specification that every fast path (the Triton kernels under
+:mod:`harmonizer_fast.ops`) is tested against.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harmonizer_fast._validation import (
+    check_finite,
+    check_rank,
+    check_same_shape,
+    check_tensor,
+    check_tokens,
+    compute_dtype,
+    shape_of,
+)
+from harmonizer_fast.training.pyramid import downsample
+
+LABEL_SMOOTHING = 0.1
+SALIENCY_MAX_EPSILON = 1e-6
+
+
+def standardize_cut(
+    heatmaps: torch.Tensor, axes: Sequence[int] = (1, 2), epsilon: float = 1e-5
+) -> torch.Tensor:
+    """Standardize each map and keep the positive part.
+
+    .. math:: \\mathrm{relu}\\big((x - \\mu) / (\\sigma + \\epsilon)\\big)
+
+    with :math:`\\mu` and the **population** standard deviation :math:`\\sigma`
+    (divided by H*W) taken over ``axes``. A constant map gives zeros, with a zero
+    (not NaN) gradient.
+
+    Args:
+        heatmaps: (N, H, W) maps; float16/bfloat16 are computed in float32.
+        axes: axes to standardize over.
+        epsilon: added to the standard deviation.
+
+    Returns:
+        tensor of the input's shape and dtype.
+    """
+    check_tensor(heatmaps, "heatmaps")
+    axes = tuple(axes)
+    x = heatmaps.to(compute_dtype(heatmaps))
+    mean = x.mean(dim=axes, keepdim=True)
+    centered = x - mean
+    var = centered.square().mean(dim=axes, keepdim=True)
+    # sqrt has an infinite derivative at 0: route constant maps through sqrt(1) so that
+    # their gradient is 0 instead of NaN (the value is unchanged: std = 0).
+    positive = var > 0
+    std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), torch.zeros_like(var))
+    return F.relu(centered / (std + epsilon)).to(heatmaps.dtype)
+
+
+def _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens) -> None:
+    check_tensor(true_heatmaps, "true_heatmaps")
+    check_tensor(predicted_heatmaps, "predicted_heatmaps")
+    check_rank(true_heatmaps, 3, "true_heatmaps", "(N, H, W)")
+    check_rank(predicted_heatmaps, 3, "predicted_heatmaps", "(N, H, W)")
+    check_same_shape(true_heatmaps, predicted_heatmaps, "true_heatmaps", "predicted_heatmaps")
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
+    check_tokens(tokens, true_heatmaps.shape[0])
+
+
+def pyramidal_mse_with_tokens(
+    true_heatmaps: torch.Tensor,
+    predicted_heatmaps: torch.Tensor,
+    tokens: torch.Tensor,
+    nb_levels: int = 5,
+) -> torch.Tensor:
+    """Token-weighted mean squared error averaged over Gaussian-pyramid levels.
+
+    .. math::
+        L = \\frac{1}{L_n} \\sum_{l=0}^{L_n - 1} \\frac{1}{N h_l w_l}
+            \\sum_{n, i, j} t_n \\big(P_l(a)_{nij} - P_l(b)_{nij}\\big)^2
+
+    where :math:`P_l` is level ``l`` of :func:`pyramidal_representation`. The reference
+    builds ``nb_levels + 1`` levels but averages only the first ``nb_levels``; the
+    coarsest one never changes the value and is not computed here. The pyramid is
+    linear, so the difference is downsampled once: :math:`P_l(a) - P_l(b) = P_l(a - b)`.
+    The mean is over all N maps (not divided by the sum of tokens), so all-zero tokens
+    give exactly 0.
+
+    Args:
+        true_heatmaps, predicted_heatmaps: (N, H, W) maps.
+        tokens: (N,) per-map weights (1 where a human map exists, 0 where not).
+        nb_levels: number of pyramid levels averaged.
+
+    Returns:
+        float32 (float64 for float64 inputs) scalar.
+    """
+    _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
+    if not isinstance(nb_levels, int) or nb_levels < 1:
+        raise ValueError(f"`nb_levels` must be a positive int, got {nb_levels!r}")
+    dtype = compute_dtype(true_heatmaps)
+    diff = true_heatmaps.to(dtype) - predicted_heatmaps.to(dtype)
+    weights = tokens.to(device=diff.device, dtype=dtype).view(-1, 1, 1)
+    total = diff.new_zeros(())
+    for level in range(nb_levels):
+        if level > 0:
+            diff = downsample(diff)
+        total = total + (diff.square() * weights).mean()
+    return total / nb_levels
+
+
+def saliency_standardize_cut(input_gradient: torch.Tensor) -> torch.Tensor:
+    """Saliency map of an input gradient: channel mean (sign kept), then :func:`standardize_cut`.
+
+    Args:
+        input_gradient: (N, C, H, W).
+
+    Returns:
+        (N, H, W) standardized, rectified saliency.
+    """
+    check_tensor(input_gradient, "input_gradient")
+    check_rank(input_gradient, 4, "input_gradient", "(N, C, H, W)")
+    return standardize_cut(input_gradient.to(compute_dtype(input_gradient)).mean(dim=1))
+
+
+def alignment_loss(
+    saliency: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
+) -> torch.Tensor:
+    """Harmonization term between standardized saliency and raw human maps (steps 3-5).
+
+    ``hm = standardize_cut(true_heatmaps)``, rescaled per map to the saliency's maximum:
+    ``hm / (max(hm) + 1e-6) * stop_gradient(max(saliency) + 1e-6)``, then
+    :func:`pyramidal_mse_with_tokens` ``(saliency, hm, tokens, nb_levels)``.
+
+    Args:
+        saliency: (N, H, W) output of :func:`saliency_standardize_cut`.
+        true_heatmaps: (N, H, W) human importance maps.
+        tokens: (N,) weights.
+    """
+    _check_maps_and_tokens(true_heatmaps, saliency, tokens)
+    dtype = compute_dtype(saliency)
+    saliency = saliency.to(dtype)
+    human = standardize_cut(true_heatmaps.to(dtype))
+    human_max = human.amax(dim=(1, 2), keepdim=True)
+    saliency_max = saliency.detach().amax(dim=(1, 2), keepdim=True)
+    human = human / (human_max + SALIENCY_MAX_EPSILON) * (saliency_max + SALIENCY_MAX_EPSILON)
+    return pyramidal_mse_with_tokens(saliency, human, tokens, nb_levels)
+
+
+# --------------------------------------------------------------------------- weight decay
+
+#: Substrings of parameter names that are never decayed (the reference filters Keras
+#: names containing ``bn/``, ``normalization``, ``embed``, ``Norm``, ``norm`` or
+#: ``class_token``; these are their PyTorch/timm spellings).
+NO_DECAY_NAME_PARTS: Tuple[str, ...] = (
+    "norm", "Norm", "bn", "embed", "cls_token", "class_token", "dist_token", "reg_token", "mask_token",
+)
+#: Module types whose parameters are never decayed.
+NO_DECAY_MODULE_TYPES: Tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+
+
+def is_weight_decayed(name: str, module: Optional[nn.Module]) -> bool:
+    """The weight-decay rule, ported from the reference's Keras name filter.
+
+    A trainable parameter is decayed (``sum(p ** 2) / 2``, biases included) unless
+    its owning module is a normalization layer (any ``torch.nn`` norm, or a class
+    whose name contains ``Norm``) or an embedding, or its qualified name contains one
+    of :data:`NO_DECAY_NAME_PARTS` (``norm``, ``bn``, ``embed``, class/distillation/
+    register/mask tokens). So timm's ``pos_embed``, ``patch_embed.*`` and ``cls_token``
+    are excluded, as Keras' ``embedding`` and ``class_token`` were.
+    """
+    if module is not None and (
+        isinstance(module, NO_DECAY_MODULE_TYPES) or "Norm" in type(module).__name__
+    ):
+        return False
+    return not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def decayed_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs of the trainable parameters that :func:`is_weight_decayed` keeps."""
+    owners = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{param_name}" if module_name else param_name] = module
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and is_weight_decayed(name, owners.get(name))
+    ]
+
+
+def weight_decay_loss(model: nn.Module) -> torch.Tensor:
+    """``sum(sum(p ** 2) / 2)`` over :func:`decayed_parameters` (``tf.nn.l2_loss`` summed)."""
+    params = [p for _, p in decayed_parameters(model)]
+    if not params:
+        return torch.zeros(())
+    return torch.stack([p.float().square().sum() / 2 for p in params]).sum()
+
+
+# --------------------------------------------------------------------------- full loss
+
+class HarmonizerLossOutput(NamedTuple):
+    """The total loss and its three components (all scalars with autograd history)."""
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    weight_decay: torch.Tensor
+    harmonization: torch.Tensor
+
+
+def smoothed_cross_entropy(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample categorical cross entropy from logits with label smoothing 0.1 (Keras')."""
+    return F.cross_entropy(logits.float(), labels.float(), reduction="none", label_smoothing=LABEL_SMOOTHING)
+
+
+def _check_loss_inputs(images, tokens, labels, true_heatmaps) -> None:
+    check_tensor(images, "images")
+    check_rank(images, 4, "images", "(N, C, H, W)")
+    check_tensor(true_heatmaps, "true_heatmaps")
+    check_rank(true_heatmaps, 3, "true_heatmaps", "(N, H, W)")
+    n, _, h, w = images.shape
+    if tuple(true_heatmaps.shape) != (n, h, w):
+        raise ValueError(
+            f"`true_heatmaps` must have shape (N, H, W) = {(n, h, w)} to match `images` "
+            f"{shape_of(images)}, got {shape_of(true_heatmaps)}"
+        )
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 2 or labels.shape[0] != n:
+        raise ValueError(f"`labels` must be (N, K) = ({n}, K) one-hot or soft rows, got {shape_of(labels)}")
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
+    check_tokens(tokens, n)
+    check_finite(true_heatmaps, "true_heatmaps")
+
+
+def input_saliency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the differentiable input gradient ``d sum(model(images) * labels) / d images``.
+
+    The gradient keeps its graph (``create_graph=True``) so that a loss on it can be
+    differentiated with respect to the model's parameters (second order).
+    """
+    images = images.detach().requires_grad_(True)
+    logits = model(images)
+    if logits.ndim != 2 or logits.shape != labels.shape:
+        raise ValueError(f"model output {shape_of(logits)} does not match `labels` {shape_of(labels)}")
+    score = (logits * labels.to(logits.dtype)).sum()
+    (gradient,) = torch.autograd.grad(score, images, create_graph=True)
+    return logits, gradient
+
+
+def harmonizer_loss_components(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    true_heatmaps: torch.Tensor,
+    cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    lambda_weights: float = 1e-5,
+    lambda_harmonization: float = 1.0,
+) -> HarmonizerLossOutput:
+    """The harmonizer's total loss and its components, ready for ``loss.backward()``.
+
+    ``loss = CE + lambda_weights * weight_decay + lambda_harmonization * harmonization``
+    (see :func:`harmonizer_loss` for each term). The model runs in training mode, as
+    in the reference (batch statistics; BN running statistics are updated once); its
+    previous mode is restored.
+    """
+    _check_loss_inputs(images, tokens, labels, true_heatmaps)
+    was_training = model.training
+    model.train()
+    try:
+        logits, gradient = input_saliency(model, images, labels)
+    finally:
+        model.train(was_training)
+    saliency = saliency_standardize_cut(gradient)
+    harmonization = alignment_loss(saliency, true_heatmaps, tokens.to(gradient.device))
+    ce_fn = cross_entropy if cross_entropy is not None else smoothed_cross_entropy
+    cce = ce_fn(labels, logits).float().mean()
+    decay = weight_decay_loss(model).to(cce.device)
+    loss = cce + lambda_weights * decay + lambda_harmonization * harmonization
+    return HarmonizerLossOutput(loss, cce, decay, harmonization)
+
+
+def harmonizer_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    true_heatmaps: torch.Tensor,
+    cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    lambda_weights: float = 1e-5,
+    lambda_harmonization: float = 1.0,
+) -> List[torch.Tensor]:
+    """Gradients of the harmonizer loss, like ``harmonization.training.harmonizer_loss``.
+
+    1. ``y_pred = model(images)`` in training mode.
+    2. Saliency: ``d sum(y_pred * labels) / d images`` (second order), mean over channels.
+    3. ``sa = standardize_cut(saliency)``, ``hm = standardize_cut(true_heatmaps)``.
+    4. ``hm = hm / (max(hm) + 1e-6) * stop_gradient(max(sa) + 1e-6)`` per map.
+    5. ``harmonization = pyramidal_mse_with_tokens(sa, hm, tokens)``.
+    6. ``cross_entropy``: mean categorical cross entropy from logits, label smoothing 0.1.
+    7. ``weight_decay = sum(p ** 2) / 2`` over :func:`decayed_parameters`.
+    8. ``loss = CE + lambda_weights * weight_decay + lambda_harmonization * harmonization``.
+
+    Args:
+        model: classifier returning (N, K) logits.
+        images: (N, C, H, W) preprocessed images.
+        tokens: (N,) 1 where a human map exists, 0 where not (fractional weights allowed).
+        labels: (N, K) one-hot or soft labels.
+        true_heatmaps: (N, H, W) human importance maps.
+        cross_entropy: ``f(labels, logits)`` per-sample loss; default label-smoothed CE.
+        lambda_weights, lambda_harmonization: weights of the two regularisers.
+
+    Returns:
+        gradients of the total loss, one per ``[p for p in model.parameters() if p.requires_grad]``
+        (zeros for parameters the loss does not reach). For the loss itself, use
+        :func:`harmonizer_loss_components` or :class:`HarmonizerLoss`.
+    """
+    out = harmonizer_loss_components(
+        model, images, tokens, labels, true_heatmaps, cross_entropy, lambda_weights, lambda_harmonization
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+class HarmonizerLoss(nn.Module):
+    """Module form of :func:`harmonizer_loss_components` for custom training loops.
+
+    Example::
+
+        criterion = HarmonizerLoss(lambda_weights=1e-5, lambda_harmonization=1.0)
+        out = criterion(model, images, tokens, labels, true_heatmaps)
+        out.loss.backward()
+        print(out.cross_entropy.item(), out.weight_decay.item(), out.harmonization.item())
+    """
+
+    def __init__(
+        self,
+        cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        lambda_weights: float = 1e-5,
+        lambda_harmonization: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.cross_entropy = cross_entropy
+        self.lambda_weights = lambda_weights
+        self.lambda_harmonization = lambda_harmonization
+
+    def forward(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        true_heatmaps: torch.Tensor,
+    ) -> HarmonizerLossOutput:
+        return harmonizer_loss_components(
+            model, images, tokens, labels, true_heatmaps,
+            self.cross_entropy, self.lambda_weights, self.lambda_harmonization,
+        )
