@@ -1,0 +1,34 @@
+"""The ``harmonizer-fast`` command: one subcommand per concern, registered in :data:`COMMANDS`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+#: subcommand -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+#: Modules are imported only when their subcommand runs, so the CLI starts fast.
+COMMANDS = {
+}
+
+_HELP = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmonizer-fast", description="Fast PyTorch neural harmonizer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=_HELP.get(name, ""), description=_HELP.get(name)))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
