@@ -10,6 +10,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harmonizer_fast._validation import (
     check_finite,
@@ -47,6 +48,11 @@ def standardize_cut(
     """
     check_tensor(heatmaps, "heatmaps")
     axes = tuple(axes)
+    if not axes or any(not -heatmaps.ndim <= axis < heatmaps.ndim for axis in axes):
+        raise ValueError(
+            f"`axes` {axes} are not axes of `heatmaps` with shape {shape_of(heatmaps)} "
+            "(expected (N, H, W) maps with axes=(1, 2))"
+        )
     x = heatmaps.to(compute_dtype(heatmaps))
     mean = x.mean(dim=axes, keepdim=True)
     centered = x - mean
@@ -233,7 +239,9 @@ def _check_loss_inputs(images, tokens, labels, true_heatmaps) -> None:
             f"`true_heatmaps` must have shape (N, H, W) = {(n, h, w)} to match `images` "
             f"{shape_of(images)}, got {shape_of(true_heatmaps)}"
         )
-    if not isinstance(labels, torch.Tensor) or labels.ndim != 2 or labels.shape[0] != n:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor of shape ({n}, K), got {type(labels).__name__}")
+    if labels.ndim != 2 or labels.shape[0] != n:
         raise ValueError(f"`labels` must be (N, K) = ({n}, K) one-hot or soft rows, got {shape_of(labels)}")
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
@@ -248,7 +256,11 @@ def input_saliency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     differentiated with respect to the model's parameters (second order).
     """
     images = images.detach().requires_grad_(True)
-    logits = model(images)
+    # The flash / memory-efficient attention kernels have no double backward, and the
+    # harmonization term differentiates this input gradient again: attention (timm ViTs
+    # call scaled_dot_product_attention) must run in the math kernel here.
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits = model(images)
     if logits.ndim != 2 or logits.shape != labels.shape:
         raise ValueError(f"model output {shape_of(logits)} does not match `labels` {shape_of(labels)}")
     score = (logits * labels.to(logits.dtype)).sum()
