@@ -8,6 +8,7 @@
 namespace py = pybind11;
 
 // register_* declarations (one per csrc/*.cpp file)
+void register_metrics(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   // register_* calls
+  register_metrics(m);
 }

@@ -1,0 +1,371 @@
+// Alignment metrics between two stacks of maps (harmonizer_fast.evaluation.metrics).
+//
+// Inputs are C-contiguous (N, P) arrays (P = H * W pixels per map), float32 or float64,
+// already checked for NaN/inf on the Python side. Maps are independent, so OpenMP splits
+// the N maps over threads, each with its own scratch buffers.
+//
+// Exactness contract (tested against scipy/numpy):
+//  * spearman: ranks with ties averaged (scipy.stats.rankdata 'average'), Pearson of the
+//    ranks in double precision; a constant map gives NaN as scipy.stats.spearmanr does.
+//  * thresholds: bit-identical to np.percentile(map, 100 - percentile) with the default
+//    'linear' method and a Python-number q, i.e. numpy's _lerp evaluated in the map dtype.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifdef HF_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Unsigned integer key whose order is the numeric order of the float.
+template <typename T>
+using KeyOf = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+
+template <typename T>
+inline KeyOf<T> order_key(T x) {
+  using K = KeyOf<T>;
+  constexpr K sign = K(1) << (sizeof(K) * 8 - 1);
+  // -0.0 and +0.0 are equal (a tie for rankdata), so they must share one key.
+  if (x == T(0)) x = T(0);
+  K bits;
+  std::memcpy(&bits, &x, sizeof(K));
+  return (bits & sign) ? ~bits : (bits | sign);
+}
+
+constexpr int kDigitBits = 11;
+constexpr uint32_t kBuckets = 1u << kDigitBits;
+
+// Per-thread scratch space, reused across the maps a thread processes.
+template <typename T>
+struct RankScratch {
+  using K = KeyOf<T>;
+  std::vector<K> keys, keys_tmp;
+  std::vector<uint32_t> order, order_tmp;
+  std::vector<double> ranks_a;
+  std::vector<std::array<uint32_t, kBuckets>> hist;
+  void resize(size_t n) {
+    keys.resize(n);
+    keys_tmp.resize(n);
+    order.resize(n);
+    order_tmp.resize(n);
+    ranks_a.resize(n);
+  }
+};
+
+// LSD radix sort of the map's order keys, carrying the pixel indices along: linear time,
+// which is what makes ranking 50k-pixel maps cheap (a comparison sort dominates otherwise).
+// On return s.keys / s.order hold the sorted keys and the pixel index of each.
+template <typename T>
+void radix_argsort(const T* x, size_t n, RankScratch<T>& s) {
+  using K = KeyOf<T>;
+  constexpr int passes = (int(sizeof(K)) * 8 + kDigitBits - 1) / kDigitBits;
+  auto& hist = s.hist;
+  hist.resize(passes);
+  for (auto& h : hist) h.fill(0);
+  for (size_t i = 0; i < n; ++i) {
+    K k = order_key(x[i]);
+    s.keys[i] = k;
+    s.order[i] = uint32_t(i);
+    for (int p = 0; p < passes; ++p) ++hist[p][(k >> (p * kDigitBits)) & (kBuckets - 1)];
+  }
+  for (int p = 0; p < passes; ++p) {
+    auto& h = hist[p];
+    // A digit shared by every key (e.g. the sign and exponent bits of maps in [0, 1))
+    // leaves the order unchanged: skip the pass.
+    if (h[(s.keys[0] >> (p * kDigitBits)) & (kBuckets - 1)] == n) continue;
+    uint32_t total = 0;
+    for (uint32_t b = 0; b < kBuckets; ++b) {
+      uint32_t c = h[b];
+      h[b] = total;
+      total += c;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      K k = s.keys[i];
+      uint32_t dst = h[(k >> (p * kDigitBits)) & (kBuckets - 1)]++;
+      s.keys_tmp[dst] = k;
+      s.order_tmp[dst] = s.order[i];
+    }
+    s.keys.swap(s.keys_tmp);
+    s.order.swap(s.order_tmp);
+  }
+}
+
+// Calls visit(first, last, rank) for each run of equal sorted keys; rank is the average
+// of the 1-based ranks first+1 .. last (scipy's 'average' tie rule).
+template <typename K, typename Visit>
+inline void for_each_tie_group(const std::vector<K>& sorted_keys, size_t n, Visit visit) {
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i + 1;
+    while (j < n && sorted_keys[j] == sorted_keys[i]) ++j;
+    visit(i, j, 0.5 * double(i + 1 + j));
+    i = j;
+  }
+}
+
+template <typename T>
+double spearman_one(const T* a, const T* b, size_t n, RankScratch<T>& s) {
+  s.resize(n);
+  const double mean_rank = 0.5 * double(n + 1);
+  double var_a = 0.0, var_b = 0.0, cov = 0.0;
+  radix_argsort(a, n, s);
+  for_each_tie_group(s.keys, n, [&](size_t first, size_t last, double rank) {
+    const double centred = rank - mean_rank;
+    var_a += double(last - first) * centred * centred;
+    for (size_t k = first; k < last; ++k) s.ranks_a[s.order[k]] = centred;
+  });
+  radix_argsort(b, n, s);
+  for_each_tie_group(s.keys, n, [&](size_t first, size_t last, double rank) {
+    const double centred = rank - mean_rank;
+    var_b += double(last - first) * centred * centred;
+    double sum_a = 0.0;
+    for (size_t k = first; k < last; ++k) sum_a += s.ranks_a[s.order[k]];
+    cov += centred * sum_a;
+  });
+  if (var_a == 0.0 || var_b == 0.0) return std::numeric_limits<double>::quiet_NaN();
+  const double rho = cov / std::sqrt(var_a * var_b);
+  return std::max(-1.0, std::min(1.0, rho));  // np.corrcoef clips to [-1, 1] too
+}
+
+// numpy's _lerp(a, b, t) in the map dtype, t a Python float (weak promotion): t and
+// 1 - t are rounded to T, each product is rounded before the addition (volatile keeps the
+// compiler from fusing them into an FMA, which would round once and change the result).
+template <typename T>
+T numpy_lerp(T lower, T upper, double t) {
+  volatile T diff = upper - lower;
+  if (t >= 0.5) {
+    volatile T scaled = diff * T(1.0 - t);
+    return upper - scaled;
+  }
+  volatile T scaled = diff * T(t);
+  return lower + scaled;
+}
+
+// Order statistics lo and lo + 1 (0-based, ascending) of data[0..n), reordering data.
+template <typename T>
+void select_pair(T* data, size_t n, size_t lo, T& lower, T& upper) {
+  std::nth_element(data, data + lo, data + n);
+  lower = data[lo];
+  upper = *std::min_element(data + lo + 1, data + n);
+}
+
+// Scratch space for the thresholds: a pixel sample and the candidates between two pivots.
+template <typename T>
+struct SelectScratch {
+  std::vector<T> sample, candidates;
+};
+
+constexpr size_t kSampleSize = 1024;
+constexpr size_t kMinSampledPixels = 8 * kSampleSize;
+
+// Order statistics lo and lo + 1 of x[0..n) without copying or sorting the whole map
+// (Floyd-Rivest style): two pivots taken from a pixel sample bracket the wanted ranks
+// with high probability; one pass counts the pixels below the low pivot and keeps those
+// between the pivots, and only these few are selected on. A bracket that misses (rare,
+// any data) falls back to selecting on a full copy, so the result is always exact.
+template <typename T>
+void select_pair_sampled(const T* x, size_t n, size_t lo, T& lower, T& upper,
+                         SelectScratch<T>& s) {
+  if (n < kMinSampledPixels) {
+    s.candidates.assign(x, x + n);
+    select_pair(s.candidates.data(), n, lo, lower, upper);
+    return;
+  }
+  s.sample.resize(kSampleSize);
+  uint64_t state = 0x9E3779B97F4A7C15ull;  // fixed seed: reproducible, any seed is exact
+  for (size_t i = 0; i < kSampleSize; ++i) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    s.sample[i] = x[state % n];
+  }
+  // The sample rank of target rank lo is ~ lo * k / n with a standard deviation of about
+  // sqrt(k p (1 - p)) <= 16 for k = 1024; a margin of 48 misses well under 1% of the time.
+  const double expected = double(lo) * double(kSampleSize) / double(n);
+  const long margin = 48;
+  const long i_low = std::max(0L, long(expected) - margin);
+  const long i_high = std::min(long(kSampleSize) - 1, long(expected) + 1 + margin);
+  std::nth_element(s.sample.begin(), s.sample.begin() + i_low, s.sample.end());
+  const T pivot_low = s.sample[i_low];
+  std::nth_element(s.sample.begin() + i_low, s.sample.begin() + i_high, s.sample.end());
+  const T pivot_high = s.sample[i_high];
+
+  size_t below = 0;
+  s.candidates.clear();
+  for (size_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    if (v < pivot_low) {
+      ++below;
+    } else if (v <= pivot_high) {
+      s.candidates.push_back(v);
+    }
+  }
+  // Both wanted ranks must fall inside the candidates (ranks below .. below + size - 1).
+  if (lo >= below && lo + 1 < below + s.candidates.size()) {
+    select_pair(s.candidates.data(), s.candidates.size(), lo - below, lower, upper);
+    return;
+  }
+  s.candidates.assign(x, x + n);
+  select_pair(s.candidates.data(), n, lo, lower, upper);
+}
+
+// np.percentile(x, 100 - percentile) (linear method) by selection instead of a full sort.
+template <typename T>
+T top_percentile_threshold(const T* x, size_t n, double percentile, SelectScratch<T>& s) {
+  const double virtual_index = double(n - 1) * ((100.0 - percentile) / 100.0);
+  if (virtual_index >= double(n - 1)) {
+    // numpy takes the maximum for both neighbours (and gamma = index + 1: irrelevant).
+    return *std::max_element(x, x + n);
+  }
+  const size_t lo = size_t(std::floor(virtual_index));
+  T lower, upper;
+  select_pair_sampled(x, n, lo, lower, upper, s);
+  return numpy_lerp(lower, upper, virtual_index - double(lo));
+}
+
+struct OverlapCounts {
+  int64_t intersection, count_a, count_b;
+};
+
+template <typename T>
+OverlapCounts overlap_one(const T* a, const T* b, size_t n, double percentile,
+                          SelectScratch<T>& buf) {
+  const T thr_a = top_percentile_threshold(a, n, percentile, buf);
+  const T thr_b = top_percentile_threshold(b, n, percentile, buf);
+  // 32-bit counters vectorise better; maps have fewer than 2^32 pixels (checked).
+  uint32_t inter = 0, ca = 0, cb = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t in_a = a[i] > thr_a, in_b = b[i] > thr_b;
+    inter += in_a & in_b;
+    ca += in_a;
+    cb += in_b;
+  }
+  return {int64_t(inter), int64_t(ca), int64_t(cb)};
+}
+
+// ---------------------------------------------------------------- pybind11 glue
+
+struct MapPair {
+  py::array a, b;
+  size_t n_maps, n_pixels;
+};
+
+// Both arrays must be C-contiguous (N, P) with the same float dtype; Python guarantees it,
+// this re-check turns a misuse of the private API into an exception instead of a crash.
+MapPair check_pair(const py::array& a, const py::array& b) {
+  if (a.ndim() != 2 || b.ndim() != 2 || a.shape(0) != b.shape(0) || a.shape(1) != b.shape(1))
+    throw std::invalid_argument("expected two (N, P) arrays of the same shape");
+  if (!a.dtype().equal(b.dtype()))
+    throw py::type_error("both arrays must have the same dtype");
+  if (!(a.flags() & py::array::c_style) || !(b.flags() & py::array::c_style))
+    throw std::invalid_argument("arrays must be C-contiguous");
+  if (a.shape(1) < 1) throw std::invalid_argument("maps must have at least one pixel");
+  if (uint64_t(a.shape(1)) > uint64_t(std::numeric_limits<uint32_t>::max()))
+    throw std::invalid_argument("maps larger than 2^32 pixels are not supported");
+  return {a, b, size_t(a.shape(0)), size_t(a.shape(1))};
+}
+
+template <typename Fn>
+void dispatch_float(const py::array& a, Fn fn) {
+  if (py::isinstance<py::array_t<float>>(a)) {
+    fn(float{});
+  } else if (py::isinstance<py::array_t<double>>(a)) {
+    fn(double{});
+  } else {
+    throw py::type_error("maps must be float32 or float64, got dtype " +
+                         std::string(py::str(a.dtype())));
+  }
+}
+
+// Runs body(m, row_a, row_b, n_pixels, scratch) for every map pair m on OpenMP threads,
+// with the rows typed by the arrays' dtype, one Scratch<T> per thread, and no GIL.
+template <template <typename> class Scratch, typename Body>
+void parallel_over_maps(const MapPair& p, Body body) {
+  dispatch_float(p.a, [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = static_cast<const T*>(p.a.data());
+    const T* pb = static_cast<const T*>(p.b.data());
+    const size_t n = p.n_pixels;
+    const long long n_maps = (long long)p.n_maps;
+    py::gil_scoped_release release;
+#pragma omp parallel
+    {
+      Scratch<T> scratch;
+#pragma omp for schedule(dynamic, 1)
+      for (long long m = 0; m < n_maps; ++m)
+        body(size_t(m), pa + size_t(m) * n, pb + size_t(m) * n, n, scratch);
+    }
+  });
+}
+
+double checked_percentile(double percentile) {
+  if (!(percentile >= 0.0 && percentile <= 100.0))
+    throw std::invalid_argument("percentile must be in [0, 100]");
+  return percentile;
+}
+
+py::array_t<double> spearman_maps(const py::array& a, const py::array& b) {
+  MapPair p = check_pair(a, b);
+  py::array_t<double> out(py::ssize_t(p.n_maps));
+  double* rho = out.mutable_data();
+  parallel_over_maps<RankScratch>(p, [&](size_t m, auto row_a, auto row_b, size_t n, auto& s) {
+    rho[m] = spearman_one(row_a, row_b, n, s);
+  });
+  return out;
+}
+
+py::tuple overlap_counts(const py::array& a, const py::array& b, double percentile) {
+  MapPair p = check_pair(a, b);
+  checked_percentile(percentile);
+  py::array_t<int64_t> inter(py::ssize_t(p.n_maps)), ca(py::ssize_t(p.n_maps)),
+      cb(py::ssize_t(p.n_maps));
+  int64_t *pi = inter.mutable_data(), *pca = ca.mutable_data(), *pcb = cb.mutable_data();
+  parallel_over_maps<SelectScratch>(p, [&](size_t m, auto row_a, auto row_b, size_t n, auto& s) {
+    OverlapCounts c = overlap_one(row_a, row_b, n, percentile, s);
+    pi[m] = c.intersection;
+    pca[m] = c.count_a;
+    pcb[m] = c.count_b;
+  });
+  return py::make_tuple(inter, ca, cb);
+}
+
+py::array top_percentile_thresholds(const py::array& x, double percentile) {
+  MapPair p = check_pair(x, x);
+  checked_percentile(percentile);
+  py::array out = py::array(x.dtype(), std::vector<py::ssize_t>{py::ssize_t(p.n_maps)});
+  void* data = out.mutable_data();
+  parallel_over_maps<SelectScratch>(p, [&](size_t m, auto row, auto, size_t n, auto& s) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(row)>>;
+    static_cast<T*>(data)[m] = top_percentile_threshold(row, n, percentile, s);
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_metrics(py::module_& m) {
+  m.def("spearman_maps", &spearman_maps, py::arg("a"), py::arg("b"),
+        "Spearman rho (ties averaged) of each row pair of two C-contiguous (N, P) "
+        "float32/float64 arrays; float64 (N,), NaN where a row is constant.");
+  m.def("overlap_counts", &overlap_counts, py::arg("a"), py::arg("b"), py::arg("percentile"),
+        "Binarise each row as row > np.percentile(row, 100 - percentile) and return int64 "
+        "(N,) arrays (|A and B|, |A|, |B|).");
+  m.def("top_percentile_thresholds", &top_percentile_thresholds, py::arg("x"),
+        py::arg("percentile"),
+        "np.percentile(row, 100 - percentile) of each row of a C-contiguous (N, P) array, "
+        "in its dtype.");
+}
