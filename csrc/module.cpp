@@ -8,6 +8,7 @@
 namespace py = pybind11;
 
 // register_* declarations (one per csrc/*.cpp file)
+void register_crc32c(py::module_& m);
 void register_metrics(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
@@ -20,5 +21,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   // register_* calls
+  register_crc32c(m);
   register_metrics(m);
 }
