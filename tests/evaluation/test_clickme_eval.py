@@ -1,0 +1,143 @@
+"""evaluate_clickme and its default Saliency explainer on a tiny model and synthetic batches."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy.stats import spearmanr
+
+from harmonizer_fast.evaluation import HUMAN_SPEARMAN_CEILING, Saliency, evaluate_clickme
+
+CLASSES = 5
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, CLASSES),
+    )
+    with torch.no_grad():  # non-trivial BN statistics, so train and eval modes differ
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def synthetic_batches(n_batches=2, batch=3, size=12, seed=1, heatmap_channels=True):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        images = torch.rand(batch, 3, size, size, generator=generator) * 255
+        shape = (batch, 1, size, size) if heatmap_channels else (batch, size, size)
+        heatmaps = torch.rand(shape, generator=generator)
+        labels = nn.functional.one_hot(torch.randint(0, CLASSES, (batch,), generator=generator), CLASSES).float()
+        batches.append((images, heatmaps, labels))
+    return batches
+
+
+def manual_saliency(model, images, labels):
+    """One image at a time: |d logit[label] / d image|, max over colour channels."""
+    model.eval()
+    maps = []
+    for image, label in zip(images, labels):
+        x = image[None].clone().requires_grad_(True)
+        logit = model(x)[0, int(label.argmax())]
+        (grad,) = torch.autograd.grad(logit, x)
+        maps.append(grad[0].abs().max(dim=0).values)
+    return torch.stack(maps)
+
+
+def oracle_scores(saliency, heatmaps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = [spearmanr(s.ravel(), h.ravel())[0] for s, h in zip(saliency.numpy(), heatmaps.numpy())]
+    return np.array(rho)
+
+
+@pytest.mark.parametrize("batch_size", [64, 2])
+def test_saliency_matches_per_image_autograd(batch_size):
+    model = tiny_model()
+    model.train()
+    images, _, labels = synthetic_batches(1, batch=5)[0]
+    got = Saliency(model, batch_size=batch_size)(images, labels)
+    assert model.training  # mode restored
+    want = manual_saliency(model, images, labels)
+    assert got.shape == (5, 12, 12)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_saliency_integer_labels_equal_one_hot():
+    model = tiny_model()
+    images, _, labels = synthetic_batches(1)[0]
+    torch.testing.assert_close(Saliency(model)(images, labels.argmax(1)), Saliency(model)(images, labels))
+
+
+def test_evaluate_clickme_scores_and_alignment_math():
+    model = tiny_model()
+    batches = synthetic_batches(n_batches=2, batch=3)
+    scores = evaluate_clickme(model, clickme_val_dataset=batches, progress=False)
+    assert sorted(scores) == ["alignment_score", "dice", "iou", "spearman"]
+    saliency = torch.cat([manual_saliency(model, images, labels) for images, _, labels in batches])
+    human = torch.cat([heatmaps[:, 0] for _, heatmaps, _ in batches])
+    rho = oracle_scores(saliency, human)
+    assert len(scores["spearman"]) == len(scores["dice"]) == len(scores["iou"]) == 6
+    # saliency agrees to float32 rounding, so ranks (hence rho) agree to ~1e-6 at worst
+    np.testing.assert_allclose(scores["spearman"], rho, rtol=0, atol=1e-6)
+    assert scores["alignment_score"] == pytest.approx(np.mean(scores["spearman"]) / 0.65753, rel=1e-12)
+    assert HUMAN_SPEARMAN_CEILING == 0.65753
+    for name in ("dice", "iou"):
+        assert all(0.0 <= value <= 1.0 for value in scores[name])
+
+
+def test_evaluate_clickme_preprocess_and_custom_explainer():
+    batches = synthetic_batches(n_batches=1, batch=4, heatmap_channels=False)
+    seen = []
+
+    def explainer(images, labels):
+        seen.append(images)
+        # 4-D explanation (N, 2, H, W): averaged over axis 1 before scoring
+        return torch.stack([images[:, 0], images[:, 0] * 0 + images[:, 1]], dim=1)
+
+    scores = evaluate_clickme(
+        tiny_model(), explainer=explainer, clickme_val_dataset=batches, preprocess_inputs=lambda x: x / 255.0, progress=False
+    )
+    images, heatmaps, _ = batches[0]
+    torch.testing.assert_close(seen[0], images / 255.0)
+    expected = oracle_scores((images[:, 0] + images[:, 1]) / 2 / 255.0, heatmaps)
+    np.testing.assert_allclose(scores["spearman"], expected, rtol=1e-6)
+    assert scores["alignment_score"] == pytest.approx(expected.mean() / HUMAN_SPEARMAN_CEILING, rel=1e-6)
+
+
+def test_evaluate_clickme_accepts_numpy_batches():
+    model = tiny_model()
+    batches = synthetic_batches(n_batches=1)
+    as_numpy = [tuple(x.numpy() for x in batch) for batch in batches]
+    np.testing.assert_allclose(
+        evaluate_clickme(model, clickme_val_dataset=as_numpy, progress=False)["spearman"],
+        evaluate_clickme(model, clickme_val_dataset=batches, progress=False)["spearman"],
+        rtol=1e-12,
+    )
+
+
+def test_evaluate_clickme_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="load_clickme_val"):
+        evaluate_clickme(model)
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate_clickme(model, clickme_val_dataset=[], progress=False)
+    images, heatmaps, labels = synthetic_batches(1)[0]
+    with pytest.raises(ValueError, match="triple"):
+        evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps)], progress=False)
+    with pytest.raises(ValueError, match=r"`labels` must be one-hot rows of shape \(3, 5\)"):
+        evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps, labels[:, :4])], progress=False)
+    with pytest.raises(ValueError, match="same shape"):
+        evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps[..., :-1], labels)], progress=False)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        evaluate_clickme(lambda x: x, clickme_val_dataset=[(images, heatmaps, labels)])
