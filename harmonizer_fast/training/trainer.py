@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,14 +181,14 @@ def unfused_attention(model: nn.Module) -> Iterator[int]:
     harmonization loss needs. Yields the number of modules switched.
     """
     switched = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-    timm_config = None
-    try:
-        import timm.layers.config as timm_config  # noqa: F811
-
-        previous_global = timm_config._USE_FUSED_ATTN
-        timm_config.set_fused_attn(False)
-    except (ImportError, AttributeError):
+    # timm's global default matters only to timm models built meanwhile; a model from
+    # timm means timm is imported already, so importing it here would only cost time.
+    timm_config = sys.modules.get("timm.layers.config")
+    previous_global = getattr(timm_config, "_USE_FUSED_ATTN", None)
+    if previous_global is None:
         timm_config = None
+    else:
+        timm_config.set_fused_attn(False)
     for module, _ in switched:
         module.fused_attn = False
     try:
@@ -434,9 +435,12 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The saliency forward runs autograd.grad (create_graph) before loss.backward();
-            # only the final backward reaches the parameters, so each gradient is reduced
-            # exactly once. static_graph spares the per-step search for unused parameters.
-            self.train_model = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+            # only the final backward reaches the parameters' gradient hooks, so each
+            # gradient is reduced exactly once, after the full second-order gradient is
+            # known. Neither static_graph (its first-iteration reduction is queued from the
+            # output's backward, i.e. from the saliency autograd.grad, and averages
+            # incomplete gradients) nor find_unused_parameters may be used.
+            self.train_model = DistributedDataParallel(model, device_ids=device_ids)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = OPTIMIZERS[cfg.optimizer](params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, cfg))

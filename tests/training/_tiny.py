@@ -36,3 +36,17 @@ def make_records(n: int = 24, seed: int = 0, size: int = SIZE) -> TensorRecords:
 
 def make_stream(batch_size: int = 4, seed: int = 0, **kwargs) -> ShuffledBatches:
     return ShuffledBatches(make_records(), batch_size, seed=seed, **kwargs)
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def train_config(**overrides):
+    from harmonizer_fast.training.trainer import TrainerConfig
+
+    base = dict(model="tiny", num_classes=NUM_CLASSES, batch_size=8, steps=2, lr=0.05, schedule="constant",
+                momentum=0.9, progress=False, seed=3)
+    base.update(overrides)
+    return TrainerConfig(**base)
