@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harmonizer_fast._validation import ArrayLike, check_rank, shape_of
+from harmonizer_fast.neural.features import LayerSpec, LayerTaps
 from harmonizer_fast.neural.metrics import as_tensor, brain_score, ceiling_score, spearmanr_sim
 
 __all__ = [
@@ -191,9 +192,6 @@ def score_model(
     return final_score, sims4
 
 
-LayerSpec = Union[str, int]
-
-
 def _to_spatial(output: object, name: str) -> torch.Tensor:
     """A layer output as an NCHW tensor: tuples give their first tensor; (N, L, D) token sequences
     drop the leading extra tokens (class, registers) and fold the square patch grid."""
@@ -230,36 +228,17 @@ def extract_activations(
     per batch for all layers.
     """
     check_rank(images, 4, "images", "N x C x H x W")
-    names = [ly for ly in layers if isinstance(ly, str)]
-    indices = [ly for ly in layers if not isinstance(ly, str)]
-    if indices and not hasattr(model, "forward_intermediates"):
-        raise TypeError(f"integer layers {indices} need a timm model with forward_intermediates()")
-    captured: Dict[str, object] = {}
-    handles = []
+    chunks: Dict[str, List[torch.Tensor]] = {str(ly): [] for ly in layers}
+    was_training = model.training
+    model.eval().to(device)
     try:
-        for name in names:
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(lambda _m, _i, out, key=name: captured.__setitem__(key, out)))
-        was_training = model.training
-        model.eval().to(device)
-        chunks: Dict[str, List[torch.Tensor]] = {str(ly): [] for ly in layers}
-        for start in tqdm(range(0, images.shape[0], batch_size), desc="activations", disable=not progress, leave=False):
-            batch = images[start : start + batch_size].to(device)
-            captured.clear()
-            if indices:
-                inter = model.forward_intermediates(batch, indices=indices, intermediates_only=True)
-                for idx, out in zip(indices, inter):
-                    captured[str(idx)] = out
-            if names:
-                model(batch)
-            for key in chunks:
-                if key not in captured:
-                    raise RuntimeError(f"layer {key!r} produced no output (is it used in forward()?)")
-                chunks[key].append(_to_spatial(captured[key], key).float().permute(0, 2, 3, 1).cpu())
-        model.train(was_training)
+        with LayerTaps(model, layers) as taps:
+            for start in tqdm(range(0, images.shape[0], batch_size), desc="activations", disable=not progress, leave=False):
+                outputs = taps(images[start : start + batch_size].to(device))
+                for key, out in outputs.items():
+                    chunks[key].append(_to_spatial(out, key).float().permute(0, 2, 3, 1).cpu())
     finally:
-        for h in handles:
-            h.remove()
+        model.train(was_training)
     return {key: torch.cat(parts) for key, parts in chunks.items()}
 
 

@@ -13,15 +13,3 @@ def tf_resize(maps: np.ndarray, size) -> np.ndarray:
 def rng():
     return np.random.default_rng(0)
 
-
-@pytest.fixture(autouse=True)
-def _pls_until_ported(monkeypatch):
-    """TEMPORARY: until harmonizer_fast.neural.pls exists, brain_score uses scikit-learn's PLS."""
-    try:
-        import harmonizer_fast.neural.pls  # noqa: F401
-    except ImportError:
-        from sklearn.cross_decomposition import PLSRegression
-
-        from harmonizer_fast.neural import metrics
-
-        monkeypatch.setattr(metrics, "_make_pls", lambda n: PLSRegression(n, scale=False, tol=1e-4))

@@ -1,0 +1,251 @@
+r"""Memory-bounded layer features for scoring every layer of a model.
+
+Scoring all layers naively keeps an images x features array for every layer at once (ViT-B/16:
+13 layers x 151,296 features x 3,200 images x 4 bytes = 25 GB). Here the images stream through
+the model once, in batches; each layer keeps only
+
+* its features, flattened and, when wider than ``projection_dim``, randomly projected to
+  ``projection_dim`` dimensions (seeded), so at most ``n x min(d, projection_dim)`` values, and
+* at the end its ``n x n`` Gram matrix :math:`K = Z Z^\top`, all a dual (kernel) ridge readout
+  needs (:func:`gram_ridge_predict`).
+
+The random projection :math:`P` (``projection_dim x d``) preserves inner products in
+expectation, :math:`E[\langle Px, Py\rangle] = \langle x, y\rangle` (Johnson-Lindenstrauss).
+``'sparse'`` (default) gives every input feature ``s = 4`` nonzeros :math:`\pm 1/\sqrt{s}` at
+random rows (stored as a sparse matrix: ``4 d`` entries); ``'gaussian'`` is a dense
+:math:`N(0, 1/k)` matrix (``k d`` entries, use it for moderate ``d`` only).
+With ``projection_dim=None`` features are kept exactly (memory ``n x d`` per layer).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harmonizer_fast._validation import shape_of
+
+__all__ = [
+    "LayerTaps",
+    "LayerFeatureAccumulator",
+    "extract_layer_grams",
+    "gram_ridge_predict",
+    "gram_embedding",
+    "PROJECTIONS",
+]
+
+LayerSpec = Union[str, int]
+
+
+class LayerTaps:
+    """Context manager returning the outputs of named layers for a batch, in one forward pass.
+
+    Module names (``model.get_submodule`` paths) are read with forward hooks; ints are indices for
+    timm's ``model.forward_intermediates``. ``taps(batch)`` returns ``{str(layer): output}``.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[LayerSpec]):
+        self.model = model
+        self.names = [ly for ly in layers if isinstance(ly, str)]
+        self.indices = [ly for ly in layers if not isinstance(ly, str)]
+        if self.indices and not hasattr(model, "forward_intermediates"):
+            raise TypeError(f"integer layers {self.indices} need a timm model with forward_intermediates()")
+        self.keys = [str(ly) for ly in layers]
+        self._captured: Dict[str, object] = {}
+        self._handles: List[object] = []
+
+    def __enter__(self) -> "LayerTaps":
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(
+                module.register_forward_hook(lambda _m, _i, out, key=name: self._captured.__setitem__(key, out))
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __call__(self, batch: torch.Tensor) -> Dict[str, object]:
+        self._captured.clear()
+        if self.indices:
+            outputs = self.model.forward_intermediates(batch, indices=self.indices, intermediates_only=True)
+            self._captured.update({str(i): out for i, out in zip(self.indices, outputs)})
+        if self.names:
+            self.model(batch)
+        missing = [k for k in self.keys if k not in self._captured]
+        if missing:
+            raise RuntimeError(f"layers {missing} produced no output (are they used in forward()?)")
+        return {k: self._captured[k] for k in self.keys}
+
+
+def _sparse_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    nnz = 4
+    rows = torch.randint(0, out_dim, (in_dim * nnz,), generator=generator)
+    cols = torch.arange(in_dim).repeat_interleave(nnz)
+    signs = (torch.randint(0, 2, (in_dim * nnz,), generator=generator) * 2 - 1).to(torch.float32) / math.sqrt(nnz)
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), signs, (out_dim, in_dim), check_invariants=True)
+    with warnings.catch_warnings():  # CSR is "beta" in torch; the one product used here is stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = coo.coalesce().to_sparse_csr()
+    return lambda x: (matrix @ x.T).T
+
+
+def _gaussian_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    matrix = torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
+    return lambda x: x @ matrix
+
+
+#: Random projections by name: ``factory(in_dim, out_dim, generator) -> fn(x (b, in_dim)) -> (b, out_dim)``.
+PROJECTIONS = {"sparse": _sparse_projection, "gaussian": _gaussian_projection}
+
+
+class LayerFeatureAccumulator:
+    """Collects one layer's flattened features batch by batch, projected when wider than ``projection_dim``.
+
+    Stores at most ``n x min(d, projection_dim)`` float32 values (plus the projection: ``4 d``
+    entries for ``'sparse'``); :meth:`gram` returns the ``n x n`` float64 Gram matrix.
+    """
+
+    def __init__(self, projection_dim: Optional[int] = None, projection: str = "sparse", seed: int = 0):
+        if projection not in PROJECTIONS:
+            raise ValueError(f"`projection` must be one of {sorted(PROJECTIONS)}, got {projection!r}")
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"`projection_dim` must be >= 1 or None, got {projection_dim}")
+        self.projection_dim = projection_dim
+        self.projection = projection
+        self.seed = seed
+        self.in_dim: Optional[int] = None
+        self._project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self._chunks: List[torch.Tensor] = []
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Add a batch of layer outputs (b, ...) (any trailing shape, flattened)."""
+        flat = batch.detach().reshape(batch.shape[0], -1).to("cpu", torch.float32)
+        if self.in_dim is None:
+            self.in_dim = flat.shape[1]
+            if self.projection_dim is not None and self.in_dim > self.projection_dim:
+                generator = torch.Generator().manual_seed(self.seed)
+                self._project = PROJECTIONS[self.projection](self.in_dim, self.projection_dim, generator)
+        elif flat.shape[1] != self.in_dim:
+            raise ValueError(f"layer output changed size: {flat.shape[1]} features, first batch had {self.in_dim}")
+        self._chunks.append(self._project(flat) if self._project is not None else flat.clone())
+
+    @property
+    def n_images(self) -> int:
+        return sum(c.shape[0] for c in self._chunks)
+
+    @property
+    def width(self) -> int:
+        """Stored features per image: ``min(d, projection_dim)``."""
+        return self._chunks[0].shape[1] if self._chunks else 0
+
+    @property
+    def stored_values(self) -> int:
+        """Number of feature values held (excluding the fixed projection)."""
+        return sum(c.numel() for c in self._chunks)
+
+    def features(self) -> torch.Tensor:
+        """(n, width) stored (possibly projected) features."""
+        return torch.cat(self._chunks)
+
+    def gram(self) -> np.ndarray:
+        """(n, n) float64 Gram matrix of the stored features, built block by block."""
+        n = self.n_images
+        gram = np.empty((n, n))
+        starts = np.cumsum([0] + [c.shape[0] for c in self._chunks])
+        for i, ci in enumerate(self._chunks):
+            for j in range(i, len(self._chunks)):
+                block = (ci.double() @ self._chunks[j].double().T).numpy()
+                gram[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
+                gram[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
+        return gram
+
+
+@torch.no_grad()
+def extract_layer_grams(
+    model: torch.nn.Module,
+    images_iter: Iterable,
+    layers: Sequence[LayerSpec],
+    projection_dim: Optional[int] = None,
+    projection: str = "sparse",
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    keep_features: bool = False,
+    progress: bool = True,
+) -> Dict[str, Union[np.ndarray, LayerFeatureAccumulator]]:
+    """Stream image batches through ``model`` once and return each layer's (n, n) Gram matrix.
+
+    ``images_iter`` yields NCHW tensors (or tuples whose first item is one, e.g. a DataLoader of
+    (images, labels)). ``layers``: module names and/or timm ``forward_intermediates`` indices.
+    Each layer's output is flattened (all of C x H x W, or tokens x dim) and fed to a
+    :class:`LayerFeatureAccumulator` (layer ``i`` seeded with ``seed + i``). Only one batch of
+    full-size activations exists at a time. ``keep_features=True`` returns the accumulators
+    instead of the Grams.
+    """
+    accumulators = {str(ly): LayerFeatureAccumulator(projection_dim, projection, seed + i) for i, ly in enumerate(layers)}
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        with LayerTaps(model, layers) as taps:
+            for batch in tqdm(images_iter, desc="layer features", disable=not progress, leave=False):
+                if isinstance(batch, (tuple, list)):
+                    batch = batch[0]
+                if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+                    raise ValueError(f"images_iter must yield NCHW tensors, got {shape_of(batch)}")
+                for key, out in taps(batch.to(device)).items():
+                    accumulators[key].update(out[0] if isinstance(out, (tuple, list)) else out)
+    finally:
+        model.train(was_training)
+    if keep_features:
+        return accumulators
+    return {key: acc.gram() for key, acc in accumulators.items()}
+
+
+def gram_embedding(gram: np.ndarray, train: np.ndarray, test: np.ndarray, rtol: float = 1e-10):
+    r"""Train and test coordinates whose inner products reproduce ``gram`` (Nystroem, exact).
+
+    With :math:`K_{train} = Q \Lambda Q^\top` (eigenvalues above ``rtol`` times the largest),
+    :math:`\Phi_{train} = Q \Lambda^{1/2}` and :math:`\Phi_{test} = K_{test,train} Q \Lambda^{-1/2}`
+    give :math:`\Phi_{train}\Phi_{train}^\top = K_{train}` and
+    :math:`\Phi_{test}\Phi_{train}^\top = K_{test,train}` (the test rows of a Gram of real
+    features lie in the span of the train rows). Any estimator that depends on the features only
+    through inner products with the train features, ridge included, is therefore unchanged.
+    """
+    eigval, eigvec = np.linalg.eigh(gram[np.ix_(train, train)])
+    keep = eigval > rtol * max(float(eigval.max()), 0.0)
+    if not keep.any():
+        raise ValueError("the train Gram matrix is zero: the layer's features are all zero")
+    eigval, eigvec = eigval[keep], eigvec[:, keep]
+    root = np.sqrt(eigval)
+    return eigvec * root, (gram[np.ix_(test, train)] @ eigvec) / root
+
+
+def gram_ridge_predict(
+    gram: np.ndarray,
+    targets: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    alphas: Sequence[float] = (1.0,),
+) -> np.ndarray:
+    r"""Ridge regression with intercept from an (n, n) Gram matrix of all images (dual form).
+
+    Equals ridge on the features themselves (centred by the train mean, unpenalised intercept),
+    :math:`\hat Y_{test} = K^c_{test,train} (K^c_{train} + \alpha I)^{-1} (Y_{train} - \bar y) + \bar y`,
+    computed by :class:`~harmonizer_fast.neural.ridge.RidgeCV` on :func:`gram_embedding`
+    coordinates, so ``alphas`` is chosen by its exact leave-one-out error on the train images
+    (one alpha for all targets).
+    """
+    from harmonizer_fast.neural.ridge import RidgeCV
+
+    gram = np.asarray(gram, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or targets.shape[0] != gram.shape[0]:
+        raise ValueError(f"`gram` must be (n, n) and `targets` (n, t), got {gram.shape} and {targets.shape}")
+    phi_train, phi_test = gram_embedding(gram, np.asarray(train), np.asarray(test))
+    ridge = RidgeCV(alphas=alphas).fit(phi_train, targets[train])
+    return np.asarray(ridge.predict(phi_test))

@@ -1,0 +1,87 @@
+"""Memory-bounded layer Grams: exactness without projection, bounded storage with it, dual ridge."""
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge as SkRidge
+from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+from harmonizer_fast.neural.features import (
+    LayerFeatureAccumulator,
+    extract_layer_grams,
+    gram_embedding,
+    gram_ridge_predict,
+)
+from harmonizer_fast.neural.image_level import score_image_level
+from harmonizer_fast.neural.simulate import simulate_image_level
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, stride=2), torch.nn.Flatten()
+    )
+
+
+def test_streamed_grams_equal_full_feature_grams():
+    net, images = _small_net(), torch.randn(23, 3, 20, 20)
+    grams = extract_layer_grams(net, torch.split(images, 5), ["0", "2", "3"], progress=False)
+    with torch.no_grad():
+        feats = {"0": net[0](images), "2": net[:3](images), "3": net(images)}
+    for key, f in feats.items():
+        f = f.reshape(23, -1).double().numpy()
+        np.testing.assert_allclose(grams[key], f @ f.T, rtol=1e-5, atol=1e-6 * np.abs(f @ f.T).max())
+    # DataLoader-style (images, labels) batches are accepted.
+    grams2 = extract_layer_grams(net, [(b, None) for b in torch.split(images, 7)], ["2"], progress=False)
+    np.testing.assert_allclose(grams2["2"], grams["2"], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulator_storage_is_bounded_by_construction():
+    net, images = _small_net(), torch.randn(30, 3, 20, 20)
+    accs = extract_layer_grams(net, torch.split(images, 4), ["0", "2"], projection_dim=64, keep_features=True, progress=False)
+    n, d_proj = 30, 64
+    for key, acc in accs.items():
+        assert acc.in_dim > d_proj  # 8*9*9 = 648 and 12*4*4 = 192 features, both projected
+        assert acc.width == d_proj and acc.stored_values == n * d_proj
+        assert acc.stored_values + n * n <= n * n + n * d_proj
+    wide = LayerFeatureAccumulator(projection_dim=1000)
+    wide.update(torch.randn(3, 10))
+    assert wide.width == 10 and wide.stored_values == 30  # narrower than projection_dim: kept exactly
+
+
+@pytest.mark.parametrize("projection", ["sparse", "gaussian"])
+def test_projection_preserves_inner_products(projection):
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(12, 20000)).astype(np.float32)) + 0.3
+    acc = LayerFeatureAccumulator(projection_dim=4096, projection=projection, seed=3)
+    for chunk in torch.split(x, 5):
+        acc.update(chunk)
+    exact = (x.double() @ x.double().T).numpy()
+    err = np.linalg.norm(acc.gram() - exact) / np.linalg.norm(exact)
+    assert err < 4 * np.sqrt(2 / 4096)
+    again = LayerFeatureAccumulator(projection_dim=4096, projection=projection, seed=3)
+    again.update(x)
+    np.testing.assert_allclose(again.gram(), acc.gram(), rtol=1e-5)  # seeded: same projection
+
+
+def test_gram_ridge_matches_primal_ridge():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 200)) + 1.0
+    y = x @ rng.normal(size=(200, 4)) * 0.1 + rng.normal(size=(60, 4)) + 3.0
+    train, test = np.arange(48), np.arange(48, 60)
+    gram = x @ x.T
+    for alpha in (0.5, 50.0):
+        expected = SkRidge(alpha=alpha).fit(x[train], y[train]).predict(x[test])
+        np.testing.assert_allclose(gram_ridge_predict(gram, y, train, test, alphas=[alpha]), expected, rtol=1e-7, atol=1e-9)
+    alphas = np.logspace(-2, 4, 7)
+    expected = SkRidgeCV(alphas=alphas).fit(x[train], y[train]).predict(x[test])
+    np.testing.assert_allclose(gram_ridge_predict(gram, y, train, test, alphas=alphas), expected, rtol=1e-6, atol=1e-8)
+    phi_tr, phi_te = gram_embedding(gram, train, test)
+    np.testing.assert_allclose(phi_te @ phi_tr.T, gram[np.ix_(test, train)], rtol=1e-7, atol=1e-8 * gram.max())
+
+
+def test_gram_readout_scores_like_feature_ridge():
+    sim = simulate_image_level(n_images=120, n_neuroids=6, n_features=30, seed=4)
+    gram = sim.features @ sim.features.T
+    by_gram = score_image_level(gram, sim.assembly, readout="gram_ridge", n_splits=3)
+    by_features = score_image_level(sim.features, sim.assembly, readout="ridge", n_splits=3)
+    np.testing.assert_allclose(by_gram.split_scores, by_features.split_scores, rtol=1e-6)
