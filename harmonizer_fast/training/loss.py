@@ -5,6 +5,7 @@ This module is the specification that every fast path (the Triton kernels under
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -160,8 +161,12 @@ def alignment_loss(
 #: names containing ``bn/``, ``normalization``, ``embed``, ``Norm``, ``norm`` or
 #: ``class_token``; these are their PyTorch/timm spellings).
 NO_DECAY_NAME_PARTS: Tuple[str, ...] = (
-    "norm", "Norm", "bn", "embed", "cls_token", "class_token", "dist_token", "reg_token", "mask_token",
+    "norm", "Norm", "embed", "cls_token", "class_token", "dist_token", "reg_token", "mask_token",
 )
+#: Dotted name components of batch-norm modules: ``bn``, ``bn1``, ``conv1_bn``, ``bn_act``.
+#: Keras' ``bn/`` matched a scope ending in ``bn``; a bare ``"bn"`` substring would also
+#: leave ``subnet.*`` or ``fbnet.*`` undecayed.
+BN_NAME_COMPONENT = re.compile(r"(?:.*_)?bn\d*(?:_.*)?")
 #: Module types whose parameters are never decayed.
 NO_DECAY_MODULE_TYPES: Tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,
@@ -180,13 +185,16 @@ def is_weight_decayed(name: str, module: Optional[nn.Module]) -> bool:
     A trainable parameter is decayed (``sum(p ** 2) / 2``, biases included) unless
     its owning module is a normalization layer (any ``torch.nn`` norm, or a class
     whose name contains ``Norm``) or an embedding, or its qualified name contains one
-    of :data:`NO_DECAY_NAME_PARTS` (``norm``, ``bn``, ``embed``, class/distillation/
-    register/mask tokens). So timm's ``pos_embed``, ``patch_embed.*`` and ``cls_token``
-    are excluded, as Keras' ``embedding`` and ``class_token`` were.
+    of :data:`NO_DECAY_NAME_PARTS` (``norm``, ``embed``, class/distillation/register/mask
+    tokens) or a dotted component matching :data:`BN_NAME_COMPONENT` (``bn``, ``bn1``,
+    ``conv1_bn``). So timm's ``pos_embed``, ``patch_embed.*`` and ``cls_token`` are
+    excluded, as Keras' ``embedding`` and ``class_token`` were.
     """
     if module is not None and (
         isinstance(module, NO_DECAY_MODULE_TYPES) or "Norm" in type(module).__name__
     ):
+        return False
+    if any(BN_NAME_COMPONENT.fullmatch(component) for component in name.split(".")):
         return False
     return not any(part in name for part in NO_DECAY_NAME_PARTS)
 

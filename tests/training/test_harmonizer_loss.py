@@ -305,6 +305,11 @@ def test_weight_decay_rule_uses_module_types_not_only_names():
     assert not is_weight_decayed("features.1.weight", nn.BatchNorm2d(4))
     assert is_weight_decayed("features.0.bias", nn.Conv2d(1, 1, 1))
     assert not is_weight_decayed("blocks.0.norm1.weight", None)
+    # Batch-norm names count as whole components (Keras matched the scope "bn/"), not substrings.
+    for name in ("bn.weight", "layer1.0.bn2.bias", "conv1_bn.weight", "bn_act.bias"):
+        assert not is_weight_decayed(name, None), name
+    for name in ("subnet.fc.weight", "fbnet.conv.bias"):
+        assert is_weight_decayed(name, nn.Linear(1, 1)), name
 
 
 def test_weight_decay_rule_on_a_timm_vit():
