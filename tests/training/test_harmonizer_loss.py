@@ -171,6 +171,26 @@ def test_alignment_loss_gradcheck_in_the_human_maps():
     assert torch.autograd.gradcheck(lambda h, t: alignment_loss(saliency, h, t, nb_levels=3), (true_heatmaps, tokens))
 
 
+def test_alignment_loss_constant_maps_are_finite():
+    saliency = torch.zeros(2, 10, 10, requires_grad=True)  # standardize_cut of a constant map
+    # 0.25 sums exactly, so its std is exactly 0 (as in the TF fixture's constant map).
+    true_heatmaps = torch.full((2, 10, 10), 0.25, requires_grad=True)
+    loss = alignment_loss(saliency, true_heatmaps, torch.ones(2))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(saliency.grad).all() and torch.isfinite(true_heatmaps.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_alignment_loss_half_precision_is_computed_in_float32(reference, dtype):
+    gradient = torch.randn(4, 3, 32, 32).to(dtype)
+    true_heatmaps, tokens = torch.from_numpy(reference["true_heatmaps"]).to(dtype), torch.from_numpy(reference["tokens"])
+    loss = alignment_loss(saliency_standardize_cut(gradient), true_heatmaps, tokens)
+    assert loss.dtype == torch.float32
+    expected = alignment_loss(saliency_standardize_cut(gradient.float()), true_heatmaps.float(), tokens)
+    assert_matches(loss, expected)
+
+
 def test_module_and_backward_match_the_returned_gradients(reference):
     net = build_net(reference)
     criterion = HarmonizerLoss(lambda_weights=1e-5, lambda_harmonization=1.0)
