@@ -116,8 +116,16 @@ def decode_clickme_example(record: bytes) -> Tuple[np.ndarray, np.ndarray, int, 
 
 
 def _bilinear(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """TensorFlow 2 ``tf.image.resize(..., "bilinear")`` of (N, C, H, W) maps to ``size``x``size``."""
-    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    """TensorFlow 2 ``tf.image.resize(..., "bilinear")`` of (N, C, H, W) maps to ``size``x``size``.
+
+    Each plane is resized as its own (1, H, W) map: PyTorch's multi-channel CPU kernel
+    rounds differently with the thread count and the batch size, which would make batches
+    depend on ``num_workers``; the single-plane kernel gives the same bits either way.
+    """
+    batch, channels, height, width = maps.shape
+    planes = maps.reshape(batch * channels, 1, height, width)
+    resized = F.interpolate(planes, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return resized.reshape(batch, channels, size, size)
 
 
 def _stack_nchw(arrays: Sequence[np.ndarray], size: int) -> torch.Tensor:

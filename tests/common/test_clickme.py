@@ -1,0 +1,258 @@
+"""ClickMe records: writing shards, parsing as the reference does, the resumable DataLoader."""
+import io
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from harmonizer_fast.common import (
+    ClickMeDataset,
+    ClickMeRecords,
+    TFRecordError,
+    find_clickme_shards,
+    gaussian_kernel,
+    load_clickme,
+    load_clickme_train,
+    load_clickme_val,
+    parse_clickme_record,
+    read_tfrecord,
+    write_clickme_shard,
+)
+from harmonizer_fast.common.example import decode_example, encode_example
+
+LABELS = [1, 2, 999, 0, 500]
+TOKENS = [1.0, 0.0, 0.5, 1.0, 0.25]
+
+
+def skimage_images():
+    names = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry"]
+    return np.stack([np.asarray(Image.fromarray(getattr(skdata, n)()).resize((256, 256), Image.BILINEAR))
+                     for n in names])
+
+
+def synthetic_heatmaps(count, size=256):
+    """Gaussian blobs at different places (what click maps look like), 0..255 uint8."""
+    yy, xx = np.mgrid[:size, :size]
+    maps = []
+    for i in range(count):
+        cy, cx, width = 40 + 40 * i, 200 - 35 * i, 15 + 8 * i
+        maps.append(255 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width ** 2)))
+    return np.round(np.stack(maps)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clickme")
+    images, heatmaps = skimage_images(), synthetic_heatmaps(len(LABELS))
+    write_clickme_shard(root / "train-0.tfrecords", images[:3], heatmaps[:3], np.array(LABELS[:3]), TOKENS[:3])
+    write_clickme_shard(root / "train-1.tfrecords", images[3:], heatmaps[3:, :, :, None], np.array(LABELS[3:]),
+                        TOKENS[3:])
+    return root
+
+
+def tf_resize_bilinear(x, size):
+    """TensorFlow's bilinear resize kernel (half-pixel centres, no antialias) rewritten in NumPy.
+
+    Float32 arithmetic in TF's order: ``in = (out + 0.5) * scale - 0.5`` with
+    ``scale = float(in_size) / out_size``, ``lower = max(floor(in), 0)``,
+    ``upper = min(ceil(in), in_size - 1)``, ``lerp = in - floor(in)``; columns are
+    interpolated first (``a + (b - a) * lerp``), then rows.
+    """
+    x = np.asarray(x, dtype=np.float32)
+
+    def axis(n_in):
+        scale = np.float32(n_in) / np.float32(size)
+        src = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+        low = np.floor(src)
+        lower = np.maximum(low, 0).astype(int)
+        upper = np.minimum(np.ceil(src), n_in - 1).astype(int)
+        return lower, upper, (src - low).astype(np.float32)
+
+    r0, r1, fr = axis(x.shape[0])
+    c0, c1, fc = axis(x.shape[1])
+    top = x[r0][:, c0] + (x[r0][:, c1] - x[r0][:, c0]) * fc
+    bottom = x[r1][:, c0] + (x[r1][:, c1] - x[r1][:, c0]) * fc
+    return top + (bottom - top) * fr[:, None]
+
+
+def manual_parse(record):
+    """Reference parsing written independently: PIL decode, numpy resize, scipy correlation."""
+    features = decode_example(record)
+    image = np.asarray(Image.open(io.BytesIO(features["image"].values[0])), dtype=np.float32)
+    heatmap = np.asarray(Image.open(io.BytesIO(features["heatmap"].values[0])), dtype=np.float32)
+    image = np.stack([tf_resize_bilinear(image[:, :, c], 224) for c in range(3)])
+    small = tf_resize_bilinear(heatmap, 64)
+    kernel = gaussian_kernel().numpy().astype(np.float64)
+    blurred = scipy.signal.correlate2d(np.pad(small.astype(np.float64), ((4, 5), (4, 5))), kernel, "valid")
+    label = np.zeros(1000)
+    label[features["label"].values[0]] = 1
+    return image, tf_resize_bilinear(blurred, 224), label
+
+
+def assert_close_255(actual, expected):
+    # float32 on 0..255 values: the interpolation formulas differ by float rounding only;
+    # absolute slack only near zero
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_parse_matches_manual_computation(shard_dir):
+    records = list(read_tfrecord(shard_dir / "train-0.tfrecords")) + list(read_tfrecord(shard_dir / "train-1.tfrecords"))
+    for record, label in zip(records, LABELS):
+        image, heatmap, one_hot = parse_clickme_record(record)
+        assert image.shape == (3, 224, 224) and heatmap.shape == (224, 224) and one_hot.shape == (1000,)
+        assert image.dtype == heatmap.dtype == one_hot.dtype == torch.float32
+        expected_image, expected_heatmap, expected_label = manual_parse(record)
+        assert_close_255(image.numpy(), expected_image)
+        assert_close_255(heatmap.numpy(), expected_heatmap)
+        np.testing.assert_array_equal(one_hot.numpy(), expected_label)
+        assert int(one_hot.argmax()) == label
+
+
+def test_parse_with_tokens(shard_dir):
+    record = next(iter(read_tfrecord(shard_dir / "train-0.tfrecords")))
+    *_, token = parse_clickme_record(record, with_tokens=True)
+    assert token.shape == () and float(token) == TOKENS[0]
+    features = decode_example(record)
+    del features["tokens"]
+    without = encode_example(features)
+    assert float(parse_clickme_record(without, with_tokens=True)[3]) == 1.0
+
+
+def collect(loader):
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_batches(shard_dir, num_workers):
+    loader = load_clickme(shard_dir, batch_size=2, num_workers=num_workers, drop_last=False, progress=False)
+    batches = collect(loader)
+    assert len(batches) == len(loader) == 3
+    assert [b[0].shape[0] for b in batches] == [2, 2, 1]
+    labels = []
+    for images, heatmaps, one_hot in batches:
+        n = images.shape[0]
+        assert images.shape == (n, 3, 224, 224) and heatmaps.shape == (n, 224, 224) and one_hot.shape == (n, 1000)
+        assert images.dtype == heatmaps.dtype == one_hot.dtype == torch.float32
+        assert float(images.min()) >= 0.0 and float(images.max()) <= 255.0 + 1e-3  # bilinear weights round
+        torch.testing.assert_close(one_hot.sum(1), torch.ones(n))
+        labels += one_hot.argmax(1).tolist()
+    assert labels == LABELS  # shard after shard, in file order
+    records = ClickMeRecords(shard_dir, progress=False)
+    for i, (batch_image, batch_heatmap) in enumerate(zip(torch.cat([b[0] for b in batches]),
+                                                         torch.cat([b[1] for b in batches]))):
+        expected_image, expected_heatmap, _ = manual_parse(records.read(i))
+        assert_close_255(batch_image.numpy(), expected_image)
+        assert_close_255(batch_heatmap.numpy(), expected_heatmap)
+
+
+def test_workers_give_identical_batches_and_drop_last(shard_dir):
+    kwargs = dict(batch_size=2, shuffle=True, seed=3, with_tokens=True, progress=False)
+    single = collect(load_clickme(shard_dir, num_workers=0, **kwargs))
+    assert len(single) == 2  # 5 records, the last partial batch is dropped (drop_remainder=True)
+    assert_same_batches(single, collect(load_clickme(shard_dir, num_workers=2, **kwargs)))
+    tokens = torch.cat([b[3] for b in single])
+    labels = torch.cat([b[2] for b in single]).argmax(1)
+    assert [TOKENS[LABELS.index(int(label))] for label in labels] == tokens.tolist()
+
+
+def test_resume_mid_epoch_and_next_epoch(shard_dir):
+    kwargs = dict(batch_size=1, shuffle=True, seed=7, progress=False)
+    loader = load_clickme(shard_dir, **kwargs)
+    epoch0, epoch1 = collect(loader), collect(loader)
+    assert loader.state_dict() == {"epoch": 2, "batch": 0}
+    order0 = [int(b[2].argmax()) for b in epoch0]
+    order1 = [int(b[2].argmax()) for b in epoch1]
+    assert sorted(order0) == sorted(order1) == sorted(LABELS) and order0 != order1
+
+    interrupted = load_clickme(shard_dir, **kwargs)
+    for step, _ in enumerate(interrupted):
+        if step == 1:
+            break
+    state = interrupted.state_dict()
+    assert state == {"epoch": 0, "batch": 2}
+    resumed = load_clickme(shard_dir, **kwargs)
+    resumed.load_state_dict(state)
+    assert_same_batches(collect(resumed), epoch0[2:])
+    assert_same_batches(collect(resumed), epoch1)
+
+    started = load_clickme(shard_dir, start_batch=3, **kwargs)
+    assert_same_batches(collect(started), epoch0[3:])
+    finished = load_clickme(shard_dir, **kwargs)
+    finished.load_state_dict({"epoch": 0, "batch": 5})  # a complete epoch moves on
+    assert finished.state_dict() == {"epoch": 1, "batch": 0}
+
+
+def test_ranks_split_the_global_batches(shard_dir):
+    kwargs = dict(batch_size=1, shuffle=True, seed=1, progress=False)
+    everything = collect(load_clickme(shard_dir, **kwargs))
+    rank0 = collect(load_clickme(shard_dir, rank=0, world_size=2, **kwargs))
+    rank1 = collect(load_clickme(shard_dir, rank=1, world_size=2, num_workers=2, **kwargs))
+    assert len(rank0) == len(rank1) == 2  # 5 batches cut to 4 so ranks stay in step
+    assert_same_batches(rank0, everything[0:4:2])
+    assert_same_batches(rank1, everything[1:4:2])
+
+
+def test_split_loaders_and_shard_discovery(shard_dir, tmp_path):
+    loader = load_clickme_train(shard_dir, batch_size=5, progress=False)
+    assert len(loader) == 1 and [p.split("/")[-1] for p in loader.dataset.records.paths] == ["train-0.tfrecords",
+                                                                                          "train-1.tfrecords"]
+    with pytest.raises(FileNotFoundError, match="val.*download_clickme"):
+        load_clickme_val(shard_dir)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_clickme([shard_dir / "missing.tfrecords"])
+    with pytest.raises(ValueError, match="empty"):
+        load_clickme([])
+    with pytest.raises(TypeError, match="batch_size="):
+        load_clickme_train(64)
+    for name in ["train-10.tfrecords", "train-2.tfrecords", "clickme_train_1", "val-0.tfrecords", ".train-3.tfrecords.x.tmp"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in find_clickme_shards(tmp_path, "train")] == [
+        "clickme_train_1", "train-2.tfrecords", "train-10.tfrecords"]
+    assert [p.name for p in find_clickme_shards(tmp_path, "val")] == ["val-0.tfrecords"]
+
+
+def test_corrupt_record_is_reported_with_its_location(shard_dir, tmp_path):
+    path = tmp_path / "train-0.tfrecords"
+    data = bytearray((shard_dir / "train-0.tfrecords").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside record 1 (records are similar in size)
+    path.write_bytes(bytes(data))
+    loader = load_clickme([path], batch_size=1, progress=False)
+    with pytest.raises(TFRecordError, match=r"train-0.tfrecords: record 1 ") as info:
+        collect(loader)
+    assert info.value.index == 1
+
+
+def test_bad_labels_and_inputs(tmp_path):
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    heatmaps = np.zeros((1, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="labels"):
+        write_clickme_shard(tmp_path / "a.tfrecords", images, heatmaps, np.array([1000]))
+    with pytest.raises(TypeError, match="uint8"):
+        write_clickme_shard(tmp_path / "a.tfrecords", images.astype(np.float32), heatmaps, np.array([1]))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        write_clickme_shard(tmp_path / "a.tfrecords", images[..., :2], heatmaps, np.array([1]))
+    with pytest.raises(ValueError, match="same number"):
+        write_clickme_shard(tmp_path / "a.tfrecords", images, heatmaps, np.array([1, 2]))
+    write_clickme_shard(tmp_path / "b.tfrecords", images, heatmaps, np.array([7]))
+    record = next(iter(read_tfrecord(tmp_path / "b.tfrecords")))
+    with pytest.raises(ValueError, match=r"out of range \[0, 5\)"):
+        parse_clickme_record(record, num_classes=5)
+    features = decode_example(record)
+    features["heatmap"] = features["image"]
+    with pytest.raises(ValueError, match="heatmap.*mode RGB"):
+        parse_clickme_record(encode_example(features))
+    features["heatmap"] = decode_example(record)["heatmap"]
+    del features["label"]
+    with pytest.raises(ValueError, match="'label'.*missing"):
+        parse_clickme_record(encode_example(features))
+    with pytest.raises(ValueError, match="batch_size"):
+        ClickMeDataset(tmp_path / "b.tfrecords", batch_size=0)
