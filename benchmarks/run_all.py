@@ -17,6 +17,7 @@ from benchmarks._timing import format_table
 
 #: name -> module under benchmarks/ providing ``compare(quick)``.
 COMPARISONS = {
+    "clickme": "benchmarks.compare_clickme",
     "loss": "benchmarks.compare_loss",
 }
 
