@@ -22,6 +22,7 @@ from harmonizer_fast._validation import (
     compute_dtype,
     shape_of,
 )
+from harmonizer_fast.ops import dispatch
 from harmonizer_fast.training.pyramid import downsample
 
 LABEL_SMOOTHING = 0.1
@@ -81,6 +82,7 @@ def pyramidal_mse_with_tokens(
     predicted_heatmaps: torch.Tensor,
     tokens: torch.Tensor,
     nb_levels: int = 5,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Token-weighted mean squared error averaged over Gaussian-pyramid levels.
 
@@ -99,6 +101,7 @@ def pyramidal_mse_with_tokens(
         true_heatmaps, predicted_heatmaps: (N, H, W) maps.
         tokens: (N,) per-map weights (1 where a human map exists, 0 where not).
         nb_levels: number of pyramid levels averaged.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`harmonizer_fast.ops`).
 
     Returns:
         float32 (float64 for float64 inputs) scalar.
@@ -106,6 +109,11 @@ def pyramidal_mse_with_tokens(
     _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
     if not isinstance(nb_levels, int) or nb_levels < 1:
         raise ValueError(f"`nb_levels` must be a positive int, got {nb_levels!r}")
+    fused = dispatch(
+        backend, "alignment_loss", "pyramidal_mse_with_tokens", true_heatmaps, predicted_heatmaps, tokens, nb_levels
+    )
+    if fused is not None:
+        return fused
     dtype = compute_dtype(true_heatmaps)
     diff = true_heatmaps.to(dtype) - predicted_heatmaps.to(dtype)
     weights = tokens.to(device=diff.device, dtype=dtype).view(-1, 1, 1)
@@ -117,22 +125,30 @@ def pyramidal_mse_with_tokens(
     return total / nb_levels
 
 
-def saliency_standardize_cut(input_gradient: torch.Tensor) -> torch.Tensor:
+def saliency_standardize_cut(input_gradient: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Saliency map of an input gradient: channel mean (sign kept), then :func:`standardize_cut`.
 
     Args:
         input_gradient: (N, C, H, W).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`harmonizer_fast.ops`).
 
     Returns:
         (N, H, W) standardized, rectified saliency.
     """
     check_tensor(input_gradient, "input_gradient")
     check_rank(input_gradient, 4, "input_gradient", "(N, C, H, W)")
+    fused = dispatch(backend, "saliency_cut", "saliency_standardize_cut", input_gradient)
+    if fused is not None:
+        return fused
     return standardize_cut(input_gradient.to(compute_dtype(input_gradient)).mean(dim=1))
 
 
 def alignment_loss(
-    saliency: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
+    saliency: torch.Tensor,
+    true_heatmaps: torch.Tensor,
+    tokens: torch.Tensor,
+    nb_levels: int = 5,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Harmonization term between standardized saliency and raw human maps (steps 3-5).
 
@@ -144,8 +160,13 @@ def alignment_loss(
         saliency: (N, H, W) output of :func:`saliency_standardize_cut`.
         true_heatmaps: (N, H, W) human importance maps.
         tokens: (N,) weights.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`harmonizer_fast.ops`); the
+            fused op gives no gradient to ``true_heatmaps``/``tokens`` ("auto" uses torch then).
     """
     _check_maps_and_tokens(true_heatmaps, saliency, tokens)
+    fused = dispatch(backend, "alignment_loss", "alignment_loss", saliency, true_heatmaps, tokens, nb_levels)
+    if fused is not None:
+        return fused
     dtype = compute_dtype(saliency)
     saliency = saliency.to(dtype)
     human = standardize_cut(true_heatmaps.to(dtype))
@@ -285,13 +306,15 @@ def harmonizer_loss_components(
     cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     lambda_weights: float = 1e-5,
     lambda_harmonization: float = 1.0,
+    backend: str = "auto",
 ) -> HarmonizerLossOutput:
     """The harmonizer's total loss and its components, ready for ``loss.backward()``.
 
     ``loss = CE + lambda_weights * weight_decay + lambda_harmonization * harmonization``
     (see :func:`harmonizer_loss` for each term). The model runs in training mode, as
     in the reference (batch statistics; BN running statistics are updated once); its
-    previous mode is restored.
+    previous mode is restored. ``backend`` selects the fused Triton kernels for the
+    saliency/alignment steps (see :mod:`harmonizer_fast.ops`).
     """
     _check_loss_inputs(images, tokens, labels, true_heatmaps)
     was_training = model.training
@@ -300,8 +323,11 @@ def harmonizer_loss_components(
         logits, gradient = input_saliency(model, images, labels)
     finally:
         model.train(was_training)
-    saliency = saliency_standardize_cut(gradient)
-    harmonization = alignment_loss(saliency, true_heatmaps, tokens.to(gradient.device))
+    tokens = tokens.to(gradient.device)
+    harmonization = dispatch(backend, "alignment_loss", "harmonization_term", gradient, true_heatmaps, tokens)
+    if harmonization is None:
+        saliency = saliency_standardize_cut(gradient, backend=backend)
+        harmonization = alignment_loss(saliency, true_heatmaps, tokens, backend=backend)
     ce_fn = cross_entropy if cross_entropy is not None else smoothed_cross_entropy
     cce = ce_fn(labels, logits).float().mean()
     decay = weight_decay_loss(model).to(cce.device)
@@ -318,6 +344,7 @@ def harmonizer_loss(
     cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     lambda_weights: float = 1e-5,
     lambda_harmonization: float = 1.0,
+    backend: str = "auto",
 ) -> List[torch.Tensor]:
     """Gradients of the harmonizer loss, like ``harmonization.training.harmonizer_loss``.
 
@@ -338,6 +365,8 @@ def harmonizer_loss(
         true_heatmaps: (N, H, W) human importance maps.
         cross_entropy: ``f(labels, logits)`` per-sample loss; default label-smoothed CE.
         lambda_weights, lambda_harmonization: weights of the two regularisers.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``: fused Triton kernels for steps 2-5
+            (see :mod:`harmonizer_fast.ops`).
 
     Returns:
         gradients of the total loss, one per ``[p for p in model.parameters() if p.requires_grad]``
@@ -345,7 +374,7 @@ def harmonizer_loss(
         :func:`harmonizer_loss_components` or :class:`HarmonizerLoss`.
     """
     out = harmonizer_loss_components(
-        model, images, tokens, labels, true_heatmaps, cross_entropy, lambda_weights, lambda_harmonization
+        model, images, tokens, labels, true_heatmaps, cross_entropy, lambda_weights, lambda_harmonization, backend
     )
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, params, allow_unused=True)
@@ -368,8 +397,10 @@ class HarmonizerLoss(nn.Module):
         cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         lambda_weights: float = 1e-5,
         lambda_harmonization: float = 1.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.backend = backend
         self.cross_entropy = cross_entropy
         self.lambda_weights = lambda_weights
         self.lambda_harmonization = lambda_harmonization
@@ -384,5 +415,5 @@ class HarmonizerLoss(nn.Module):
     ) -> HarmonizerLossOutput:
         return harmonizer_loss_components(
             model, images, tokens, labels, true_heatmaps,
-            self.cross_entropy, self.lambda_weights, self.lambda_harmonization,
+            self.cross_entropy, self.lambda_weights, self.lambda_harmonization, self.backend,
         )

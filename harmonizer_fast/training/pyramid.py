@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonizer_fast._validation import check_rank, check_tensor, compute_dtype
+from harmonizer_fast.ops import dispatch
 
 BINOMIAL_1D = (1.0, 4.0, 6.0, 4.0, 1.0)
 KERNEL_SIZE = 5
@@ -52,13 +53,14 @@ def downsample(maps: torch.Tensor) -> torch.Tensor:
     return F.conv2d(padded, kernel, stride=STRIDE).squeeze(1)
 
 
-def pyramidal_representation(image: torch.Tensor, num_levels: int) -> List[torch.Tensor]:
+def pyramidal_representation(image: torch.Tensor, num_levels: int, backend: str = "auto") -> List[torch.Tensor]:
     """Gaussian pyramid of ``image``: the input, then ``num_levels`` downsamplings.
 
     Args:
         image: (N, C, H, W) or (N, H, W) tensor (the reference takes NHWC; channels
             are filtered independently, as its depthwise use of one kernel does).
         num_levels: number of downsamplings; ``num_levels + 1`` maps are returned.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`harmonizer_fast.ops`).
 
     Returns:
         list of ``num_levels + 1`` tensors with the input's rank and dtype; a side ``n``
@@ -68,6 +70,9 @@ def pyramidal_representation(image: torch.Tensor, num_levels: int) -> List[torch
     check_rank(image, (3, 4), "image", "(N, C, H, W) or (N, H, W)")
     if not isinstance(num_levels, int) or num_levels < 0:
         raise ValueError(f"`num_levels` must be a non-negative int, got {num_levels!r}")
+    fused = dispatch(backend, "pyramid", "pyramid", image, num_levels)
+    if fused is not None:
+        return fused
     out_dtype = image.dtype
     lead = image.shape[:-2]
     current = image.to(compute_dtype(image)).reshape(-1, *image.shape[-2:])

@@ -1,0 +1,233 @@
+"""Fused alignment loss: rescaled human map, pyramid of the difference, token-weighted MSE.
+
+Reference: :func:`harmonizer_fast.training.loss.alignment_loss` and
+:func:`~harmonizer_fast.training.loss.pyramidal_mse_with_tokens`. With the saliency
+``s`` (N, H, W), the human map ``h`` and per-map weights ``t``:
+
+.. math::
+    \\hat h = \\frac{\\mathrm{cut}(h)}{\\max \\mathrm{cut}(h) + 10^{-6}}\\,
+              \\mathrm{sg}(\\max s + 10^{-6}), \\quad d_0 = s - \\hat h, \\quad
+    d_{l+1} = D(d_l), \\quad
+    L = \\frac{1}{L_n} \\sum_{l < L_n} \\frac{1}{N h_l w_l} \\sum_n t_n \\lVert d_{l,n} \\rVert^2
+
+(``cut`` is the standardize-cut, ``D`` one pyramid level; the pyramid is linear, so
+one pyramid of the difference replaces the difference of two pyramids). The human
+map's moments come from the same partial-moment kernel as the saliency; the difference
+kernel and every downsampling also emit per-block sums of squares, so the loss never
+re-reads a level. Because the loss is a scalar, its gradient
+
+.. math::
+    \\frac{\\partial L}{\\partial s} = G_0, \\quad
+    G_{L_n - 1} = c_{L_n - 1} t \\odot d_{L_n - 1}, \\quad
+    G_l = c_l t \\odot d_l + D^\\top(G_{l+1}), \\quad c_l = \\frac{2}{L_n N h_l w_l}
+
+is computed in the forward pass (when the saliency requires it) and the backward only
+scales it by the upstream scalar. The maximum of ``s`` is under stop-gradient, as in the
+reference; no gradient flows to ``h`` or ``t``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from harmonizer_fast.ops import FusedUnsupported, guard_second_order
+from harmonizer_fast.ops._launch import block_size, num_warps
+from harmonizer_fast.ops.pyramid import downsample, downsample_adjoint
+from harmonizer_fast.ops.saliency_cut import STANDARDIZE_EPSILON, _combine_moments, map_moments, saliency_cut
+from harmonizer_fast.training.loss import SALIENCY_MAX_EPSILON, _check_maps_and_tokens
+
+
+@triton.jit
+def _difference_kernel(
+    a_ptr, b_ptr, part_ptr, amax_ptr, weight_ptr, d_ptr, sq_ptr,
+    W, HW, n_blocks,
+    sa_n, sa_h, sa_w, sb_n, sb_h, sb_w,
+    eps, max_eps,
+    BLOCK: tl.constexpr, P_BLOCK: tl.constexpr, CUT_B: tl.constexpr,
+):
+    """``d = a - b`` (or ``a - rescaled cut(b)``) of one block, and its weighted sum ``w[n] * sum d^2``."""
+    n = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    idx = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < HW
+    row = idx // W
+    col = idx % W
+    a = tl.load(a_ptr + n * sa_n + row * sa_h + col * sa_w, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + n * sb_n + row * sb_h + col * sb_w, mask=mask, other=0.0).to(tl.float32)
+    if CUT_B:
+        mu, sigma, b_max = _combine_moments(part_ptr, n, n_blocks, HW, P_BLOCK)
+        human_max = tl.maximum((b_max - mu) / (sigma + eps), 0.0)
+        human = tl.maximum((b - mu) / (sigma + eps), 0.0)
+        b = human / (human_max + max_eps) * (tl.load(amax_ptr + n) + max_eps)
+    d = tl.where(mask, a - b, 0.0)
+    tl.store(d_ptr + n * HW + idx, d, mask=mask)
+    tl.store(sq_ptr + n * n_blocks + blk, tl.load(weight_ptr + n) * tl.sum(d * d, axis=0))
+
+
+def _difference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weights: torch.Tensor,
+    moments: Optional[torch.Tensor] = None,
+    a_max: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Level-0 difference (float32 (N, H, W)) and its token-weighted sum of squares (0-d)."""
+    n, h, w = a.shape
+    hw = h * w
+    block = block_size(hw)
+    n_blocks = triton.cdiv(hw, block)
+    diff = torch.empty((n, h, w), device=a.device, dtype=torch.float32)
+    squares = torch.zeros((n, n_blocks), device=a.device, dtype=torch.float32)
+    cut = moments is not None
+    if n > 0:
+        _difference_kernel[(n, n_blocks)](
+            a, b, moments if cut else diff, a_max if cut else diff, weights, diff, squares,
+            w, hw, n_blocks, *a.stride(), *b.stride(), STANDARDIZE_EPSILON, SALIENCY_MAX_EPSILON,
+            BLOCK=block, P_BLOCK=triton.next_power_of_2(n_blocks), CUT_B=cut, num_warps=num_warps(block),
+        )
+    return diff, squares.sum()
+
+
+def _pyramidal_mse_of_difference(
+    diff: torch.Tensor, squares: torch.Tensor, weights: torch.Tensor, nb_levels: int, with_grad: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token-weighted pyramidal MSE of a level-0 difference, and its gradient when asked."""
+    n = diff.shape[0]
+    levels: List[torch.Tensor] = [diff]
+    level_squares = [squares]
+    for _ in range(1, nb_levels):
+        level, level_sq = downsample(levels[-1], weights)
+        levels.append(level)
+        level_squares.append(level_sq)
+    sizes = [n * level.shape[1] * level.shape[2] for level in levels]
+    per_level = torch.stack([sq / size for sq, size in zip(level_squares, sizes)])
+    loss = per_level.sum() / nb_levels
+    if not with_grad:
+        return loss, None
+    coefs = [2.0 / (nb_levels * size) for size in sizes]
+    grad = levels[-1] * (coefs[-1] * weights).view(-1, 1, 1)
+    for level in range(nb_levels - 2, -1, -1):
+        grad = downsample_adjoint(grad, levels[level].shape, addend=levels[level], weights=weights, coef=coefs[level])
+    return loss, grad
+
+
+def _token_weights(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tokens.detach().to(device=like.device, dtype=torch.float32).contiguous()
+
+
+class AlignmentLossFunction(torch.autograd.Function):
+    """(saliency, true_heatmaps, tokens, saliency_max) -> float32 scalar; gradient to the saliency only."""
+
+    @staticmethod
+    def forward(ctx, saliency, true_heatmaps, tokens, saliency_max, nb_levels: int):
+        _, moments, _ = map_moments(true_heatmaps.unsqueeze(1), store_mean=False)
+        if saliency_max is None:
+            saliency_max = saliency.detach().amax(dim=(1, 2))
+        saliency_max = saliency_max.detach().to(torch.float32).contiguous()
+        weights = _token_weights(tokens, saliency)
+        diff, squares = _difference(saliency, true_heatmaps, weights, moments, saliency_max)
+        loss, grad = _pyramidal_mse_of_difference(diff, squares, weights, nb_levels, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad, saliency)
+        ctx.saliency_dtype = saliency.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, saliency = ctx.saved_tensors
+        grad_saliency = (grad * grad_loss).to(ctx.saliency_dtype)
+        return guard_second_order("alignment_loss", grad_saliency, saliency, grad_loss), None, None, None, None
+
+
+class PyramidalMSEFunction(torch.autograd.Function):
+    """(true_heatmaps, predicted_heatmaps, tokens) -> float32 scalar; gradients to both maps."""
+
+    @staticmethod
+    def forward(ctx, true_heatmaps, predicted_heatmaps, tokens, nb_levels: int):
+        weights = _token_weights(tokens, true_heatmaps)
+        diff, squares = _difference(true_heatmaps, predicted_heatmaps, weights)
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, grad = _pyramidal_mse_of_difference(diff, squares, weights, nb_levels, with_grad)
+        ctx.save_for_backward(grad, true_heatmaps, predicted_heatmaps)
+        ctx.dtypes = (true_heatmaps.dtype, predicted_heatmaps.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, true_heatmaps, predicted_heatmaps = ctx.saved_tensors
+        scaled = grad * grad_loss
+        grad_true = scaled.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_pred = (-scaled).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        dependencies = (true_heatmaps, predicted_heatmaps, grad_loss)
+        return (
+            guard_second_order("pyramidal_mse_with_tokens", grad_true, *dependencies),
+            guard_second_order("pyramidal_mse_with_tokens", grad_pred, *dependencies),
+            None,
+            None,
+        )
+
+
+def _check_nb_levels(nb_levels: int) -> None:
+    if not isinstance(nb_levels, int) or nb_levels < 1:
+        raise ValueError(f"`nb_levels` must be a positive int, got {nb_levels!r}")
+
+
+def _check_no_grad(tensor: torch.Tensor, name: str) -> None:
+    if tensor.requires_grad:
+        raise FusedUnsupported(
+            f"the fused alignment loss gives no gradient for `{name}` (shape {tuple(tensor.shape)}), "
+            "which requires grad; detach it or use backend='torch'"
+        )
+
+
+def alignment_loss(
+    saliency: torch.Tensor,
+    true_heatmaps: torch.Tensor,
+    tokens: torch.Tensor,
+    nb_levels: int = 5,
+    saliency_max: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused :func:`harmonizer_fast.training.loss.alignment_loss`.
+
+    Args:
+        saliency: (N, H, W) standardized saliency (float32/float16/bfloat16, any strides).
+        true_heatmaps: (N, H, W) raw human maps (no gradient is computed for them).
+        tokens: (N,) per-map weights (no gradient).
+        nb_levels: pyramid levels averaged.
+        saliency_max: optional (N,) per-map maximum of ``saliency`` (as returned by
+            :func:`~harmonizer_fast.ops.saliency_cut.saliency_cut`); computed when omitted.
+
+    Returns:
+        float32 scalar, differentiable (once) with respect to ``saliency``.
+    """
+    _check_maps_and_tokens(true_heatmaps, saliency, tokens)
+    _check_nb_levels(nb_levels)
+    _check_no_grad(true_heatmaps, "true_heatmaps")
+    _check_no_grad(tokens, "tokens")
+    if saliency_max is not None and tuple(saliency_max.shape) != (saliency.shape[0],):
+        raise ValueError(f"`saliency_max` must have shape ({saliency.shape[0]},), got {tuple(saliency_max.shape)}")
+    return AlignmentLossFunction.apply(saliency, true_heatmaps, tokens.to(saliency.device), saliency_max, nb_levels)
+
+
+def pyramidal_mse_with_tokens(
+    true_heatmaps: torch.Tensor, predicted_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
+) -> torch.Tensor:
+    """Fused :func:`harmonizer_fast.training.loss.pyramidal_mse_with_tokens` (float32 scalar)."""
+    _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
+    _check_nb_levels(nb_levels)
+    _check_no_grad(tokens, "tokens")
+    return PyramidalMSEFunction.apply(true_heatmaps, predicted_heatmaps, tokens.to(true_heatmaps.device), nb_levels)
+
+
+def harmonization_term(
+    input_gradient: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
+) -> torch.Tensor:
+    """Steps 2-5 of the harmonizer loss fused: saliency cut, then the alignment loss.
+
+    The saliency maximum computed by the cut kernel is passed on, so the saliency is
+    never re-read for it.
+    """
+    saliency, saliency_max = saliency_cut(input_gradient)
+    return alignment_loss(saliency, true_heatmaps, tokens, nb_levels, saliency_max=saliency_max)
