@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, List, Optional, Union
 
@@ -246,8 +246,10 @@ class TFRecordWriter:
     def __init__(self, path: PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, self._tmp_path = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._stream: Optional[BinaryIO] = os.fdopen(handle, "wb")
+        # a hidden, unique name in the same folder (os.replace must not cross file systems);
+        # open(..., "xb") rather than mkstemp, whose 0600 mode would stick to the shard
+        self._tmp_path = self.path.parent / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self._stream: Optional[BinaryIO] = open(self._tmp_path, "xb")
         self.num_records = 0
 
     def write(self, record: BytesLike) -> None:

@@ -256,3 +256,17 @@ def test_bad_labels_and_inputs(tmp_path):
         parse_clickme_record(encode_example(features))
     with pytest.raises(ValueError, match="batch_size"):
         ClickMeDataset(tmp_path / "b.tfrecords", batch_size=0)
+
+
+def test_records_plug_into_the_trainer_streams(shard_dir):
+    data_mix = pytest.importorskip("harmonizer_fast.training.data_mix")
+    records = ClickMeRecords(shard_dir, progress=False)
+    assert len(records) == len(LABELS)
+    stream = iter(data_mix.ShuffledBatches(records, batch_size=2, seed=0, shuffle=False))
+    batch = next(stream)
+    assert batch.images.shape == (2, 3, 224, 224) and batch.heatmaps.shape == (2, 224, 224)
+    assert batch.labels.argmax(1).tolist() == LABELS[:2] and batch.tokens.tolist() == TOKENS[:2]
+    single = records[2]
+    assert single.images.shape == (3, 224, 224) and int(single.labels.argmax()) == LABELS[2]
+    with pytest.raises(IndexError):
+        records.read(len(LABELS))

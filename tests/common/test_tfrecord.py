@@ -363,3 +363,11 @@ def test_encoder_rejects_bad_values():
         encode_example([("x", 1)])
     with pytest.raises(ValueError, match="float32"):
         encode_example({"x": [1e39]})
+
+
+def test_written_file_has_default_permissions(tmp_path):
+    path = tmp_path / "perm.tfrecords"
+    write_tfrecord(path, [b"x"])
+    reference = tmp_path / "plain"
+    reference.write_bytes(b"")
+    assert (path.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
