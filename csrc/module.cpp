@@ -10,6 +10,7 @@ namespace py = pybind11;
 // register_* declarations (one per csrc/*.cpp file)
 void register_crc32c(py::module_& m);
 void register_metrics(py::module_& m);
+void register_ridge(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   // register_* calls
   register_crc32c(m);
   register_metrics(m);
+  register_ridge(m);
 }

@@ -1,0 +1,497 @@
+r"""Ridge readout with the regularisation chosen by cross-validation, for IT-cortex scoring.
+
+:class:`RidgeCV` solves, for every alpha of a grid and every target at once,
+
+.. math::
+
+    \hat w_t(\alpha) = \arg\min_w \; \lVert y_t - b_t - X w \rVert^2 + \alpha \lVert w \rVert^2,
+
+with an unpenalised intercept :math:`b_t` (``fit_intercept=True``), and keeps per target (or
+for all targets) the alpha with the best validation score. It matches scikit-learn's
+``RidgeCV`` (predictions to float rounding) and is several times faster:
+
+* One spectral decomposition serves the whole alpha grid. With :math:`X_c` the centred
+  design (:math:`n` samples, :math:`p` features), the *primal* route (:math:`p < n`)
+  eigendecomposes :math:`X_c^\top X_c = V \Lambda V^\top` (:math:`p \times p`); the *dual*
+  route (:math:`p \ge n`) eigendecomposes :math:`X_c X_c^\top = Q \Lambda Q^\top`
+  (:math:`n \times n`), so a 100k-feature layer costs an :math:`n \times n` problem.
+  Both give the hat matrix :math:`H_\alpha = F \,\mathrm{diag}(w_\alpha)\, F^\top` with
+  :math:`F = X_c V,\ w_\alpha = 1/(\lambda + \alpha)` (primal) or
+  :math:`F = Q,\ w_\alpha = \lambda/(\lambda + \alpha)` (dual).
+* Leave-one-out (``cv=None``) is exact and closed-form: with :math:`B = F^\top y_c`,
+
+  .. math::
+
+      e_{it}(\alpha) = \frac{y_{c,it} - [F\,\mathrm{diag}(w_\alpha) B]_{it}}
+                            {1 - [H_\alpha]_{ii} - \tfrac{1}{n}\,[\text{intercept}]}
+
+  is the error on sample :math:`i` of the model fitted without it (the :math:`1/n` is the
+  hat value of the intercept, as in scikit-learn's GCV).
+* K-fold (``cv=int`` or a splitter) decomposes each training fold (the primal Gram of a
+  fold is a downdate of the full one) and predicts its validation fold for all alphas.
+* Each alpha is scored from three per-target sums of its residuals (one C++ pass, see
+  :func:`~harmonizer_fast.neural._backend.residual_moments`), never keeping an
+  ``(n_alphas, n_samples, n_targets)`` array: see :func:`alpha_path_moments`.
+
+All arithmetic is float64 (as scikit-learn >= 1.5 does for this estimator); float32 inputs
+give float32 ``coef_``/``intercept_``/predictions.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.linalg
+
+from harmonizer_fast._validation import shape_of
+from harmonizer_fast.neural._backend import (
+    check_features,
+    check_targets,
+    pearson_per_target,
+    residual_moments,
+)
+
+__all__ = ["RidgeCV", "alpha_path_moments", "kfold_indices", "pearson_per_target", "SCORERS"]
+
+#: Feature blocks used when the dual Gram is accumulated from a float32/float64 design
+#: (bounds the float64 copy to n x _FEATURE_BLOCK values).
+_FEATURE_BLOCK = 4096
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _PathStats:
+    """Sums over validation samples, per alpha and target, of residuals ``r = y - y_hat``.
+
+    ``y`` is the target centred by the training offset; ``sr``, ``srr``, ``syr`` have shape
+    (n_alphas, n_targets); ``sy``, ``syy`` shape (n_targets,); ``n`` the sample count.
+    """
+
+    n: int
+    sy: np.ndarray
+    syy: np.ndarray
+    sr: np.ndarray
+    srr: np.ndarray
+    syr: np.ndarray
+
+    def total_sum_of_squares(self) -> np.ndarray:
+        return self.syy - self.sy**2 / self.n
+
+
+def _neg_mse(s: _PathStats) -> np.ndarray:
+    r""":math:`-\frac{1}{n}\sum_i r_{it}^2`."""
+    return -s.srr / s.n
+
+
+def _r2(s: _PathStats) -> np.ndarray:
+    r""":math:`1 - \sum_i r_{it}^2 / \sum_i (y_{it} - \bar y_t)^2`; a constant target scores 1
+    when predicted exactly, else 0 (scikit-learn's ``r2_score``)."""
+    sst = s.total_sum_of_squares()
+    constant = sst <= 1e-13 * np.maximum(s.syy, np.finfo(float).tiny)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = 1.0 - s.srr / np.where(constant, 1.0, sst)
+    fallback = np.where(s.srr <= 1e-13 * np.maximum(s.syy, np.finfo(float).tiny), 1.0, 0.0)
+    return np.where(constant, fallback, r2)
+
+
+def _pearson(s: _PathStats) -> np.ndarray:
+    r"""Pearson correlation of :math:`y` and :math:`\hat y = y - r` from the sums:
+    :math:`n\,\mathrm{cov}(y, \hat y) = S_{yy} - C_{yr}`,
+    :math:`n\,\mathrm{var}(\hat y) = S_{yy} - 2 C_{yr} + C_{rr}` (centred sums). Undefined
+    (NaN, never selected) where either side is constant."""
+    sst = s.total_sum_of_squares()
+    c_yr = s.syr - s.sy * s.sr / s.n
+    c_rr = s.srr - s.sr**2 / s.n
+    var_pred = sst - 2.0 * c_yr + c_rr
+    denom = np.sqrt(np.maximum(sst, 0.0) * np.maximum(var_pred, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denom > 0, (sst - c_yr) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+#: Validation scores by name: each maps the residual sums to one score per (alpha, target).
+#: ``None`` means scikit-learn's default: negative MSE for leave-one-out, R^2 for K-fold.
+SCORERS: Dict[str, Callable[[_PathStats], np.ndarray]] = {
+    "neg_mean_squared_error": _neg_mse,
+    "r2": _r2,
+    "pearson": _pearson,
+}
+_DEFAULT_SCORING = {"loo": "neg_mean_squared_error", "kfold": "r2"}
+
+
+# --------------------------------------------------------------------------- alpha path
+
+
+def alpha_path_moments(
+    F: np.ndarray,
+    W: np.ndarray,
+    B: np.ndarray,
+    Y: np.ndarray,
+    D: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    r"""Residual sums of a family of spectral ridge solutions, one alpha at a time.
+
+    For each alpha :math:`a` (row of ``W``) the residuals are
+
+    .. math::
+
+        r^{(a)} = \bigl(Y - F\,\mathrm{diag}(W_a)\,B\bigr) / D_a[:, \text{None}]
+
+    and the result holds, per alpha and target, :math:`\sum_i r`, :math:`\sum_i r^2` and
+    :math:`\sum_i Y r` (see :func:`~harmonizer_fast.neural._backend.residual_moments`).
+
+    Memory contract: besides its output (``3 * n_alphas * n_targets`` values) this allocates
+    one ``(n_samples, n_targets)`` buffer, reused for every alpha, and one
+    ``(k, n_targets)`` scaled copy of ``B`` at a time: never an
+    ``(n_alphas, n_samples, n_targets)`` array.
+
+    Parameters
+    ----------
+    F : (n_samples, k) float64 basis (``X_c V`` or ``Q``, or validation rows of it)
+    W : (n_alphas, k) float64 spectral weights
+    B : (k, n_targets) float64 projections of the training targets
+    Y : (n_samples, n_targets) float64 targets, centred by the training offset
+    D : (n_alphas, n_samples) float64 leave-one-out denominators, or None (K-fold)
+
+    Returns
+    -------
+    float64 array of shape (n_alphas, 3, n_targets)
+    """
+    n_alphas = W.shape[0]
+    out = np.empty((n_alphas, 3, Y.shape[1]))
+    prediction = np.empty_like(Y)
+    for a in range(n_alphas):
+        np.matmul(F, W[a][:, None] * B, out=prediction)
+        out[a] = residual_moments(Y, prediction, None if D is None else D[a])
+    return out
+
+
+def _path_stats(moments: np.ndarray, Y: np.ndarray) -> _PathStats:
+    return _PathStats(
+        n=Y.shape[0],
+        sy=Y.sum(axis=0),
+        syy=np.einsum("ij,ij->j", Y, Y),
+        sr=moments[:, 0],
+        srr=moments[:, 1],
+        syr=moments[:, 2],
+    )
+
+
+# --------------------------------------------------------------------------- decompositions
+
+
+def _eigh(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of a symmetric PSD matrix; round-off negatives are clipped to 0."""
+    lam, vecs = np.linalg.eigh(G)
+    return np.maximum(lam, 0.0), vecs
+
+
+def _sample_gram(X: np.ndarray, x_mean: Optional[np.ndarray]) -> np.ndarray:
+    """:math:`X_c X_c^\\top` in float64, accumulated over feature blocks (no full float64 copy)."""
+    n, p = X.shape
+    K = np.zeros((n, n))
+    for start in range(0, p, _FEATURE_BLOCK):
+        block = np.array(X[:, start : start + _FEATURE_BLOCK], dtype=np.float64, order="C")
+        if x_mean is not None:
+            block -= x_mean[start : start + _FEATURE_BLOCK]
+        K += block @ block.T  # NumPy dispatches A @ A.T to dsyrk (half the flops of dgemm)
+    return K
+
+
+def _features_times(X: np.ndarray, x_mean: Optional[np.ndarray], C: np.ndarray) -> np.ndarray:
+    """:math:`X_c^\\top C` (p x t) in float64 over feature blocks, for dual coefficients."""
+    p = X.shape[1]
+    out = np.empty((p, C.shape[1]))
+    col_sums = C.sum(axis=0)
+    for start in range(0, p, _FEATURE_BLOCK):
+        block = np.asarray(X[:, start : start + _FEATURE_BLOCK], dtype=np.float64)
+        out[start : start + block.shape[1]] = block.T @ C
+        if x_mean is not None:
+            out[start : start + block.shape[1]] -= np.outer(x_mean[start : start + _FEATURE_BLOCK], col_sums)
+    return out
+
+
+def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -> np.ndarray:
+    r"""Columns :math:`(G + \alpha_t I)^{-1} R_{:,t}` for a PSD ``G``.
+
+    One Cholesky factorisation per distinct alpha (k^3/3 flops each) while that is cheaper
+    than one eigendecomposition (~9 k^3), else the eigendecomposition serves all alphas."""
+    distinct = np.unique(alpha_per_column)
+    out = np.empty_like(R)
+    if len(distinct) <= 8:
+        for a in distinct:
+            cols = alpha_per_column == a
+            factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
+            out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
+        return out
+    lam, vecs = _eigh(G)
+    return vecs @ ((vecs.T @ R) / (lam[:, None] + alpha_per_column[None, :]))
+
+
+def kfold_indices(n_samples: int, n_splits: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Contiguous K-fold splits as scikit-learn's ``KFold(n_splits)`` (no shuffle): the first
+    ``n_samples % n_splits`` folds hold one extra sample."""
+    if n_splits < 2:
+        raise ValueError(f"cv must be at least 2 folds, got cv={n_splits}")
+    if n_splits > n_samples:
+        raise ValueError(
+            f"cv={n_splits} folds need at least {n_splits} samples, got n_samples={n_samples}; "
+            "use fewer folds or cv=None (leave-one-out)"
+        )
+    sizes = np.full(n_splits, n_samples // n_splits)
+    sizes[: n_samples % n_splits] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    everything = np.arange(n_samples)
+    return [
+        (np.concatenate([everything[: bounds[f]], everything[bounds[f + 1] :]]), everything[bounds[f] : bounds[f + 1]])
+        for f in range(n_splits)
+    ]
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+CVLike = Union[None, int, Iterable[Tuple[np.ndarray, np.ndarray]], object]
+
+
+class RidgeCV:
+    r"""Ridge regression over a grid of alphas, chosen by leave-one-out or K-fold CV.
+
+    Parameters
+    ----------
+    alphas : sequence of float > 0
+        Regularisation strengths to try.
+    fit_intercept : bool
+        Fit an unpenalised intercept per target (X and Y are centred by their training means).
+    cv : None, int, splitter or iterable of (train, test) index arrays
+        None: efficient exact leave-one-out (scikit-learn's GCV formula). int: that many
+        contiguous folds (``KFold`` without shuffling). An object with ``split(X, Y)`` or an
+        iterable of index pairs: those folds.
+    alpha_per_target : bool
+        Choose the alpha of each target separately (any ``cv``; scikit-learn only allows it with
+        leave-one-out, and for K-fold this equals running scikit-learn's RidgeCV per target).
+    scoring : None, 'neg_mean_squared_error', 'r2' or 'pearson'
+        Validation score to maximise (see :data:`SCORERS`). None as scikit-learn: negative MSE
+        for leave-one-out, R^2 (``Ridge.score``) for K-fold. Per fold (or over all LOO samples)
+        per target, then averaged over folds and, unless ``alpha_per_target``, over targets.
+
+    Attributes
+    ----------
+    alpha_ : float, or (n_targets,) array when ``alpha_per_target`` and several targets
+    best_score_ : float or (n_targets,) array, the chosen alpha's validation score
+    cv_scores_ : (n_alphas, n_targets) array, validation score of every alpha and target
+    coef_ : (n_targets, n_features) array, or (n_features,) for 1-D ``Y``
+    intercept_ : (n_targets,) array, or float for 1-D ``Y``
+    solver_ : 'primal' (eigendecomposition of X^T X, p < n) or 'dual' (of X X^T)
+    """
+
+    def __init__(
+        self,
+        alphas: Sequence[float] = (0.1, 1.0, 10.0),
+        fit_intercept: bool = True,
+        cv: CVLike = None,
+        alpha_per_target: bool = False,
+        scoring: Optional[str] = None,
+    ) -> None:
+        self.alphas = alphas
+        self.fit_intercept = fit_intercept
+        self.cv = cv
+        self.alpha_per_target = alpha_per_target
+        self.scoring = scoring
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_params(self) -> Tuple[np.ndarray, str]:
+        alphas = np.atleast_1d(np.asarray(self.alphas, dtype=np.float64))
+        if alphas.ndim != 1 or alphas.size == 0:
+            raise ValueError(f"alphas must be a non-empty 1-D sequence, got shape {shape_of(alphas)}")
+        if not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
+            raise ValueError(f"alphas must be finite and > 0, got {alphas.tolist()}")
+        kind = "loo" if self.cv is None else "kfold"
+        scoring = _DEFAULT_SCORING[kind] if self.scoring is None else self.scoring
+        if scoring not in SCORERS:
+            raise ValueError(f"scoring must be None or one of {sorted(SCORERS)}, got {self.scoring!r}")
+        return alphas, scoring
+
+    def _splits(self, X: np.ndarray, Y: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
+        n = X.shape[0]
+        if isinstance(self.cv, numbers.Integral) and not isinstance(self.cv, bool):
+            return kfold_indices(n, int(self.cv))
+        raw = self.cv.split(X, Y) if hasattr(self.cv, "split") else self.cv
+        try:
+            splits = [(np.asarray(tr, dtype=np.int64), np.asarray(te, dtype=np.int64)) for tr, te in raw]
+        except TypeError as exc:
+            raise TypeError(
+                f"cv must be None, an int, a splitter with split(X, Y) or an iterable of (train, test) "
+                f"index arrays, got {type(self.cv).__name__}"
+            ) from exc
+        if not splits:
+            raise ValueError("cv produced no splits")
+        for tr, te in splits:
+            if tr.size < 1 or te.size < 1:
+                raise ValueError(f"every split needs train and test samples, got sizes {tr.size} and {te.size}")
+        return splits
+
+    # ---------------------------------------------------------------- fitting
+
+    def fit(self, X: object, Y: object) -> "RidgeCV":
+        """Fit on ``X`` (n_samples, n_features) and ``Y`` (n_samples,) or (n_samples, n_targets)."""
+        alphas, scoring = self._check_params()
+        X = check_features(X, "X")
+        Y2, one_d = check_targets(Y, X.shape[0], X.shape, "Y")
+        n, p = X.shape
+        if self.cv is None and n < 2:
+            raise ValueError(f"leave-one-out needs at least 2 samples, got X shape {shape_of(X)}")
+        self.solver_ = "primal" if p < n else "dual"
+        x_mean = X.mean(axis=0, dtype=np.float64) if self.fit_intercept else None
+        y_mean = Y2.mean(axis=0) if self.fit_intercept else np.zeros(Y2.shape[1])
+        Yc = Y2 - y_mean
+
+        if self.cv is None:
+            scores, refit = self._loo_scores(X, x_mean, Yc, alphas, scoring)
+        else:
+            scores, refit = self._kfold_scores(X, x_mean, Y2, alphas, scoring, self._splits(X, Y2))
+        chosen = self._select(scores, alphas)
+        coef_t = refit(chosen)  # (p, t) float64
+
+        intercept = y_mean - (x_mean @ coef_t if x_mean is not None else 0.0)
+        dtype = X.dtype
+        self.cv_scores_ = scores
+        self.n_features_in_ = p
+        self._one_d = one_d
+        self._coef64 = np.ascontiguousarray(coef_t.T)
+        self._intercept64 = np.asarray(intercept, dtype=np.float64).reshape(-1)
+        self.coef_ = self._coef64.astype(dtype)
+        self.intercept_ = self._intercept64.astype(dtype)
+        if one_d:
+            self.coef_ = self.coef_[0]
+            self.intercept_ = float(self.intercept_[0])
+        return self
+
+    def _select(self, scores: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+        """First best alpha (scikit-learn keeps the earliest on ties); NaN scores never win."""
+        ranked = np.where(np.isnan(scores), -np.inf, scores)
+        n_targets = scores.shape[1]
+        if self.alpha_per_target and n_targets > 1:
+            best = np.argmax(ranked, axis=0)
+            self.alpha_ = alphas[best]
+            self.best_score_ = scores[best, np.arange(n_targets)]
+            return self.alpha_
+        mean_scores = np.mean(scores, axis=1)
+        best = int(np.argmax(np.where(np.isnan(mean_scores), -np.inf, mean_scores)))
+        self.alpha_ = float(alphas[best])
+        self.best_score_ = float(mean_scores[best])
+        return np.full(n_targets, alphas[best])
+
+    def _loo_scores(self, X, x_mean, Yc, alphas, scoring):
+        n, p = X.shape
+        if p < n:
+            Xc = X - x_mean if x_mean is not None else X.astype(np.float64)
+            lam, V = _eigh(Xc.T @ Xc)
+            F = Xc @ V
+            W = 1.0 / (lam[None, :] + alphas[:, None])
+        else:
+            Xc = None
+            lam, F = _eigh(_sample_gram(X, x_mean))
+            W = lam[None, :] / (lam[None, :] + alphas[:, None])
+        B = F.T @ Yc
+        # leverage of every sample under every alpha: (n_alphas, n)
+        leverage = W @ (F * F).T
+        D = 1.0 - leverage - (1.0 / n if x_mean is not None else 0.0)
+        moments = alpha_path_moments(F, W, B, Yc, D)
+        scores = SCORERS[scoring](_path_stats(moments, Yc))
+
+        def refit(chosen: np.ndarray) -> np.ndarray:
+            scaled = B / (lam[:, None] + chosen[None, :])
+            if Xc is not None:
+                return V @ scaled
+            return _features_times(X, x_mean, F @ scaled)
+
+        return scores, refit
+
+    def _kfold_scores(self, X, x_mean, Y, alphas, scoring, splits):
+        n, p = X.shape
+        primal = p < n
+        if primal:
+            Xg = X - x_mean if x_mean is not None else X.astype(np.float64)
+            G = Xg.T @ Xg
+        else:
+            Xg = None
+            G = _sample_gram(X, x_mean)
+        total = np.zeros((len(alphas), Y.shape[1]))
+        for train, test in splits:
+            y_off = Y[train].mean(axis=0) if x_mean is not None else np.zeros(Y.shape[1])
+            Y_tr = Y[train] - y_off
+            Y_te = Y[test] - y_off
+            if primal:
+                X_te = Xg[test]
+                G_tr = G - X_te.T @ X_te
+                if x_mean is not None:
+                    shift = Xg[train].mean(axis=0)
+                    G_tr -= len(train) * np.outer(shift, shift)
+                    X_te = X_te - shift
+                lam, V = _eigh(G_tr)
+                B = V.T @ (Xg[train].T @ Y_tr)
+                F_te = X_te @ V
+            else:
+                K_tr = G[np.ix_(train, train)]
+                K_te = G[np.ix_(test, train)]
+                if x_mean is not None:
+                    row_mean = G[train].mean(axis=0)  # <x_j, mean of training rows>
+                    grand = row_mean[train].mean()
+                    K_tr = K_tr - row_mean[train][:, None] - row_mean[train][None, :] + grand
+                    K_te = K_te - row_mean[test][:, None] - row_mean[train][None, :] + grand
+                lam, Q = _eigh(K_tr)
+                B = Q.T @ Y_tr
+                F_te = K_te @ Q
+            W = 1.0 / (lam[None, :] + alphas[:, None])
+            moments = alpha_path_moments(F_te, W, B, Y_te)
+            total += SCORERS[scoring](_path_stats(moments, Y_te))
+        scores = total / len(splits)
+        Yc = Y - Y.mean(axis=0) if x_mean is not None else Y
+
+        def refit(chosen: np.ndarray) -> np.ndarray:
+            if primal:
+                return _solve_shifted(G, Xg.T @ Yc, chosen)
+            return _features_times(X, x_mean, _solve_shifted(G, Yc, chosen))
+
+        return scores, refit
+
+    # ---------------------------------------------------------------- inference
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "_coef64"):
+            raise RuntimeError("this RidgeCV is not fitted yet: call fit(X, Y) first")
+
+    def _predict64(self, X: object) -> Tuple[np.ndarray, np.dtype]:
+        self._check_fitted()
+        Xv = check_features(X, "X", self.n_features_in_)
+        return Xv.astype(np.float64, copy=False) @ self._coef64.T + self._intercept64, Xv.dtype
+
+    def predict(self, X: object) -> np.ndarray:
+        """Predictions ``X @ coef_.T + intercept_``, (n_samples, n_targets) or (n_samples,)."""
+        pred, dtype = self._predict64(X)
+        pred = pred.astype(dtype, copy=False)
+        return pred[:, 0] if self._one_d else pred
+
+    def _targets_and_predictions(self, X: object, Y: object) -> Tuple[np.ndarray, np.ndarray]:
+        pred, _ = self._predict64(X)
+        Y2, _ = check_targets(Y, pred.shape[0], np.shape(X), "Y")
+        if Y2.shape[1] != pred.shape[1]:
+            raise ValueError(f"`Y` has {Y2.shape[1]} targets but the model predicts {pred.shape[1]}")
+        return Y2, pred
+
+    def score(self, X: object, Y: object) -> float:
+        r"""Mean over targets of :math:`R^2 = 1 - \sum (y - \hat y)^2 / \sum (y - \bar y)^2`
+        (scikit-learn's ``score``)."""
+        Y2, pred = self._targets_and_predictions(X, Y)
+        stats = _path_stats(residual_moments(Y2, pred)[None], Y2)
+        return float(np.mean(_r2(stats)))
+
+    def score_pearson(self, X: object, Y: object) -> float:
+        """Mean over targets of the Pearson correlation between predictions and ``Y``."""
+        Y2, pred = self._targets_and_predictions(X, Y)
+        return float(np.mean(pearson_per_target(Y2, pred)))

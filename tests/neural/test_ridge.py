@@ -1,0 +1,253 @@
+"""RidgeCV against scikit-learn (LOO and K-fold, primal and dual), brute-force CV, and the
+fused C++ reductions against their NumPy references."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn.linear_model import Ridge as SkRidge
+from sklearn.linear_model import RidgeCV as SkRidgeCV
+from sklearn.model_selection import KFold
+
+from harmonizer_fast.neural import _backend
+from harmonizer_fast.neural.ridge import RidgeCV, alpha_path_moments, kfold_indices, pearson_per_target
+
+ALPHAS = (0.01, 0.3, 3.0, 30.0, 300.0)
+SHAPES = {"primal": (48, 12), "dual": (30, 70)}
+
+
+def make_data(n, p, n_targets=5, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, p)) * rng.uniform(0.5, 3.0, p) + 1.5
+    W = rng.standard_normal((p, n_targets)) * (rng.random((p, n_targets)) < 0.3)
+    noise = rng.standard_normal((n, n_targets)) * rng.uniform(0.5, 8.0, n_targets)
+    Y = X @ W + noise + rng.uniform(-3, 3, n_targets)
+    return X.astype(dtype), Y.astype(dtype)
+
+
+def assert_close(actual, expected, rtol):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("route", sorted(SHAPES))
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("alpha_per_target", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_loo_matches_sklearn(route, fit_intercept, alpha_per_target, dtype):
+    X, Y = make_data(*SHAPES[route], dtype=dtype)
+    ours = RidgeCV(ALPHAS, fit_intercept=fit_intercept, alpha_per_target=alpha_per_target).fit(X, Y)
+    # scikit-learn's RidgeCV computes in float64 whatever the input: feed it the same values
+    ref = SkRidgeCV(ALPHAS, fit_intercept=fit_intercept, alpha_per_target=alpha_per_target).fit(
+        X.astype(np.float64), Y.astype(np.float64)
+    )
+    assert ours.solver_ == route
+    np.testing.assert_array_equal(ours.alpha_, ref.alpha_)
+    assert_close(ours.best_score_, ref.best_score_, 1e-9)
+    rtol = 1e-5 if dtype == np.float32 else 1e-9
+    assert_close(ours.predict(X), ref.predict(X.astype(np.float64)), rtol)
+    assert_close(ours.coef_, ref.coef_, rtol)
+    assert_close(ours.intercept_, ref.intercept_, rtol)
+    assert ours.coef_.dtype == dtype and ours.predict(X).dtype == dtype
+    assert ours.coef_.shape == (Y.shape[1], X.shape[1])
+
+
+@pytest.mark.parametrize("route", sorted(SHAPES))
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kfold_matches_sklearn(route, fit_intercept, dtype):
+    X, Y = make_data(*SHAPES[route], seed=1, dtype=dtype)
+    ours = RidgeCV(ALPHAS, fit_intercept=fit_intercept, cv=5).fit(X, Y)
+    ref = SkRidgeCV(ALPHAS, fit_intercept=fit_intercept, cv=5).fit(X.astype(np.float64), Y.astype(np.float64))
+    assert ours.alpha_ == ref.alpha_
+    assert_close(ours.best_score_, ref.best_score_, 1e-9)
+    rtol = 1e-5 if dtype == np.float32 else 1e-8
+    assert_close(ours.predict(X), ref.predict(X.astype(np.float64)), rtol)
+
+
+@pytest.mark.parametrize("route", sorted(SHAPES))
+def test_kfold_alpha_per_target_equals_sklearn_per_target(route):
+    X, Y = make_data(*SHAPES[route], seed=2)
+    folds = KFold(4, shuffle=True, random_state=0)
+    ours = RidgeCV(ALPHAS, cv=folds, alpha_per_target=True).fit(X, Y)
+    refs = [SkRidgeCV(ALPHAS, cv=folds).fit(X, Y[:, j]) for j in range(Y.shape[1])]
+    np.testing.assert_array_equal(ours.alpha_, [r.alpha_ for r in refs])
+    assert_close(ours.best_score_, [r.best_score_ for r in refs], 1e-9)
+    assert_close(ours.predict(X), np.stack([r.predict(X) for r in refs], axis=1), 1e-8)
+    assert len(set(ours.alpha_.tolist())) > 1  # the data really need different alphas
+
+
+def test_single_target_1d():
+    X, Y = make_data(*SHAPES["primal"], seed=3)
+    y = Y[:, 0]
+    for cv in (None, 3):
+        ours = RidgeCV(ALPHAS, cv=cv, alpha_per_target=True).fit(X, y)
+        ref = SkRidgeCV(ALPHAS, cv=cv).fit(X, y)
+        assert ours.predict(X).shape == (X.shape[0],) and ours.coef_.shape == (X.shape[1],)
+        assert isinstance(ours.intercept_, float) and ours.alpha_ == ref.alpha_
+        assert_close(ours.predict(X), ref.predict(X), 1e-9)
+
+
+def test_loo_r2_scoring_matches_sklearn():
+    X, Y = make_data(*SHAPES["dual"], seed=4)
+    for apt in (True, False):
+        ours = RidgeCV(ALPHAS, scoring="r2", alpha_per_target=apt).fit(X, Y)
+        ref = SkRidgeCV(ALPHAS, scoring="r2", alpha_per_target=apt).fit(X, Y)
+        np.testing.assert_array_equal(ours.alpha_, ref.alpha_)
+        assert_close(ours.best_score_, ref.best_score_, 1e-9)
+
+
+def brute_force_loo_predictions(X, Y, alpha):
+    preds = np.empty_like(Y)
+    for i in range(X.shape[0]):
+        keep = np.arange(X.shape[0]) != i
+        preds[i] = SkRidge(alpha=alpha).fit(X[keep], Y[keep]).predict(X[i : i + 1])[0]
+    return preds
+
+
+@pytest.mark.parametrize("route", sorted(SHAPES))
+def test_loo_pearson_and_grid_equal_brute_force(route):
+    X, Y = make_data(*SHAPES[route], seed=5)
+    X, Y = X[:24], Y[:24]
+    ours = RidgeCV(ALPHAS, scoring="pearson", alpha_per_target=True).fit(X, Y)
+    mse = RidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)
+    for a, alpha in enumerate(ALPHAS):
+        preds = brute_force_loo_predictions(X, Y, alpha)
+        expected = [scipy.stats.pearsonr(Y[:, j], preds[:, j])[0] for j in range(Y.shape[1])]
+        assert_close(ours.cv_scores_[a], expected, 1e-9)
+        assert_close(mse.cv_scores_[a], -((Y - preds) ** 2).mean(axis=0), 1e-9)
+    np.testing.assert_array_equal(ours.alpha_, np.asarray(ALPHAS)[np.argmax(ours.cv_scores_, axis=0)])
+
+
+def test_kfold_pearson_equals_brute_force():
+    X, Y = make_data(*SHAPES["dual"], seed=6)
+    ours = RidgeCV(ALPHAS, cv=3, scoring="pearson", alpha_per_target=True).fit(X, Y)
+    for a, alpha in enumerate(ALPHAS):
+        per_fold = []
+        for train, test in KFold(3).split(X):
+            pred = SkRidge(alpha=alpha).fit(X[train], Y[train]).predict(X[test])
+            per_fold.append([scipy.stats.pearsonr(Y[test, j], pred[:, j])[0] for j in range(Y.shape[1])])
+        assert_close(ours.cv_scores_[a], np.mean(per_fold, axis=0), 1e-9)
+
+
+def test_splits_as_iterable_and_kfold_indices_match_sklearn():
+    for n, k in [(10, 3), (12, 4), (7, 7)]:
+        for (tr, te), (str_, ste) in zip(kfold_indices(n, k), KFold(k).split(np.zeros((n, 1)))):
+            np.testing.assert_array_equal(tr, str_)
+            np.testing.assert_array_equal(te, ste)
+    X, Y = make_data(*SHAPES["primal"], seed=7)
+    a = RidgeCV(ALPHAS, cv=list(KFold(4).split(X))).fit(X, Y)
+    b = RidgeCV(ALPHAS, cv=4).fit(X, Y)
+    assert a.alpha_ == b.alpha_
+    np.testing.assert_allclose(a.predict(X), b.predict(X), rtol=1e-12)
+
+
+def test_score_and_score_pearson():
+    X, Y = make_data(*SHAPES["primal"], seed=8)
+    Xt, Yt = make_data(*SHAPES["primal"], seed=9)
+    ours = RidgeCV(ALPHAS).fit(X, Y)
+    ref = SkRidgeCV(ALPHAS).fit(X, Y)
+    assert ours.score(Xt, Yt) == pytest.approx(ref.score(Xt, Yt), rel=1e-9)
+    pred = ref.predict(Xt)
+    expected = np.mean([scipy.stats.pearsonr(Yt[:, j], pred[:, j])[0] for j in range(Yt.shape[1])])
+    assert ours.score_pearson(Xt, Yt) == pytest.approx(expected, rel=1e-9)
+
+
+def test_torch_inputs_accepted():
+    torch = pytest.importorskip("torch")
+    X, Y = make_data(*SHAPES["primal"], seed=10)
+    a = RidgeCV(ALPHAS).fit(torch.from_numpy(X), torch.from_numpy(Y))
+    b = RidgeCV(ALPHAS).fit(X, Y)
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_helpful_errors():
+    X, Y = make_data(*SHAPES["primal"])
+    with pytest.raises(ValueError, match=r"X shape \(48, 12\) and Y shape \(40, 5\)"):
+        RidgeCV().fit(X, Y[:40])
+    Xn = X.copy()
+    Xn[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"`X` \(shape \(48, 12\)\) contains 1 non-finite"):
+        RidgeCV().fit(Xn, Y)
+    Yn = Y.copy()
+    Yn[0, 0] = np.inf
+    with pytest.raises(ValueError, match="`Y`.*non-finite"):
+        RidgeCV().fit(X, Yn)
+    with pytest.raises(ValueError, match=r"cv=5 folds need at least 5 samples, got n_samples=4"):
+        RidgeCV(cv=5).fit(X[:4], Y[:4])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        RidgeCV().fit(X[:1], Y[:1])
+    with pytest.raises(ValueError, match="must be 2-D"):
+        RidgeCV().fit(X[:, 0], Y)
+    with pytest.raises(ValueError, match="alphas must be finite and > 0"):
+        RidgeCV(alphas=(1.0, 0.0)).fit(X, Y)
+    with pytest.raises(ValueError, match="scoring must be None or one of"):
+        RidgeCV(scoring="accuracy").fit(X, Y)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        RidgeCV().predict(X)
+    model = RidgeCV().fit(X, Y)
+    with pytest.raises(ValueError, match="has 11 features"):
+        model.predict(X[:, :11])
+    with pytest.raises(TypeError, match="cv must be None, an int"):
+        RidgeCV(cv=3.5).fit(X, Y)
+
+
+# ----------------------------------------------------------------- kernels and memory
+
+
+def test_alpha_path_never_holds_alphas_by_samples_by_targets():
+    rng = np.random.default_rng(0)
+    n, k, t, n_alphas = 400, 30, 50, 60
+    F, B, Y = rng.standard_normal((n, k)), rng.standard_normal((k, t)), rng.standard_normal((n, t))
+    W, D = rng.random((n_alphas, k)), 1.0 + rng.random((n_alphas, n))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        out = alpha_path_moments(F, W, B, Y, D)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    full_path_bytes = n_alphas * n * t * 8
+    # contract: output + one (n, t) buffer + small temporaries
+    assert peak < out.nbytes + 3 * n * t * 8 < full_path_bytes / 5
+    for a in (0, n_alphas - 1):
+        R = (Y - F @ (W[a][:, None] * B)) / D[a][:, None]
+        np.testing.assert_allclose(out[a], [R.sum(0), (R * R).sum(0), (Y * R).sum(0)], rtol=1e-10, atol=1e-9)
+
+
+def test_residual_moments_extension_matches_numpy():
+    rng = np.random.default_rng(1)
+    Y, M, d = rng.standard_normal((300, 70)), rng.standard_normal((300, 70)), 0.5 + rng.random(300)
+    for dd in (d, None):
+        ref = _backend.residual_moments_numpy(Y, M, dd)
+        np.testing.assert_allclose(_backend.residual_moments(Y, M, dd), ref, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pearson_per_target_matches_scipy(dtype):
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((500, 40)) + 100.0
+    B = A * 0.3 + rng.standard_normal((500, 40))
+    A, B = A.astype(dtype), B.astype(dtype)
+    expected = [scipy.stats.pearsonr(A[:, j].astype(np.float64), B[:, j].astype(np.float64))[0] for j in range(40)]
+    np.testing.assert_allclose(pearson_per_target(A, B), expected, rtol=1e-10)
+    np.testing.assert_allclose(_backend.pearson_per_target_numpy(A, B), expected, rtol=1e-10)
+    np.testing.assert_allclose(pearson_per_target(A[:, 0], B[:, 0]), expected[:1], rtol=1e-10)
+
+
+def test_pearson_per_target_constant_column_warns_and_bad_shapes_raise():
+    A = np.random.default_rng(3).standard_normal((20, 3))
+    B = A.copy()
+    B[:, 1] = 2.0
+    with pytest.warns(RuntimeWarning, match="1 of 3 target"):
+        out = pearson_per_target(A, B)
+    assert np.isnan(out[1]) and out[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"same shape.*\(20, 3\) and \(20, 2\)"):
+        pearson_per_target(A, B[:, :2])
