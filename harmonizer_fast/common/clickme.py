@@ -5,9 +5,10 @@ A record is a ``tf.train.Example`` with the features ``image`` (JPEG bytes, 256x
 ImageNet class), and optionally ``tokens`` (one float: the weight of the heatmap in the
 harmonization loss; 1 when absent). Parsing follows the reference:
 
-* image: decoded (PIL; libjpeg with the same default IDCT and upsampling as TensorFlow's
-  ``decode_jpeg``), float32 0..255, resized bilinear to 224x224, **not** normalised
-  (apply :func:`~harmonizer_fast.common.preprocess_input` in the model);
+* image: decoded as TensorFlow's ``decode_jpeg`` does by default (libjpeg-turbo, integer-fast
+  IDCT, smooth chroma upsampling; through ``simplejpeg``, see :data:`JPEG_DECODERS`),
+  float32 0..255, resized bilinear to 224x224, **not** normalised (apply
+  :func:`~harmonizer_fast.common.preprocess_input` in the model);
 * heatmap: decoded, resized bilinear to 64x64, blurred with ``gaussian_kernel()``
   (:func:`~harmonizer_fast.common.gaussian_blur`), resized bilinear to 224x224;
 * label: one-hot over 1000 classes (float32).
@@ -37,6 +38,7 @@ import io
 import os
 import re
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -81,7 +83,26 @@ GAUSSIAN_KERNEL = gaussian_kernel()  # (10, 10), sigma 10, as the reference's mo
 
 
 # ----------------------------------------------------------------------------- parsing
-def _decode_jpeg(data: bytes, mode: str, what: str) -> np.ndarray:
+#: JPEG header colour spaces accepted for each decoded mode (TF keeps the file's channel count).
+_JPEG_COLORSPACES = {"RGB": ("YCbCr", "RGB"), "L": ("Gray",)}
+
+
+def _decode_simplejpeg(data: bytes, mode: str, what: str) -> np.ndarray:
+    """TensorFlow's ``decode_jpeg`` defaults: integer-fast IDCT, fancy (smooth) chroma upsampling."""
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError as exc:
+        raise ValueError(f"`{what}` is not a readable JPEG ({exc})") from exc
+    if colorspace not in _JPEG_COLORSPACES[mode]:
+        raise ValueError(f"`{what}` must be a {mode} JPEG, got colour space {colorspace}")
+    return simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", fastdct=True,
+                                  fastupsample=False)
+
+
+def _decode_pil(data: bytes, mode: str, what: str) -> np.ndarray:
+    """PIL's defaults (accurate IDCT): up to a few grey levels off TensorFlow's decoding."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
@@ -89,7 +110,41 @@ def _decode_jpeg(data: bytes, mode: str, what: str) -> np.ndarray:
             raise ValueError(f"`{what}` is not a JPEG (PIL sees {image.format})")
         if image.mode != mode:
             raise ValueError(f"`{what}` must be a {mode} JPEG, got mode {image.mode}")
-        return np.array(image)  # writable copy (torch.from_numpy needs one)
+        array = np.array(image)  # writable copy (torch.from_numpy needs one)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+#: JPEG decoders, best first: ``simplejpeg`` (libjpeg-turbo with TensorFlow's default
+#: flags, so decoded pixels match ``tf.io.decode_jpeg``) and PIL (fallback).
+JPEG_DECODERS = {"simplejpeg": _decode_simplejpeg, "pil": _decode_pil}
+
+
+def jpeg_backend() -> str:
+    """Name of the JPEG decoder in use: ``"simplejpeg"`` when installed, else ``"pil"`` (warns once)."""
+    global _JPEG_BACKEND
+    if _JPEG_BACKEND is None:
+        try:
+            import simplejpeg  # noqa: F401
+
+            _JPEG_BACKEND = "simplejpeg"
+        except ImportError:
+            _JPEG_BACKEND = "pil"
+            warnings.warn(
+                "simplejpeg is not installed: ClickMe JPEGs are decoded by PIL (accurate IDCT), which "
+                "differs from TensorFlow's default fast IDCT by a few grey levels; `pip install simplejpeg` "
+                "to reproduce the reference pixels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _JPEG_BACKEND
+
+
+_JPEG_BACKEND: Optional[str] = None
+
+
+def _decode_jpeg(data: bytes, mode: str, what: str) -> np.ndarray:
+    """Decode to (H, W, C) uint8 with C = 3 for ``mode="RGB"``, 1 for ``"L"``."""
+    return JPEG_DECODERS[jpeg_backend()](data, mode, what)
 
 
 def _single_value(features: Dict[str, Feature], name: str, kinds: Tuple[str, ...]):
@@ -109,7 +164,7 @@ def decode_clickme_example(record: bytes) -> Tuple[np.ndarray, np.ndarray, int, 
     """
     features = decode_example(record)
     image = _decode_jpeg(_single_value(features, "image", ("bytes_list",)), "RGB", "image")
-    heatmap = _decode_jpeg(_single_value(features, "heatmap", ("bytes_list",)), "L", "heatmap")
+    heatmap = _decode_jpeg(_single_value(features, "heatmap", ("bytes_list",)), "L", "heatmap")[:, :, 0]
     label = int(_single_value(features, "label", ("int64_list",)))
     token = float(_single_value(features, "tokens", ("float_list", "int64_list"))) if "tokens" in features else 1.0
     return image, heatmap, label, token

@@ -21,6 +21,7 @@ from harmonizer_fast.common import (
     read_tfrecord,
     write_clickme_shard,
 )
+from harmonizer_fast.common import clickme
 from harmonizer_fast.common.example import decode_example, encode_example
 
 LABELS = [1, 2, 999, 0, 500]
@@ -78,11 +79,17 @@ def tf_resize_bilinear(x, size):
     return top + (bottom - top) * fr[:, None]
 
 
+def tf_decode_jpeg(data, colorspace):
+    """tf.io.decode_jpeg's defaults: libjpeg-turbo, integer-fast IDCT, fancy upsampling."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    return simplejpeg.decode_jpeg(data, colorspace=colorspace, fastdct=True, fastupsample=False)
+
+
 def manual_parse(record):
-    """Reference parsing written independently: PIL decode, numpy resize, scipy correlation."""
+    """Reference parsing written independently: TF-flag decode, numpy resize, scipy correlation."""
     features = decode_example(record)
-    image = np.asarray(Image.open(io.BytesIO(features["image"].values[0])), dtype=np.float32)
-    heatmap = np.asarray(Image.open(io.BytesIO(features["heatmap"].values[0])), dtype=np.float32)
+    image = tf_decode_jpeg(features["image"].values[0], "RGB").astype(np.float32)
+    heatmap = tf_decode_jpeg(features["heatmap"].values[0], "GRAY")[:, :, 0].astype(np.float32)
     image = np.stack([tf_resize_bilinear(image[:, :, c], 224) for c in range(3)])
     small = tf_resize_bilinear(heatmap, 64)
     kernel = gaussian_kernel().numpy().astype(np.float64)
@@ -109,6 +116,46 @@ def test_parse_matches_manual_computation(shard_dir):
         assert_close_255(heatmap.numpy(), expected_heatmap)
         np.testing.assert_array_equal(one_hot.numpy(), expected_label)
         assert int(one_hot.argmax()) == label
+
+
+def jpeg_bytes(array, mode):
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def pil_decode(data, fast_idct=False):
+    with Image.open(io.BytesIO(data)) as image:
+        if fast_idct:  # PIL's draft flag: integer-fast IDCT and, for colour, plain upsampling
+            image.decoderconfig = (1, 1)
+        return np.array(image).astype(int)
+
+
+def test_jpeg_decoding_follows_tensorflow_defaults(monkeypatch):
+    pytest.importorskip("simplejpeg")
+    assert clickme.jpeg_backend() == "simplejpeg"
+    gray = jpeg_bytes(skdata.camera()[:256, :256], "L")
+    ours = clickme._decode_jpeg(gray, "L", "heatmap")[:, :, 0].astype(int)
+    # grayscale has no chroma upsampling, so PIL's draft decode is exactly the fast IDCT
+    np.testing.assert_array_equal(ours, pil_decode(gray, fast_idct=True))
+    assert np.abs(ours - pil_decode(gray)).max() > 0  # PIL's default (accurate IDCT) differs
+
+    color = jpeg_bytes(skimage_images()[0], "RGB")
+    ours = clickme._decode_jpeg(color, "RGB", "image").astype(int)
+    accurate, plain_upsampling = pil_decode(color), pil_decode(color, fast_idct=True)
+    assert 0 < np.abs(ours - accurate).max() <= 8  # only the IDCT differs: a few levels
+    assert np.abs(ours - plain_upsampling).max() > 8  # TF keeps the smooth chroma upsampling
+
+    monkeypatch.setattr(clickme, "_JPEG_BACKEND", "pil")
+    np.testing.assert_array_equal(clickme._decode_jpeg(color, "RGB", "image"), accurate)
+    png = io.BytesIO()
+    Image.fromarray(skdata.camera()[:8, :8]).save(png, format="PNG")
+    for backend in clickme.JPEG_DECODERS:
+        monkeypatch.setattr(clickme, "_JPEG_BACKEND", backend)
+        with pytest.raises(ValueError, match="image"):
+            clickme._decode_jpeg(png.getvalue(), "RGB", "image")
+        with pytest.raises(ValueError, match="heatmap.*L JPEG"):
+            clickme._decode_jpeg(color, "L", "heatmap")
 
 
 def test_parse_with_tokens(shard_dir):
@@ -248,7 +295,7 @@ def test_bad_labels_and_inputs(tmp_path):
         parse_clickme_record(record, num_classes=5)
     features = decode_example(record)
     features["heatmap"] = features["image"]
-    with pytest.raises(ValueError, match="heatmap.*mode RGB"):
+    with pytest.raises(ValueError, match="heatmap.*L JPEG"):
         parse_clickme_record(encode_example(features))
     features["heatmap"] = decode_example(record)["heatmap"]
     del features["label"]
