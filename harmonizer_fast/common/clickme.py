@@ -491,14 +491,27 @@ class ClickMeDataset(IterableDataset):
         self.seed = int(seed)
         self.with_tokens = bool(with_tokens)
         self._rank, self._world_size = rank, world_size
+        self._bound_distributed: Optional[Tuple[int, int]] = None
         self.epoch = 0
         self.start_batch = 0
 
     def rank_and_world_size(self) -> Tuple[int, int]:
-        """This process's DDP rank and the world size (explicit, or from torch.distributed)."""
+        """This process's DDP rank and the world size: explicit, else bound, else torch.distributed's."""
         if self._world_size is not None:
             return self._rank, self._world_size
+        if self._bound_distributed is not None:
+            return self._bound_distributed
         return _distributed_rank_world()
+
+    def bind_distributed(self) -> None:
+        """Record torch.distributed's rank and world size now, in the main process.
+
+        DataLoader workers started with ``spawn`` or ``forkserver`` do not inherit the
+        process group, so they use the values bound here (:class:`ClickMeLoader` binds
+        them before every pass).
+        """
+        self._bound_distributed = None
+        self._bound_distributed = self.rank_and_world_size()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (only the shuffle order depends on it)."""
@@ -585,6 +598,7 @@ class ClickMeLoader(DataLoader):
         self._epoch, self._start_batch, self._yielded = epoch, batch, batch
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
+        self.dataset.bind_distributed()
         self.dataset.set_epoch(self._epoch)
         self.dataset.set_start_batch(self._start_batch)
         self._yielded = self._start_batch

@@ -317,3 +317,13 @@ def test_records_plug_into_the_trainer_streams(shard_dir):
     assert single.images.shape == (3, 224, 224) and int(single.labels.argmax()) == LABELS[2]
     with pytest.raises(IndexError):
         records.read(len(LABELS))
+
+
+def test_spawned_workers_use_the_rank_bound_in_the_main_process(shard_dir, monkeypatch):
+    kwargs = dict(batch_size=1, progress=False)
+    everything = collect(load_clickme(shard_dir, **kwargs))
+    # torch.distributed is not initialised in this test: fake it in the main process only;
+    # spawned workers start from scratch and see a plain single process
+    monkeypatch.setattr(clickme, "_distributed_rank_world", lambda: (1, 2))
+    loader = load_clickme(shard_dir, num_workers=1, multiprocessing_context="spawn", **kwargs)
+    assert_same_batches(collect(loader), everything[1:4:2])
