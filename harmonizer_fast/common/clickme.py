@@ -49,7 +49,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harmonizer_fast.common.blur import gaussian_blur, gaussian_kernel
 from harmonizer_fast.common.example import Feature, decode_example, encode_example
-from harmonizer_fast.common.tfrecord import TFRecordWriter, index_tfrecord, iter_records, read_record_at
+from harmonizer_fast.common.tfrecord import (
+    TFRecordError,
+    TFRecordWriter,
+    index_tfrecord,
+    iter_records,
+    read_record_at,
+    read_tfrecord,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -677,8 +684,13 @@ def download_clickme(dest: PathLike, splits: Sequence[str] = ("train", "val"), b
     """Download the ClickMe shards into ``dest`` (resumable: complete shards are kept).
 
     Each shard is streamed into a hidden temporary file with both checksums of every
-    record verified, then renamed to ``{split}-{i}.tfrecords``; a shard already present and intact is skipped. About 318 + 17
-    shards; :func:`load_clickme_train` / :func:`load_clickme_val` then take ``dest``.
+    record verified, then renamed to ``{split}-{i}.tfrecords``; a shard already present
+    whose records all verify is skipped. 318 train and 17 validation shards;
+    :func:`load_clickme_train` / :func:`load_clickme_val` then take ``dest``.
+
+    Raises:
+        TFRecordError: a downloaded shard is corrupt (nothing is written for it).
+        urllib.error.URLError: the server cannot be reached.
     """
     from tqdm.auto import tqdm
 
@@ -695,9 +707,10 @@ def download_clickme(dest: PathLike, splits: Sequence[str] = ("train", "val"), b
         paths.append(target)
         if target.is_file():
             try:
-                index_tfrecord(target)
+                for _ in read_tfrecord(target):
+                    pass
                 continue
-            except ValueError:
+            except TFRecordError:
                 pass  # incomplete or corrupt: fetch it again
         url = f"{base_url}/{split}/{split}-{i}.tfrecords"
         # records are checked as they arrive and written through the atomic writer, so

@@ -327,3 +327,33 @@ def test_spawned_workers_use_the_rank_bound_in_the_main_process(shard_dir, monke
     monkeypatch.setattr(clickme, "_distributed_rank_world", lambda: (1, 2))
     loader = load_clickme(shard_dir, num_workers=1, multiprocessing_context="spawn", **kwargs)
     assert_same_batches(collect(loader), everything[1:4:2])
+
+
+def test_download_is_resumable_checked_and_atomic(tmp_path):
+    """download_clickme against a local file:// "bucket" (no network)."""
+    bucket = tmp_path / "bucket" / "val"
+    bucket.mkdir(parents=True)
+    shard = tmp_path / "one.tfrecords"
+    write_clickme_shard(shard, np.zeros((1, 16, 16, 3), np.uint8), np.zeros((1, 16, 16), np.uint8), np.array([3]))
+    for i in range(clickme.NB_VAL_SHARDS):
+        (bucket / f"val-{i}.tfrecords").write_bytes(shard.read_bytes())
+    dest = tmp_path / "dest"
+    base_url = (tmp_path / "bucket").as_uri()
+    paths = clickme.download_clickme(dest, splits=("val",), base_url=base_url, progress=False)
+    assert [p.name for p in paths] == [f"val-{i}.tfrecords" for i in range(clickme.NB_VAL_SHARDS)]
+    assert all(p.read_bytes() == shard.read_bytes() for p in paths)
+    assert len(load_clickme_val(dest, batch_size=1, progress=False)) == clickme.NB_VAL_SHARDS
+
+    paths[3].write_bytes(shard.read_bytes()[:-3])  # an interrupted earlier download
+    damaged = bytearray(shard.read_bytes())
+    damaged[-10] ^= 0xFF
+    paths[4].write_bytes(bytes(damaged))  # complete headers, a bad data byte
+    paths[5].unlink()
+    corrupt = bytearray(shard.read_bytes())
+    corrupt[40] ^= 0xFF
+    (bucket / "val-5.tfrecords").write_bytes(bytes(corrupt))
+    with pytest.raises(TFRecordError, match="val-5.tfrecords: record 0"):
+        clickme.download_clickme(dest, splits=("val",), base_url=base_url, progress=False)
+    assert paths[3].read_bytes() == paths[4].read_bytes() == shard.read_bytes()  # fetched again
+    assert not paths[5].exists()
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in paths if p != paths[5])
