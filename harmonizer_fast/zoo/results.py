@@ -1,0 +1,275 @@
+"""The sweep results table: one row per model x layer x benchmark, written crash-safely.
+
+Storage layout of a sweep directory ``out/``::
+
+    out/parts/<unit>.csv    rows of one finished (model, benchmark) unit, written atomically
+    out/results.csv         every finished unit's rows merged, in sweep order (atomic rewrite)
+    out/results.parquet     the same table, when pyarrow is installed
+    out/models.csv          one row per model x benchmark: the layer chosen on the selection split
+
+A unit's part file appears in one ``os.replace`` of a fully written and fsync'd temporary file,
+so after a crash (even ``kill -9``) a part file is either complete or absent; a rerun skips the
+units whose part file exists and redoes the others. ``results.csv`` is rebuilt from part files,
+never appended to, so it cannot hold a half-written or duplicated row.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Iterable, List, Optional, Sequence
+
+__all__ = [
+    "SweepRow",
+    "COLUMNS",
+    "TIMING_COLUMNS",
+    "ResultStore",
+    "atomic_write_bytes",
+    "read_table",
+    "write_table",
+    "model_table",
+    "load_accuracy_csv",
+    "rows_equal",
+]
+
+
+@dataclass
+class SweepRow:
+    """One scored layer of one model on one benchmark.
+
+    ``score`` is measured on the *report* images only; ``selection_score`` on the disjoint
+    *selection* images, and ``selected`` marks the layer with the best selection score of its
+    (model, benchmark) pair, so the reported score of a model carries no selection bias.
+    ``ceiled_score = score / ceiling`` (NaN when the benchmark has no ceiling). ``score_error``
+    is the standard deviation of the report score over the benchmark's splits.
+    """
+
+    model: str
+    benchmark: str
+    layer: str
+    layer_index: int
+    score: float
+    score_error: float
+    ceiling: float
+    ceiled_score: float
+    selection_score: float
+    selected: bool
+    n_features: int
+    imagenet_top1: float
+    harmonized: bool
+    extraction_s: float
+    readout_s: float
+    layer_method: str
+
+
+COLUMNS: List[str] = [f.name for f in fields(SweepRow)]
+#: columns that depend on wall-clock time, not on the data: ignore them when comparing runs.
+TIMING_COLUMNS = ("extraction_s", "readout_s")
+_TYPES = {f.name: f.type for f in fields(SweepRow)}
+
+
+def _format(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def _parse(column: str, text: str) -> object:
+    kind = _TYPES[column]
+    if kind in ("float", float):
+        return float(text)
+    if kind in ("int", int):
+        return int(text)
+    if kind in ("bool", bool):
+        if text not in ("true", "false"):
+            raise ValueError(f"column {column!r} must be true/false, got {text!r}")
+        return text == "true"
+    return text
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers (and crashes) see the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _csv_bytes(rows: Sequence[SweepRow]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_format(getattr(row, c)) for c in COLUMNS])
+    return buffer.getvalue().encode()
+
+
+def write_table(rows: Sequence[SweepRow], path: str) -> None:
+    """Write ``rows`` atomically as CSV (floats in shortest round-trip form)."""
+    atomic_write_bytes(path, _csv_bytes(rows))
+
+
+def read_table(path: str) -> List[SweepRow]:
+    """Read a table written by :func:`write_table`; a malformed file raises ``ValueError``."""
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header != COLUMNS:
+            raise ValueError(f"{path}: header {header} is not the sweep table's columns {COLUMNS}")
+        rows = []
+        for number, record in enumerate(reader, start=2):
+            if len(record) != len(COLUMNS):
+                raise ValueError(f"{path}:{number}: {len(record)} fields, expected {len(COLUMNS)}")
+            rows.append(SweepRow(**{c: _parse(c, v) for c, v in zip(COLUMNS, record)}))
+    return rows
+
+
+def _write_parquet(rows: Sequence[SweepRow], path: str) -> bool:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    table = pa.Table.from_pylist([asdict(r) for r in rows])
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes())
+    return True
+
+
+def rows_equal(a: Sequence[SweepRow], b: Sequence[SweepRow], ignore: Sequence[str] = ()) -> bool:
+    """Same rows in the same order, NaN equal to NaN, ``ignore`` columns (e.g. timings) skipped."""
+
+    def comparable(row: SweepRow) -> tuple:
+        values = []
+        for column in COLUMNS:
+            if column in ignore:
+                continue
+            value = getattr(row, column)
+            values.append("nan" if isinstance(value, float) and math.isnan(value) else value)
+        return tuple(values)
+
+    return len(a) == len(b) and all(comparable(x) == comparable(y) for x, y in zip(a, b))
+
+
+def model_table(rows: Iterable[SweepRow]) -> List[SweepRow]:
+    """The selected layer's row of each (model, benchmark): the per-model result."""
+    return [row for row in rows if row.selected]
+
+
+def unit_key(model: str, benchmark: str, config: Dict[str, object]) -> str:
+    """File-safe name of a (model, benchmark) unit; the hash changes with its configuration."""
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}__{benchmark}")
+    return f"{safe}__{digest}"
+
+
+class ResultStore:
+    """Crash-safe storage of a sweep's rows under ``out_dir`` (layout in the module docstring)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        self.parts_dir = os.path.join(self.out_dir, "parts")
+        os.makedirs(self.parts_dir, exist_ok=True)
+
+    @property
+    def table_path(self) -> str:
+        return os.path.join(self.out_dir, "results.csv")
+
+    @property
+    def models_path(self) -> str:
+        return os.path.join(self.out_dir, "models.csv")
+
+    @property
+    def parquet_path(self) -> str:
+        return os.path.join(self.out_dir, "results.parquet")
+
+    def part_path(self, key: str) -> str:
+        return os.path.join(self.parts_dir, f"{key}.csv")
+
+    def is_done(self, key: str) -> bool:
+        """True when the unit's part file exists and parses (a corrupt one is redone)."""
+        path = self.part_path(key)
+        if not os.path.exists(path):
+            return False
+        try:
+            return len(read_table(path)) > 0
+        except (ValueError, OSError):
+            return False
+
+    def save_unit(self, key: str, rows: Sequence[SweepRow]) -> None:
+        """Store one finished unit's rows in a single atomic step."""
+        if not rows:
+            raise ValueError(f"unit {key!r} produced no rows; nothing to store")
+        write_table(rows, self.part_path(key))
+
+    def load_unit(self, key: str) -> List[SweepRow]:
+        return read_table(self.part_path(key))
+
+    def merge(self, keys: Sequence[str]) -> List[SweepRow]:
+        """Rebuild ``results.csv`` (and ``models.csv``, Parquet) from the finished units, in order."""
+        rows: List[SweepRow] = []
+        for key in keys:
+            if self.is_done(key):
+                rows += self.load_unit(key)
+        write_table(rows, self.table_path)
+        write_table(model_table(rows), self.models_path)
+        _write_parquet(rows, self.parquet_path)
+        return rows
+
+
+def load_accuracy_csv(path: str) -> Dict[str, float]:
+    """Read ImageNet top-1 accuracies from a user CSV with columns ``model`` and ``top1``.
+
+    timm's own accuracy tables (``results-imagenet.csv``) live in its source repository, not in
+    the installed package, so offline the accuracies come from this file; a timm results CSV
+    (columns ``model``, ``top1``) can be passed as is. Accuracies are in percent, as timm's.
+    """
+    accuracies: Dict[str, float] = {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"model", "top1"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"`accuracy_csv` {path} needs columns model, top1; missing {sorted(missing)}")
+        for record in reader:
+            value = float(record["top1"])
+            if not math.isfinite(value):
+                raise ValueError(f"`accuracy_csv` {path}: top1 of {record['model']!r} is {value}")
+            accuracies[record["model"].strip()] = value
+    return accuracies
+
+
+def lookup_accuracy(model: str, accuracies: Optional[Dict[str, float]]) -> float:
+    """Top-1 of ``model``: its exact name, else a match ignoring timm ``.tag`` suffixes (the first
+    tagged entry of the table wins, as timm lists a model's default weights first); NaN if unknown."""
+    if not accuracies:
+        return float("nan")
+    if model in accuracies:
+        return accuracies[model]
+    base = model.split(".")[0]
+    for name, value in accuracies.items():
+        if name.split(".")[0] == base:
+            return value
+    return float("nan")

@@ -1,0 +1,202 @@
+"""Sweeps end to end: wiring checked by recomputing scores by hand, no selection leakage,
+resumability after SIGKILL, Ray gathering, CLI."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from harmonizer_fast.neural.features import LayerFeatureAccumulator
+from harmonizer_fast.neural.image_level import score_image_level
+from harmonizer_fast.neural.neural_benchmark import score_model
+from harmonizer_fast.zoo.benchmarks import get_benchmark, render_stimuli
+from harmonizer_fast.zoo.results import TIMING_COLUMNS, read_table, rows_equal
+from harmonizer_fast.zoo.sweep import ModelSpec, SweepUnit, parse_model_spec, run_unit, sweep
+from harmonizer_fast.zoo.sweep_cli import parse_bench_options, parse_pairs
+
+from zoo_settings import TINY_IMAGE_LEVEL, TINY_MODELS, TINY_SPATIAL
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _unit(benchmark, options, model="resnet10t", **kw):
+    return SweepUnit(model=ModelSpec(model, model), benchmark=benchmark,
+                     benchmark_options=tuple(sorted({"seed": 0, **options}.items())), batch_size=40, **kw)
+
+
+def _manual_features(model_name, seed, images):
+    """Independent path: timm model from the same seed, normalised by hand, all images at once."""
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model.forward_intermediates((images.float() / 255 - mean) / std, intermediates_only=True)
+
+
+def test_image_level_rows_match_a_hand_computation():
+    unit = _unit("image-level-sim", TINY_IMAGE_LEVEL)
+    rows = run_unit(unit)
+    bench = get_benchmark("image-level-sim", seed=0, **TINY_IMAGE_LEVEL)
+    # The two halves partition the images and each half holds every object.
+    sel, rep = bench.selection_images, bench.report_images
+    assert len(np.intersect1d(sel, rep)) == 0 and len(sel) + len(rep) == 96
+    labels = bench.assembly.object_labels
+    assert set(labels[sel]) == set(labels[rep]) == set(labels)
+    outputs = _manual_features("resnet10t", unit.model_seed(), bench.images)
+    assert [r.layer for r in rows] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    for index, row in enumerate(rows):
+        acc = LayerFeatureAccumulator(64, "sparse", index)
+        acc.update(outputs[index])
+        features = acc.features().numpy()
+        for half, expected, splits in ((rep, row.score, 3), (sel, row.selection_score, 2)):
+            assembly = bench.assembly.select_images(bench.assembly.image_ids[half].tolist())
+            ref = score_image_level(features[half], assembly, readout="pls", n_splits=splits, seed=0)
+            assert expected == pytest.approx(ref.score, rel=1e-5, abs=1e-6)
+            if half is rep:
+                assert row.ceiling == pytest.approx(ref.ceiling, rel=1e-12)
+                assert row.ceiled_score == pytest.approx(ref.score / ref.ceiling, rel=1e-5)
+                assert row.score_error == pytest.approx(ref.score_sem, rel=1e-4, abs=1e-6)
+    selection = [r.selection_score for r in rows]
+    assert [r.selected for r in rows] == [i == int(np.argmax(selection)) for i in range(len(rows))]
+
+
+def test_spatial_rows_match_score_model_on_disjoint_sites():
+    rows = run_unit(_unit("spatial-sim", TINY_SPATIAL, layers=("layer1", "layer3")))
+    bench = get_benchmark("spatial-sim", seed=0, **TINY_SPATIAL)
+    assert len(np.intersect1d(bench.selection_sites, bench.report_sites)) == 0
+    assert len(bench.selection_sites) + len(bench.report_sites) == 6
+    outputs = _manual_features("resnet10t", _unit("spatial-sim", {}).model_seed(), bench.images)
+    for row, out in zip(rows, (outputs[1], outputs[3])):
+        act = out.permute(0, 2, 3, 1)
+        (score, spread), _ = score_model(act, bench.responses[..., bench.report_sites], grid_size=None)
+        (selection, _), _ = score_model(act, bench.responses[..., bench.selection_sites], grid_size=None)
+        assert row.score == pytest.approx(score, rel=1e-5, abs=1e-6)
+        assert row.score_error == pytest.approx(spread, rel=1e-5, abs=1e-6)
+        assert row.selection_score == pytest.approx(selection, rel=1e-5, abs=1e-6)
+        assert row.ceiled_score == pytest.approx(row.score / row.ceiling, rel=1e-12)
+        assert row.layer_method == "forward_intermediates"
+
+
+def test_render_stimuli_is_seeded_and_follows_the_amplitudes():
+    amps = np.random.default_rng(0).normal(size=(3, 1, 1, 5))
+    a, b = render_stimuli(amps, 16, seed=1), render_stimuli(amps, 16, seed=1)
+    assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, render_stimuli(amps, 16, seed=2))
+    flat = render_stimuli(np.zeros((1, 1, 1, 5)), 8)
+    assert int(flat.min()) == int(flat.max()) == 128  # sigmoid(0) * 255, rounded
+    with pytest.raises(ValueError, match=r"\(n, h, w, K\)"):
+        render_stimuli(np.zeros((2, 3)), 8)
+
+
+def test_sweep_writes_table_report_and_accuracy(tmp_path):
+    acc = tmp_path / "acc.csv"
+    acc.write_text("model,top1\nresnet10t,68.3\n")
+    rows = sweep(["resnet10t", "harmonized_mnv3=mobilenetv3_small_050"], ["image-level-sim"], str(tmp_path / "out"),
+                 benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, accuracy_csv=str(acc), batch_size=48,
+                 progress=False)
+    assert rows_equal(read_table(str(tmp_path / "out" / "results.csv")), rows)
+    assert {r.model for r in rows} == {"resnet10t", "harmonized_mnv3"}
+    for model in ("resnet10t", "harmonized_mnv3"):
+        assert sum(r.selected for r in rows if r.model == model) == 1
+    assert all(r.imagenet_top1 == 68.3 for r in rows if r.model == "resnet10t")
+    assert all(math.isnan(r.imagenet_top1) for r in rows if r.model == "harmonized_mnv3")
+    assert all(r.harmonized == (r.model == "harmonized_mnv3") for r in rows)
+    assert len(read_table(str(tmp_path / "out" / "models.csv"))) == 2
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "harmonized_mnv3" in html
+    png = (tmp_path / "out" / "tradeoff_image-level-sim.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weights_file_is_loaded(tmp_path):
+    torch.manual_seed(123)
+    saved = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "w.pt"
+    torch.save(saved.state_dict(), path)
+    from harmonizer_fast.zoo.sweep import build_model
+
+    loaded = build_model(parse_model_spec("mine=resnet10t", {"mine": str(path)}), seed=0)
+    for (name, a), b in zip(saved.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown benchmarks"):
+        sweep(["resnet10t"], ["nope"], "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="unique"):
+        sweep(["resnet10t", "resnet10t"], ["spatial-sim"], "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_pairs(["resnet18"], "--weights")
+    with pytest.raises(ValueError, match="BENCHMARK:KEY=VALUE"):
+        parse_bench_options(["n_images=3"])
+    assert parse_bench_options(["a:n=3", "a:path=/x", "b:r=(0.5, 0.9)"]) == {
+        "a": {"n": 3, "path": "/x"}, "b": {"r": (0.5, 0.9)}}
+
+
+def _cli(out, *extra):
+    options = [f"image-level-sim:{k}={v}" for k, v in TINY_IMAGE_LEVEL.items()]
+    return [sys.executable, "-m", "harmonizer_fast.cli", "sweep", "--models", *TINY_MODELS, "resnet10t_b=resnet10t",
+            "--benchmark", "image-level-sim", "--out", str(out), "--bench-option", *options,
+            "--batch-size", "48", "--no-progress", "--no-report", *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sweep_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(_cli(killed_dir), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = killed_dir / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if parts.exists() and any(p.suffix == ".csv" for p in parts.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts.iterdir() if p.suffix == ".csv"}
+    assert 1 <= len(done_before) < 4
+    # Whatever the kill interrupted, every stored file is whole.
+    for name in done_before:
+        assert len(read_table(str(parts / name))) > 0
+    if (killed_dir / "results.csv").exists():
+        read_table(str(killed_dir / "results.csv"))
+
+    subprocess.run(_cli(killed_dir), env=_env(), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(_cli(clean_dir), env=_env(), cwd=REPO, check=True, capture_output=True)
+    resumed = read_table(str(killed_dir / "results.csv"))
+    clean = read_table(str(clean_dir / "results.csv"))
+    assert rows_equal(resumed, clean, ignore=TIMING_COLUMNS)
+    keys = [(r.model, r.benchmark, r.layer) for r in resumed]
+    assert len(keys) == len(set(keys))
+    assert [r.model for r in resumed if r.selected] == [*TINY_MODELS, "resnet10t_b"]
+    # Units finished before the kill were skipped, not recomputed.
+    for name, mtime in done_before.items():
+        assert (parts / name).stat().st_mtime_ns == mtime
+    assert not [p for p in os.listdir(killed_dir) if p.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_ray_local_cluster_gathers_the_same_table(tmp_path):
+    pytest.importorskip("ray")
+    options = {"image-level-sim": TINY_IMAGE_LEVEL}
+    models = TINY_MODELS[:2]
+    local = sweep(models, ["image-level-sim"], str(tmp_path / "local"), benchmark_options=options,
+                  batch_size=48, progress=False, report=False)
+    distributed = sweep(models, ["image-level-sim"], str(tmp_path / "ray"), benchmark_options=options,
+                        batch_size=48, ray_address="local", ray_num_cpus=2, progress=False, report=False)
+    assert rows_equal(distributed, local, ignore=TIMING_COLUMNS)
+    assert rows_equal(read_table(str(tmp_path / "ray" / "results.csv")), distributed)
