@@ -9,9 +9,11 @@ from typing import List, Optional
 #: subcommand -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 #: Modules are imported only when their subcommand runs, so the CLI starts fast.
 COMMANDS = {
+    "sweep": "harmonizer_fast.zoo.sweep_cli",
 }
 
 _HELP = {
+    "sweep": "score many models, every layer, on IT benchmarks into one resumable table (+ figures)",
 }
 
 
