@@ -19,6 +19,7 @@ from benchmarks._timing import format_table
 COMPARISONS = {
     "clickme": "benchmarks.compare_clickme",
     "loss": "benchmarks.compare_loss",
+    "readouts": "benchmarks.compare_readouts",
 }
 
 

@@ -38,6 +38,7 @@ give float32 ``coef_``/``intercept_``/predictions.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -49,6 +50,7 @@ from harmonizer_fast._validation import shape_of
 from harmonizer_fast.neural._backend import (
     check_features,
     check_targets,
+    lapack_single_thread,
     pearson_per_target,
     residual_moments,
 )
@@ -58,6 +60,8 @@ __all__ = ["RidgeCV", "alpha_path_moments", "kfold_indices", "pearson_per_target
 #: Feature blocks used when the dual Gram is accumulated from a float32/float64 design
 #: (bounds the float64 copy to n x _FEATURE_BLOCK values).
 _FEATURE_BLOCK = 4096
+#: Multiply-adds below which a product runs on one BLAS thread.
+_SMALL_PRODUCT = 50_000_000
 
 
 # --------------------------------------------------------------------------- scoring
@@ -163,9 +167,13 @@ def alpha_path_moments(
     n_alphas = W.shape[0]
     out = np.empty((n_alphas, 3, Y.shape[1]))
     prediction = np.empty_like(Y)
-    for a in range(n_alphas):
-        np.matmul(F, W[a][:, None] * B, out=prediction)
-        out[a] = residual_moments(Y, prediction, None if D is None else D[a])
+    # small products lose more to BLAS thread start-up/spinning than they gain (see
+    # lapack_single_thread); large ones keep every thread
+    small = F.shape[0] * F.shape[1] * B.shape[1] < _SMALL_PRODUCT
+    with lapack_single_thread() if small else contextlib.nullcontext():
+        for a in range(n_alphas):
+            np.matmul(F, W[a][:, None] * B, out=prediction)
+            out[a] = residual_moments(Y, prediction, None if D is None else D[a])
     return out
 
 
@@ -185,7 +193,8 @@ def _path_stats(moments: np.ndarray, Y: np.ndarray) -> _PathStats:
 
 def _eigh(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Eigendecomposition of a symmetric PSD matrix; round-off negatives are clipped to 0."""
-    lam, vecs = np.linalg.eigh(G)
+    with lapack_single_thread():
+        lam, vecs = np.linalg.eigh(G)
     return np.maximum(lam, 0.0), vecs
 
 
@@ -224,8 +233,9 @@ def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -
     if len(distinct) <= 8:
         for a in distinct:
             cols = alpha_per_column == a
-            factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
-            out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
+            with lapack_single_thread():
+                factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
+                out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
         return out
     lam, vecs = _eigh(G)
     return vecs @ ((vecs.T @ R) / (lam[:, None] + alpha_per_column[None, :]))
