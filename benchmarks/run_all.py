@@ -19,6 +19,7 @@ from benchmarks._timing import format_table
 COMPARISONS = {
     "clickme": "benchmarks.compare_clickme",
     "loss": "benchmarks.compare_loss",
+    "scoring": "benchmarks.compare_scoring",
     "readouts": "benchmarks.compare_readouts",
 }
 
