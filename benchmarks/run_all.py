@@ -21,6 +21,8 @@ COMPARISONS = {
     "loss": "benchmarks.compare_loss",
     "scoring": "benchmarks.compare_scoring",
     "readouts": "benchmarks.compare_readouts",
+    "ops": "benchmarks.compare_ops",
+    "train_step": "benchmarks.compare_train_step",
 }
 
 

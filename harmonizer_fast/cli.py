@@ -10,10 +10,12 @@ from typing import List, Optional
 #: Modules are imported only when their subcommand runs, so the CLI starts fast.
 COMMANDS = {
     "sweep": "harmonizer_fast.zoo.sweep_cli",
+    "bench": "harmonizer_fast.bench_cli",
 }
 
 _HELP = {
     "sweep": "score many models, every layer, on IT benchmarks into one resumable table (+ figures)",
+    "bench": "run the benchmark comparisons of this source checkout (benchmarks/run_all.py; --quick, --only)",
 }
 
 

@@ -62,10 +62,11 @@ def triton_error() -> Optional[str]:
 
 
 def _device_of(tensors) -> torch.device:
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    return devices.pop() if devices else torch.device("cpu")
+    """The device of the op's first tensor (its main input; small ones such as tokens are moved to it)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
 
 
 def _unusable_reason(tensors) -> Optional[str]:

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from harmonizer_fast.ops import interpreter_enabled
+
+#: Where the fused ops run: CPU under the Triton interpreter (CI), else the GPU
+#: (``TRITON_INTERPRET=0`` on a CUDA machine, as benchmarks/gpu_check.sh runs them).
+DEVICE = torch.device("cpu") if interpreter_enabled() or not torch.cuda.is_available() else torch.device("cuda")
+
 #: (rtol, atol as a fraction of the reference's largest magnitude) per dtype. float16/bfloat16
 #: inputs are computed in float32 by both paths; only values cast back to the input
 #: dtype (pyramid levels, input gradients) carry the half-precision rounding.
@@ -29,13 +35,18 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def randn(shape, seed: int) -> torch.Tensor:
+    """Random normal weights on :data:`DEVICE` (drawn on the CPU, so the same everywhere)."""
+    return torch.randn(shape, generator=generator(seed)).to(DEVICE)
+
+
 def make_input(shape, dtype=torch.float32, seed=0, contiguous=True, requires_grad=True) -> torch.Tensor:
     """A random normal tensor; non-contiguous variants are a transposed copy viewed back."""
     g = generator(seed)
     if contiguous:
-        x = torch.randn(shape, generator=g).to(dtype)
+        x = torch.randn(shape, generator=g).to(DEVICE, dtype)
     else:
         # Same logical shape, last two axes stored transposed (strides (.., 1, H)).
-        x = torch.randn((*shape[:-2], shape[-1], shape[-2]), generator=g).to(dtype).transpose(-1, -2)
+        x = torch.randn((*shape[:-2], shape[-1], shape[-2]), generator=g).to(DEVICE, dtype).transpose(-1, -2)
         assert not x.is_contiguous()
     return x.requires_grad_(requires_grad)

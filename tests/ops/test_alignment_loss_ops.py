@@ -3,15 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from _ops_helpers import assert_matches, generator, make_input
+from _ops_helpers import DEVICE, assert_matches, generator, make_input
 from harmonizer_fast.ops.alignment_loss import alignment_loss, harmonization_term, pyramidal_mse_with_tokens
 from harmonizer_fast.ops.saliency_cut import saliency_cut
 from harmonizer_fast.training import loss as reference
 
 TOKENS = {
-    "zero": lambda n: torch.zeros(n),
-    "fractional": lambda n: torch.rand(n, generator=generator(n)),
-    "one": lambda n: torch.ones(n),
+    "zero": lambda n: torch.zeros(n, device=DEVICE),
+    "fractional": lambda n: torch.rand(n, generator=generator(n)).to(DEVICE),
+    "one": lambda n: torch.ones(n, device=DEVICE),
 }
 
 
@@ -99,12 +99,12 @@ def test_pyramidal_mse_matches_reference(tokens):
 
 
 @pytest.mark.parametrize("case", ["a", "b", "c", "d"])
-def test_pyramidal_mse_matches_tensorflow_fixture(case):
-    data = np.load(__import__("conftest").FIXTURES / "pyramidal_mse.npz")
+def test_pyramidal_mse_matches_tensorflow_fixture(case, fixtures_dir):
+    data = np.load(fixtures_dir / "pyramidal_mse.npz")
     size = "37x53" if case == "d" else "224"
-    true, pred = (torch.from_numpy(data[f"{k}_{size}"]) for k in ("true", "pred"))
-    got = reference.pyramidal_mse_with_tokens(true, pred, torch.from_numpy(data[f"tokens_{case}"]), backend="triton")
-    torch.testing.assert_close(got, torch.from_numpy(data[f"loss_{case}"]), rtol=1e-5, atol=1e-7)
+    true, pred, tokens = (torch.from_numpy(data[k]).to(DEVICE) for k in (f"true_{size}", f"pred_{size}", f"tokens_{case}"))
+    got = reference.pyramidal_mse_with_tokens(true, pred, tokens, backend="triton")
+    torch.testing.assert_close(got.cpu(), torch.from_numpy(data[f"loss_{case}"]), rtol=1e-5, atol=1e-7)
 
 
 def test_backend_triton_dispatch_and_unsupported_gradients():

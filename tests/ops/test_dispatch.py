@@ -22,7 +22,11 @@ def test_explicit_backends_on_cpu():
     x = torch.zeros(2, 3)
     assert ops.resolve_backend("torch", x) == "torch"
     assert ops.resolve_backend("auto", x) == "torch"  # auto uses Triton only for CUDA tensors
-    assert ops.resolve_backend("triton", x) == "triton"  # TRITON_INTERPRET=1 (tests/conftest.py)
+    if ops.interpreter_enabled():  # TRITON_INTERPRET=1 (tests/conftest.py)
+        assert ops.resolve_backend("triton", x) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            ops.resolve_backend("triton", x)
     with pytest.raises(ValueError, match="backend"):
         ops.resolve_backend("cuda", x)
     with pytest.raises(ValueError, match="backend"):

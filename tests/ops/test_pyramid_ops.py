@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from _ops_helpers import assert_matches, generator, make_input
+from _ops_helpers import DEVICE, assert_matches, make_input, randn
 from harmonizer_fast.ops.pyramid import downsample, downsample_adjoint, pyramid
 from harmonizer_fast.training.pyramid import pyramidal_representation
 
@@ -13,7 +13,7 @@ SHAPES = [(2, 224, 224), (2, 37, 53), (5, 7, 7), (1, 1, 1), (2, 3, 37, 53), (5, 
 def _levels_and_gradients(x: torch.Tensor, num_levels: int, seed: int = 1):
     reference = pyramidal_representation(x, num_levels, backend="torch")
     fused = pyramid(x, num_levels)
-    weights = [torch.randn(level.shape, generator=generator(seed + i)) for i, level in enumerate(reference)]
+    weights = [randn(level.shape, seed + i) for i, level in enumerate(reference)]
     (grad_reference,) = torch.autograd.grad(sum((w * lv.float()).sum() for w, lv in zip(weights, reference)), x)
     (grad_fused,) = torch.autograd.grad(sum((w * lv.float()).sum() for w, lv in zip(weights, fused)), x)
     return reference, fused, grad_reference, grad_fused
@@ -31,11 +31,11 @@ def test_levels_and_gradient_match_reference(shape):
 
 
 @pytest.mark.parametrize("prefix", ["s224_", "s37x53_", "s7_"])
-def test_matches_tensorflow_fixture(prefix):
-    data = np.load(__import__("conftest").FIXTURES / "pyramid.npz")
-    image = torch.from_numpy(data[f"{prefix}input"]).permute(0, 3, 1, 2)  # NHWC -> NCHW
+def test_matches_tensorflow_fixture(prefix, fixtures_dir):
+    data = np.load(fixtures_dir / "pyramid.npz")
+    image = torch.from_numpy(data[f"{prefix}input"]).permute(0, 3, 1, 2).to(DEVICE)  # NHWC -> NCHW
     for level, got in enumerate(pyramid(image, 5)):
-        expected = torch.from_numpy(data[f"{prefix}level{level}"]).permute(0, 3, 1, 2)
+        expected = torch.from_numpy(data[f"{prefix}level{level}"]).permute(0, 3, 1, 2).to(DEVICE)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -44,7 +44,7 @@ def test_adjoint_is_the_transpose():
     for shape in [(3, 37, 53), (2, 16, 9), (1, 1, 1)]:
         x = make_input(shape, seed=11, requires_grad=False)
         down, _ = downsample(x)
-        y = torch.randn(down.shape, generator=generator(12))
+        y = randn(down.shape, 12)
         lhs = (down.double() * y.double()).sum()
         rhs = (x.double() * downsample_adjoint(y, shape).double()).sum()
         assert abs(float(lhs - rhs)) <= 1e-5 * max(1.0, abs(float(lhs)))
