@@ -35,7 +35,7 @@ import numpy as np
 import scipy.linalg
 
 from harmonizer_fast._validation import shape_of
-from harmonizer_fast.neural._backend import check_features, check_targets
+from harmonizer_fast.neural._backend import check_features, check_targets, single_blas_thread
 
 __all__ = ["PLSRegression"]
 
@@ -111,16 +111,30 @@ class PLSRegression:
         T = np.zeros((n, n_comp))  # x scores
         P = np.zeros((p, n_comp))  # x loadings
         L = np.zeros((q, n_comp))  # y loadings
-        self.n_iter_ = []
-        eps = np.finfo(np.float64).eps
         S = X0.T @ Yk  # cross-covariance of the deflated matrices, kept up to date
-        for k in range(n_comp):
+        with single_blas_thread():  # only matrix-vector and t x t work from here
+            self._components(X0, Yk, S, W, C, T, P, L)
+        self.x_weights_, self.y_weights_, self.x_loadings_, self.y_loadings_ = W, C, P, L
+        self._x_scores = T
+        self.x_rotations_ = W @ scipy.linalg.pinv(P.T @ W, check_finite=False)
+        self.y_rotations_ = C @ scipy.linalg.pinv(L.T @ C, check_finite=False)
+        self.coef_ = ((self.x_rotations_ @ L.T) * self._y_std).T / self._x_std
+        self.intercept_ = self._y_mean
+        self.n_features_in_ = p
+        self._one_d = one_d
+        return self
+
+    def _components(self, X0, Yk, S, W, C, T, P, L) -> None:
+        """Extract the components in place into W, C, T, P, L (deflating Yk and S)."""
+        eps = np.finfo(np.float64).eps
+        self.n_iter_ = []
+        for k in range(W.shape[1]):
             constant_cols = np.all(np.abs(Yk) < 10 * eps, axis=0)
             Yk[:, constant_cols] = 0.0
             S[:, constant_cols] = 0.0
             nonconstant = np.flatnonzero(np.any(np.abs(Yk) > eps, axis=0))
             if nonconstant.size == 0:
-                warnings.warn(f"y residual is constant at iteration {k}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"y residual is constant at iteration {k}", RuntimeWarning, stacklevel=3)
                 break
             u, n_iter = self._first_weights(S, int(nonconstant[0]), eps)
             self.n_iter_.append(n_iter)
@@ -134,16 +148,6 @@ class PLSRegression:
             Yk -= np.outer(xi, delta)
             S -= ss * np.outer(gamma, delta)
             W[:, k], C[:, k], T[:, k], P[:, k], L[:, k] = u, v, xi, gamma, delta
-
-        self.x_weights_, self.y_weights_, self.x_loadings_, self.y_loadings_ = W, C, P, L
-        self._x_scores = T
-        self.x_rotations_ = W @ scipy.linalg.pinv(P.T @ W, check_finite=False)
-        self.y_rotations_ = C @ scipy.linalg.pinv(L.T @ C, check_finite=False)
-        self.coef_ = ((self.x_rotations_ @ L.T) * self._y_std).T / self._x_std
-        self.intercept_ = self._y_mean
-        self.n_features_in_ = p
-        self._one_d = one_d
-        return self
 
     def _first_weights(self, S: np.ndarray, start: int, eps: float) -> Tuple[np.ndarray, int]:
         """NIPALS X weights of one component, iterated in target space (see module docstring)."""

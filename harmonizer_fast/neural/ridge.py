@@ -50,7 +50,7 @@ from harmonizer_fast._validation import shape_of
 from harmonizer_fast.neural._backend import (
     check_features,
     check_targets,
-    lapack_single_thread,
+    single_blas_thread,
     pearson_per_target,
     residual_moments,
 )
@@ -168,9 +168,9 @@ def alpha_path_moments(
     out = np.empty((n_alphas, 3, Y.shape[1]))
     prediction = np.empty_like(Y)
     # small products lose more to BLAS thread start-up/spinning than they gain (see
-    # lapack_single_thread); large ones keep every thread
+    # single_blas_thread); large ones keep every thread
     small = F.shape[0] * F.shape[1] * B.shape[1] < _SMALL_PRODUCT
-    with lapack_single_thread() if small else contextlib.nullcontext():
+    with single_blas_thread() if small else contextlib.nullcontext():
         for a in range(n_alphas):
             np.matmul(F, W[a][:, None] * B, out=prediction)
             out[a] = residual_moments(Y, prediction, None if D is None else D[a])
@@ -193,7 +193,7 @@ def _path_stats(moments: np.ndarray, Y: np.ndarray) -> _PathStats:
 
 def _eigh(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Eigendecomposition of a symmetric PSD matrix; round-off negatives are clipped to 0."""
-    with lapack_single_thread():
+    with single_blas_thread():
         lam, vecs = np.linalg.eigh(G)
     return np.maximum(lam, 0.0), vecs
 
@@ -233,7 +233,7 @@ def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -
     if len(distinct) <= 8:
         for a in distinct:
             cols = alpha_per_column == a
-            with lapack_single_thread():
+            with single_blas_thread():
                 factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
                 out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
         return out
