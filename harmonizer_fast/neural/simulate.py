@@ -109,7 +109,7 @@ class SimulatedSpatialDataset(_PlantedReliability):
     image_rf: np.ndarray  # (x, y, time, neurons, images): the Arcaro .mat ``imageRF`` layout
     responses: np.ndarray  # (images, g, g, neurons): window mean, spatial axes reversed (= load_data's y)
     signal: np.ndarray  # (images, g, g, neurons) noiseless maps
-    reliability: np.ndarray  # (neurons,) planted reliability of the window mean at each position
+    reliability: np.ndarray  # (channels,) planted reliability of the window mean at each position
     time_window: Tuple[int, int]
 
 
@@ -123,6 +123,7 @@ def simulate_spatial_dataset(
     time_window: Tuple[int, int] = (20, 40),
     reliability: Union[float, Tuple[float, float]] = 0.8,
     nonlinearity: str = "identity",
+    channels_per_site: int = 1,
     seed: int = 0,
 ) -> SimulatedSpatialDataset:
     """Spatial response maps in the Arcaro layout from a planted LN model of grid features.
@@ -131,6 +132,10 @@ def simulate_spatial_dataset(
     readout), so a readout on the same activity can reach :math:`\\sqrt{\\rho}`. Outside
     ``time_window`` the recordings are noise only. The stored ``image_rf`` has its spatial axes
     reversed, as in the real files (``Neural_dataset`` reverses them back).
+
+    ``channels_per_site > 1`` records each of the ``n_neurons`` planted maps on that many channels
+    with independent noise (channels ordered site by site): two channels of a site then correlate
+    at about :math:`\rho` over positions, which is what :func:`ceiling_score` looks for.
     """
     rng = np.random.default_rng(seed)
     a, b = time_window
@@ -139,10 +144,12 @@ def simulate_spatial_dataset(
     activity = rng.normal(size=(n_images, activity_size, activity_size, n_channels))
     grid = resizing_activity(activity, grid_size).numpy()
     signal = _planted_signal(grid.reshape(-1, n_channels), n_neurons, nonlinearity, rng)
-    signal = signal.reshape(n_images, grid_size, grid_size, n_neurons)
-    rho = _reliabilities(reliability, n_neurons, rng)
+    if channels_per_site < 1:
+        raise ValueError(f"`channels_per_site` must be >= 1, got {channels_per_site}")
+    signal = np.repeat(signal.reshape(n_images, grid_size, grid_size, n_neurons), channels_per_site, axis=-1)
+    rho = np.repeat(_reliabilities(reliability, n_neurons, rng), channels_per_site)
     noise_sd = np.sqrt((b - a) * (1 - rho) / rho)
-    noise = noise_sd * rng.normal(size=(n_images, grid_size, grid_size, n_time, n_neurons))
+    noise = noise_sd * rng.normal(size=(n_images, grid_size, grid_size, n_time, signal.shape[-1]))
     recordings = noise
     recordings[:, :, :, a:b] += signal[:, :, :, None, :]
     responses = recordings[:, :, :, a:b].mean(3)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from harmonizer_fast.neural.image_level import CEILING_CONVENTIONS, score_image_level
+from harmonizer_fast.neural.metrics import ceiling_score
 from harmonizer_fast.neural.neural_benchmark import score_model
 from harmonizer_fast.neural.simulate import simulate_image_level, simulate_spatial_dataset
 
@@ -43,3 +44,12 @@ def test_spatial_dataset_layout_and_recovery():
     (score, _), _ = score_model(sim.activity, sim.responses, grid_size=17)
     best = float(np.median(sim.best_correlation))
     assert best - 0.05 < score <= best + 0.03
+
+
+def test_spatial_ceiling_recovers_planted_reliability():
+    sim = simulate_spatial_dataset(n_images=4, n_channels=6, n_neurons=3, channels_per_site=2, reliability=0.7,
+                                   time_window=(10, 50), seed=3)
+    recordings = np.transpose(sim.image_rf, (4, 0, 1, 2, 3))
+    a, b = sim.time_window
+    assert recordings.shape[-1] == 6
+    assert ceiling_score(recordings, a, b) == pytest.approx(0.7, abs=0.06)
