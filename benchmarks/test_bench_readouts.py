@@ -1,0 +1,45 @@
+"""pytest-benchmark timings of the IT readouts (see compare_readouts.py for the full comparison).
+
+Small shapes (quick-mode sizes) so the file runs in about a minute:
+``python -m pytest benchmarks/test_bench_readouts.py``.
+"""
+import numpy as np
+import pytest
+from sklearn.cross_decomposition import PLSRegression as SkPLS
+from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+from benchmarks.compare_readouts import ALPHAS, make_problem
+from harmonizer_fast.neural.pls import PLSRegression
+from harmonizer_fast.neural.ridge import RidgeCV
+
+ROUTES = {"primal": (800, 256), "dual": (400, 3000)}
+N_TARGETS = 40
+
+
+@pytest.fixture(scope="module", params=sorted(ROUTES))
+def problem(request):
+    n, p = ROUTES[request.param]
+    return make_problem(n, p, N_TARGETS)
+
+
+@pytest.mark.parametrize("variant", ["sklearn", "harmonizer_fast"])
+def test_ridge_loo(benchmark, problem, variant):
+    X, Y = problem
+    cls = SkRidgeCV if variant == "sklearn" else RidgeCV
+    model = benchmark(lambda: cls(ALPHAS, alpha_per_target=True).fit(X, Y))
+    ref = SkRidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)
+    np.testing.assert_array_equal(model.alpha_, ref.alpha_)
+
+
+def test_ridge_kfold(benchmark, problem):
+    X, Y = problem
+    model = benchmark(lambda: RidgeCV(ALPHAS, cv=5, alpha_per_target=True).fit(X, Y))
+    assert model.alpha_.shape == (N_TARGETS,)
+
+
+@pytest.mark.parametrize("variant", ["sklearn", "harmonizer_fast"])
+def test_pls25(benchmark, variant):
+    X, Y = make_problem(*ROUTES["primal"], N_TARGETS)
+    model = benchmark(lambda: (SkPLS(25, scale=False) if variant == "sklearn" else PLSRegression(25)).fit(X, Y))
+    ref = PLSRegression(25).fit(X, Y)
+    np.testing.assert_allclose(model.predict(X), ref.predict(X), rtol=1e-4, atol=1e-4 * np.abs(ref.predict(X)).max())
