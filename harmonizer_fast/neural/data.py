@@ -159,6 +159,19 @@ class Neural_dataset:
             raise ValueError(f"need 0 <= time_a < time_b <= {raw.shape[3]} (recorded ms), got {a}, {b}")
         return torch.from_numpy(np.ascontiguousarray(raw[:, ::-1, ::-1, a:b].mean(axis=3)))
 
+    @property
+    def george_posterior_it(self) -> np.ndarray:
+        """Raw (images, x, y, time, channels) recordings, as the reference's attribute of that name."""
+        return self.raw_recordings("george_posterior_it")
+
+    @property
+    def george_central_it(self) -> np.ndarray:
+        return self.raw_recordings("george_central_it")
+
+    @property
+    def red_central_it(self) -> np.ndarray:
+        return self.raw_recordings("red_central_it")
+
     def get_george_posterior_it_temp(self, a: int = 50, b: int = 90) -> torch.Tensor:
         return self.responses("george_posterior_it", a, b)
 

@@ -55,6 +55,9 @@ def test_load_data_real_layout(arcaro_root):
     np.testing.assert_allclose(y_red.numpy(), np.transpose(red[::-1, ::-1, 3], (3, 0, 1, 2)))
     assert x_red.shape == (3, 3, 224, 224)
     np.testing.assert_array_equal(ds.raw_recordings("red_central_it"), np.transpose(red, (4, 0, 1, 2, 3)))
+    np.testing.assert_array_equal(ds.george_central_it, np.transpose(george, (4, 0, 1, 2, 3))[..., 33:])
+    np.testing.assert_array_equal(ds.george_posterior_it.shape, (4, 8, 8, 10, 33))
+    np.testing.assert_allclose(ds.get_george_central_it_temp(2, 7).numpy(), expected)
 
 
 def test_errors_name_what_is_missing(tmp_path, monkeypatch, arcaro_root):
