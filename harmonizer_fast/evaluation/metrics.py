@@ -27,7 +27,7 @@ import torch
 from scipy.stats import rankdata
 
 from harmonizer_fast._ext import extension
-from harmonizer_fast._validation import ArrayLike, check_finite, check_rank, check_same_shape, shape_of
+from harmonizer_fast._validation import ArrayLike, check_rank, check_same_shape, shape_of
 
 __all__ = [
     "EPSILON",
@@ -66,9 +66,14 @@ def _as_rows(heatmaps: ArrayLike, name: str, dtype: np.dtype) -> np.ndarray:
         array = tensor.cpu().numpy()
     else:
         array = heatmaps.astype(dtype, copy=False)
-    array = np.ascontiguousarray(array).reshape(array.shape[0], array.shape[1] * array.shape[2])
-    check_finite(torch.from_numpy(array), name)
-    return array
+    # NumPy's isfinite is ~20x faster than torch's on these CPU arrays; same message as check_finite.
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise ValueError(
+            f"`{name}` (shape {shape_of(heatmaps)}) contains {finite.size - np.count_nonzero(finite)} "
+            "non-finite values (NaN or inf)"
+        )
+    return np.ascontiguousarray(array).reshape(array.shape[0], array.shape[1] * array.shape[2])
 
 
 def _is_float64(heatmaps: ArrayLike) -> bool:

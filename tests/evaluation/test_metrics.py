@@ -191,13 +191,14 @@ def test_native_thresholds_bitwise_equal_numpy(dtype):
 
 
 def _sampled_positions(n, count=1024):
-    # The pixels the C++ selection samples (xorshift64, fixed seed) for an n-pixel map.
-    state, mask, positions = 0x9E3779B97F4A7C15, (1 << 64) - 1, []
-    for _ in range(count):
+    # The pixels the C++ selection samples for an n-pixel map: one per slice of n // count
+    # pixels, at an offset drawn by xorshift64 (fixed seed).
+    state, mask, slice_, positions = 0x9E3779B97F4A7C15, (1 << 64) - 1, n // count, []
+    for i in range(count):
         state ^= (state << 13) & mask
         state ^= state >> 7
         state ^= (state << 17) & mask
-        positions.append(state % n)
+        positions.append(i * slice_ + (((state >> 32) * slice_) >> 32))
     return np.array(positions)
 
 
@@ -233,7 +234,7 @@ def test_native_equals_fallback():
 def test_non_finite_raises(backend, bad, metric):
     a, b = np.zeros((2, 4, 4), dtype=np.float32), np.ones((2, 4, 4), dtype=np.float32)
     b[1, 2, 3] = bad
-    with pytest.raises(ValueError, match=r"`heatmaps_b` \(shape \(2, 16\)\) contains 1 non-finite"):
+    with pytest.raises(ValueError, match=r"`heatmaps_b` \(shape \(2, 4, 4\)\) contains 1 non-finite"):
         metric(a, b)
 
 
