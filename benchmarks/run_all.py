@@ -18,6 +18,7 @@ from benchmarks._timing import format_table
 #: name -> module under benchmarks/ providing ``compare(quick)``.
 COMPARISONS = {
     "clickme": "benchmarks.compare_clickme",
+    "sweep": "benchmarks.compare_sweep",
     "loss": "benchmarks.compare_loss",
     "scoring": "benchmarks.compare_scoring",
     "readouts": "benchmarks.compare_readouts",
