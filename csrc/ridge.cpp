@@ -1,11 +1,11 @@
 // Fused per-target reductions for the ridge / PLS readouts (harmonizer_fast.neural).
 //
-// The matrix products of the readouts stay in NumPy's BLAS (measured: a hand-written GEMM
-// here loses to OpenBLAS dgemm/dsyrk by a wide margin). What BLAS cannot do is the epilogue
-// of each alpha: residuals r = (Y - M) / d reduced per target. NumPy needs ~6 passes and two
-// (n, t) temporaries for it; the loops below do one pass with no temporary, row blocks per
-// thread and a per-thread (3, t) accumulator (rows are contiguous in t, so the inner loop
-// vectorises).
+// The matrix products of the readouts stay in NumPy's BLAS (OpenBLAS dgemm/dsyrk; see
+// harmonizer_fast/neural/_backend.py for the measurements). What BLAS cannot do is the
+// epilogue of each alpha: residuals r = (Y - M) / d reduced per target. NumPy needs several
+// passes and an (n, t) temporary for it; the loops below do one pass with no temporary, row
+// blocks per thread and a per-thread accumulator (rows are contiguous in t, so the inner
+// loop vectorises): 0.3-0.6 ms instead of 1.1-18 ms at 3200 x 168.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

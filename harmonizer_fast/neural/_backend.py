@@ -2,10 +2,12 @@
 input validation and the per-target reductions, with a C++ fast path (``csrc/ridge.cpp``)
 and the NumPy reference it is tested against.
 
-What runs where (measured on the 2-core CI machine, n=3200, 168 targets): every matrix
-product stays in NumPy's BLAS (dgemm/dsyrk beat torch's CPU GEMM here, and a hand-written
-C++ GEMM loses to both); the per-target epilogues (residual moments, Pearson) run in C++,
-one pass without temporaries, several times faster than the NumPy expressions below.
+What runs where (measured on the shared 2-core machine): every matrix product stays in
+NumPy's BLAS (OpenBLAS dsyrk forms X^T X of a 3200 x 2048 design in 0.25 s, torch's CPU
+matmul in 0.40 s; a 3200 x 2048 by 2048 x 168 product takes 32 ms vs 42 ms). The per-target
+epilogues run in C++, one pass without temporaries: at 3200 x 168, residual moments take
+0.3-0.6 ms against 1.1-18 ms for the NumPy expressions below, Pearson 0.6-1.5 ms against
+30-70 ms (min-median under load).
 """
 from __future__ import annotations
 
