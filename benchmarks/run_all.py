@@ -19,6 +19,7 @@ from benchmarks._timing import format_table
 COMPARISONS = {
     "clickme": "benchmarks.compare_clickme",
     "sweep": "benchmarks.compare_sweep",
+    "metrics": "benchmarks.compare_metrics",
     "loss": "benchmarks.compare_loss",
     "scoring": "benchmarks.compare_scoring",
     "readouts": "benchmarks.compare_readouts",

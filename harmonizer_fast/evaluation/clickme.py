@@ -143,7 +143,7 @@ def evaluate_clickme(
             channels of the absolute input gradient of the label's logit).
         clickme_val_dataset: iterable of ``(images, heatmaps, labels)`` batches (torch
             tensors or numpy arrays; labels one-hot rows or integer classes), e.g.
-            ``harmonizer_fast.common.load_clickme_val(shards_paths=[...])``. Required:
+            ``harmonizer_fast.common.load_clickme_val("path/to/clickme")``. Required:
             nothing is downloaded.
         preprocess_inputs: applied to each image batch first (e.g.
             ``harmonizer_fast.common.preprocess_input``); default: none.
@@ -159,7 +159,7 @@ def evaluate_clickme(
         raise ValueError(
             "`clickme_val_dataset` is required: nothing is downloaded. Pass an iterable of "
             "(images, heatmaps, labels) batches, e.g. harmonizer_fast.common.load_clickme_val("
-            "shards_paths=[...local ClickMe validation .tfrecords...], batch_size=64)."
+            "'path/to/clickme' (a directory of local val-*.tfrecords shards, or their paths), batch_size=64)."
         )
     explainer = explainer if explainer is not None else Saliency(model)
     preprocess = preprocess_inputs if preprocess_inputs is not None else (lambda images: images)

@@ -141,3 +141,25 @@ def test_evaluate_clickme_errors():
         evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps[..., :-1], labels)], progress=False)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         evaluate_clickme(lambda x: x, clickme_val_dataset=[(images, heatmaps, labels)])
+
+
+def test_evaluate_clickme_on_a_local_clickme_shard(tmp_path):
+    # The loader's real batches: (N, 3, 224, 224) images 0..255, blurred human maps, one-hot labels.
+    from harmonizer_fast.common import load_clickme_val
+    from harmonizer_fast.common.clickme import write_clickme_shard
+
+    rng = np.random.default_rng(9)
+    images = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    heatmaps = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    write_clickme_shard(tmp_path / "val-0.tfrecords", images, heatmaps, labels=[0, 1, 2, 3])
+    loader = load_clickme_val(tmp_path, batch_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 1000))
+    scores = evaluate_clickme(model, clickme_val_dataset=loader, preprocess_inputs=lambda x: x / 255.0, progress=False)
+    expected = []
+    for batch_images, batch_heatmaps, batch_labels in loader:
+        human = batch_heatmaps.mean(dim=1) if batch_heatmaps.ndim == 4 else batch_heatmaps
+        expected += list(oracle_scores(manual_saliency(model, batch_images / 255.0, batch_labels), human))
+    assert len(scores["spearman"]) == 4
+    np.testing.assert_allclose(scores["spearman"], expected, rtol=0, atol=1e-6)
+    assert scores["alignment_score"] == pytest.approx(np.mean(expected) / HUMAN_SPEARMAN_CEILING, abs=1e-6)
