@@ -28,12 +28,12 @@ Explainer = Callable[[torch.Tensor, torch.Tensor], ArrayLike]
 Batch = Tuple[ArrayLike, ArrayLike, ArrayLike]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
+def _model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where the model lives and the float dtype its inputs should have (float32 by default)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
 
 
 def _one_hot_labels(labels: torch.Tensor, num_classes: int, batch: int) -> torch.Tensor:
@@ -163,13 +163,13 @@ def evaluate_clickme(
         )
     explainer = explainer if explainer is not None else Saliency(model)
     preprocess = preprocess_inputs if preprocess_inputs is not None else (lambda images: images)
-    device = _model_device(model)
+    device, dtype = _model_device_dtype(model)
     metrics: Dict[str, List[float]] = {"spearman": [], "dice": [], "iou": []}
     for batch in tqdm(clickme_val_dataset, desc="ClickMe alignment", unit="batch", disable=not progress):
         if not isinstance(batch, (tuple, list)) or len(batch) != 3:
             raise ValueError("each batch of `clickme_val_dataset` must be an (images, heatmaps, labels) triple")
         images, heatmaps, labels = (_as_tensor(x, name) for x, name in zip(batch, ("images", "heatmaps", "labels")))
-        images = preprocess(images.to(device=device, dtype=torch.float32))
+        images = preprocess(images.to(device=device, dtype=dtype))
         saliency = _channel_mean(_as_tensor(explainer(images, labels.to(device)), "explanations"), "explanations")
         human = _channel_mean(heatmaps, "heatmaps")
         metrics["spearman"] += spearman_correlation(saliency, human).tolist()

@@ -126,6 +126,15 @@ def test_evaluate_clickme_accepts_numpy_batches():
     )
 
 
+def test_evaluate_clickme_runs_float64_models_in_float64():
+    batches = synthetic_batches(n_batches=1)
+    model64 = tiny_model().double()
+    scores = evaluate_clickme(model64, clickme_val_dataset=batches, progress=False)
+    images, heatmaps, labels = batches[0]
+    expected = oracle_scores(manual_saliency(model64, images.double(), labels), heatmaps[:, 0].double())
+    np.testing.assert_allclose(scores["spearman"], expected, rtol=1e-12)
+
+
 def test_evaluate_clickme_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="load_clickme_val"):
