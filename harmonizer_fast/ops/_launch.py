@@ -19,5 +19,10 @@ def block_size(n_elements: int) -> int:
     return max(16, min(triton.next_power_of_2(max(n_elements, 1)), cap))
 
 
+def partials_block(n_blocks: int) -> int:
+    """Power-of-two width (at least 2) for loading a map's ``n_blocks`` per-block partial sums."""
+    return max(2, triton.next_power_of_2(n_blocks))
+
+
 def num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from harmonizer_fast.ops import FusedUnsupported, guard_second_order
-from harmonizer_fast.ops._launch import block_size, num_warps
+from harmonizer_fast.ops._launch import block_size, num_warps, partials_block
 from harmonizer_fast.ops.pyramid import downsample, downsample_adjoint
 from harmonizer_fast.ops.saliency_cut import STANDARDIZE_EPSILON, _combine_moments, map_moments, saliency_cut
 from harmonizer_fast.training.loss import SALIENCY_MAX_EPSILON, _check_maps_and_tokens
@@ -86,7 +86,7 @@ def _difference(
         _difference_kernel[(n, n_blocks)](
             a, b, moments if cut else diff, a_max if cut else diff, weights, diff, squares,
             w, hw, n_blocks, *a.stride(), *b.stride(), STANDARDIZE_EPSILON, SALIENCY_MAX_EPSILON,
-            BLOCK=block, P_BLOCK=triton.next_power_of_2(n_blocks), CUT_B=cut, num_warps=num_warps(block),
+            BLOCK=block, P_BLOCK=partials_block(n_blocks), CUT_B=cut, num_warps=num_warps(block),
         )
     return diff, squares.sum()
 

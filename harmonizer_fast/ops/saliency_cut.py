@@ -34,7 +34,7 @@ import triton.language as tl
 
 from harmonizer_fast._validation import check_rank, check_tensor
 from harmonizer_fast.ops import guard_second_order
-from harmonizer_fast.ops._launch import block_size, num_warps
+from harmonizer_fast.ops._launch import block_size, num_warps, partials_block
 
 #: epsilon of ``standardize_cut`` (added to the standard deviation).
 STANDARDIZE_EPSILON = 1e-5
@@ -156,7 +156,7 @@ def _cut_backward_kernel(
 def _grid_geometry(hw: int) -> Tuple[int, int, int]:
     block = block_size(hw)
     n_blocks = triton.cdiv(hw, block)
-    return block, n_blocks, triton.next_power_of_2(n_blocks)
+    return block, n_blocks, partials_block(n_blocks)
 
 
 def map_moments(x: torch.Tensor, store_mean: bool) -> Tuple[torch.Tensor, torch.Tensor, int]:
