@@ -36,19 +36,26 @@ import triton.language as tl
 from harmonizer_fast.ops import FusedUnsupported, guard_second_order
 from harmonizer_fast.ops._launch import block_size, num_warps, partials_block
 from harmonizer_fast.ops.pyramid import downsample, downsample_adjoint
-from harmonizer_fast.ops.saliency_cut import STANDARDIZE_EPSILON, _combine_moments, map_moments, saliency_cut
+from harmonizer_fast._validation import check_rank, check_tensor, shape_of
+from harmonizer_fast.ops.saliency_cut import STANDARDIZE_EPSILON, _combine_moments, cut_backward, map_moments
 from harmonizer_fast.training.loss import SALIENCY_MAX_EPSILON, _check_maps_and_tokens
 
 
 @triton.jit
 def _difference_kernel(
-    a_ptr, b_ptr, part_ptr, amax_ptr, weight_ptr, d_ptr, sq_ptr,
+    a_ptr, b_ptr, a_part_ptr, a_stats_ptr, part_ptr, amax_ptr, weight_ptr, d_ptr, sq_ptr,
     W, HW, n_blocks,
     sa_n, sa_h, sa_w, sb_n, sb_h, sb_w,
     eps, max_eps,
-    BLOCK: tl.constexpr, P_BLOCK: tl.constexpr, CUT_B: tl.constexpr,
+    BLOCK: tl.constexpr, P_BLOCK: tl.constexpr, CUT_A: tl.constexpr, CUT_B: tl.constexpr,
 ):
-    """``d = a - b`` (or ``a - rescaled cut(b)``) of one block, and its weighted sum ``w[n] * sum d^2``."""
+    """``d = a - b`` of one block, and its weighted sum ``w[n] * sum d^2``.
+
+    ``CUT_A``: ``a`` is a channel mean whose standardize-cut is taken here (from its
+    partial moments; block 0 writes its (mean, std, max) to ``a_stats_ptr``), so the
+    saliency is never stored. ``CUT_B``: ``b`` is a raw human map, replaced by its cut
+    rescaled to the saliency's maximum (in-kernel with ``CUT_A``, else ``amax_ptr``).
+    """
     n = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     idx = blk * BLOCK + tl.arange(0, BLOCK)
@@ -57,11 +64,21 @@ def _difference_kernel(
     col = idx % W
     a = tl.load(a_ptr + n * sa_n + row * sa_h + col * sa_w, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + n * sb_n + row * sb_h + col * sb_w, mask=mask, other=0.0).to(tl.float32)
+    if CUT_A:
+        mu_a, sigma_a, a_max = _combine_moments(a_part_ptr, n, n_blocks, HW, P_BLOCK)
+        a = tl.maximum((a - mu_a) / (sigma_a + eps), 0.0)
+        saliency_max = tl.maximum((a_max - mu_a) / (sigma_a + eps), 0.0)
+        if blk == 0:
+            tl.store(a_stats_ptr + n * 3, mu_a)
+            tl.store(a_stats_ptr + n * 3 + 1, sigma_a)
+            tl.store(a_stats_ptr + n * 3 + 2, saliency_max)
     if CUT_B:
+        if not CUT_A:
+            saliency_max = tl.load(amax_ptr + n)
         mu, sigma, b_max = _combine_moments(part_ptr, n, n_blocks, HW, P_BLOCK)
         human_max = tl.maximum((b_max - mu) / (sigma + eps), 0.0)
         human = tl.maximum((b - mu) / (sigma + eps), 0.0)
-        b = human / (human_max + max_eps) * (tl.load(amax_ptr + n) + max_eps)
+        b = human / (human_max + max_eps) * (saliency_max + max_eps)
     d = tl.where(mask, a - b, 0.0)
     tl.store(d_ptr + n * HW + idx, d, mask=mask)
     tl.store(sq_ptr + n * n_blocks + blk, tl.load(weight_ptr + n) * tl.sum(d * d, axis=0))
@@ -73,20 +90,29 @@ def _difference(
     weights: torch.Tensor,
     moments: Optional[torch.Tensor] = None,
     a_max: Optional[torch.Tensor] = None,
+    a_moments: Optional[torch.Tensor] = None,
+    a_stats: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Level-0 difference (float32 (N, H, W)) and its token-weighted sum of squares (0-d)."""
+    """Level-0 difference (float32 (N, H, W)) and its token-weighted sum of squares (0-d).
+
+    ``moments``: cut ``b`` (a human map) with these partial moments, rescaled by ``a_max``
+    or, with ``a_moments``, by the maximum of ``a``'s cut; ``a_moments``: cut ``a`` (a
+    channel mean) too, writing its (mean, std, max) into ``a_stats``.
+    """
     n, h, w = a.shape
     hw = h * w
     block = block_size(hw)
     n_blocks = triton.cdiv(hw, block)
     diff = torch.empty((n, h, w), device=a.device, dtype=torch.float32)
     squares = torch.zeros((n, n_blocks), device=a.device, dtype=torch.float32)
-    cut = moments is not None
+    cut_a, cut_b = a_moments is not None, moments is not None
+    unused = diff
     if n > 0:
         _difference_kernel[(n, n_blocks)](
-            a, b, moments if cut else diff, a_max if cut else diff, weights, diff, squares,
+            a, b, a_moments if cut_a else unused, a_stats if cut_a else unused, moments if cut_b else unused,
+            a_max if a_max is not None else unused, weights, diff, squares,
             w, hw, n_blocks, *a.stride(), *b.stride(), STANDARDIZE_EPSILON, SALIENCY_MAX_EPSILON,
-            BLOCK=block, P_BLOCK=partials_block(n_blocks), CUT_B=cut, num_warps=num_warps(block),
+            BLOCK=block, P_BLOCK=partials_block(n_blocks), CUT_A=cut_a, CUT_B=cut_b, num_warps=num_warps(block),
         )
     return diff, squares.sum()
 
@@ -221,13 +247,56 @@ def pyramidal_mse_with_tokens(
     return PyramidalMSEFunction.apply(true_heatmaps, predicted_heatmaps, tokens.to(true_heatmaps.device), nb_levels)
 
 
+class HarmonizationTermFunction(torch.autograd.Function):
+    """(input gradient, true_heatmaps, tokens) -> float32 scalar; gradient to the input gradient only.
+
+    The saliency cut and the alignment loss in one op: the saliency is standardized inside
+    the difference kernel (never stored), and the backward runs only the two cut-backward
+    kernels, with the upstream scalar read on the device.
+    """
+
+    @staticmethod
+    def forward(ctx, gradient, true_heatmaps, tokens, nb_levels: int):
+        n, _, h, w = gradient.shape
+        mean, saliency_moments, _ = map_moments(gradient, store_mean=True)
+        _, human_moments, _ = map_moments(true_heatmaps.unsqueeze(1), store_mean=False)
+        weights = _token_weights(tokens, gradient)
+        stats = torch.empty((n, 3), device=gradient.device, dtype=torch.float32)
+        diff, squares = _difference(mean.view(n, h, w), true_heatmaps, weights, human_moments,
+                                    a_moments=saliency_moments, a_stats=stats)
+        loss, grad = _pyramidal_mse_of_difference(diff, squares, weights, nb_levels, ctx.needs_input_grad[0])
+        ctx.save_for_backward(gradient, mean, stats, grad)
+        ctx.input_meta = (tuple(gradient.shape), gradient.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gradient, mean, stats, grad = ctx.saved_tensors
+        shape, dtype = ctx.input_meta
+        scale = grad_loss.detach().to(torch.float32)
+        grad_input = cut_backward(grad, mean, stats, shape, dtype, STANDARDIZE_EPSILON, scale=scale)
+        return guard_second_order("harmonization_term", grad_input, gradient, grad_loss), None, None, None
+
+
 def harmonization_term(
     input_gradient: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
 ) -> torch.Tensor:
-    """Steps 2-5 of the harmonizer loss fused: saliency cut, then the alignment loss.
+    """Steps 2-5 of the harmonizer loss in one fused op: saliency cut, then the alignment loss.
 
-    The saliency maximum computed by the cut kernel is passed on, so the saliency is
-    never re-read for it.
+    Equals ``alignment_loss(saliency_cut(input_gradient)[0], true_heatmaps, tokens, nb_levels)``
+    (and the torch reference ``alignment_loss(saliency_standardize_cut(g), ...)``) without
+    storing the saliency; differentiable once with respect to ``input_gradient``.
     """
-    saliency, saliency_max = saliency_cut(input_gradient)
-    return alignment_loss(saliency, true_heatmaps, tokens, nb_levels, saliency_max=saliency_max)
+    check_tensor(input_gradient, "input_gradient")
+    check_rank(input_gradient, 4, "input_gradient", "(N, C, H, W)")
+    n, _, h, w = input_gradient.shape
+    if not isinstance(true_heatmaps, torch.Tensor) or tuple(true_heatmaps.shape) != (n, h, w):
+        raise ValueError(
+            f"`true_heatmaps` must have shape (N, H, W) = {(n, h, w)} to match `input_gradient` "
+            f"{tuple(input_gradient.shape)}, got {shape_of(true_heatmaps)}"
+        )
+    _check_maps_and_tokens(true_heatmaps, true_heatmaps, tokens)
+    _check_nb_levels(nb_levels)
+    _check_no_grad(true_heatmaps, "true_heatmaps")
+    _check_no_grad(tokens, "tokens")
+    return HarmonizationTermFunction.apply(input_gradient, true_heatmaps, tokens.to(input_gradient.device), nb_levels)

@@ -26,7 +26,7 @@ the gradient again raises (:func:`~harmonizer_fast.ops.guard_second_order`).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -109,9 +109,10 @@ def _standardize_cut_kernel(
 
 @triton.jit
 def _cut_backward_partial_kernel(
-    grad_ptr, mean_ptr, stats_ptr, part_ptr, HW, n_blocks, eps, BLOCK: tl.constexpr,
+    grad_ptr, scale_ptr, mean_ptr, stats_ptr, part_ptr, HW, n_blocks, eps,
+    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
-    """Per-block partial sums S1 = sum(delta), S2 = sum(delta * (m - mu))."""
+    """Per-block partial sums S1 = sum(delta), S2 = sum(delta * (m - mu)) (upstream times ``*scale_ptr``)."""
     n = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     mu = tl.load(stats_ptr + n * 3)
@@ -120,6 +121,8 @@ def _cut_backward_partial_kernel(
     mask = idx < HW
     centered = tl.load(mean_ptr + n * HW + idx, mask=mask, other=0.0) - mu
     upstream = tl.load(grad_ptr + n * HW + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        upstream = upstream * tl.load(scale_ptr).to(tl.float32)
     delta = tl.where(mask & (centered / (sigma + eps) > 0.0), upstream, 0.0)
     tl.store(part_ptr + (n * n_blocks + blk) * 2, tl.sum(delta, axis=0))
     tl.store(part_ptr + (n * n_blocks + blk) * 2 + 1, tl.sum(delta * centered, axis=0))
@@ -127,8 +130,8 @@ def _cut_backward_partial_kernel(
 
 @triton.jit
 def _cut_backward_kernel(
-    grad_ptr, mean_ptr, stats_ptr, part_ptr, dx_ptr, C, HW, n_blocks, eps,
-    BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
+    grad_ptr, scale_ptr, mean_ptr, stats_ptr, part_ptr, dx_ptr, C, HW, n_blocks, eps,
+    BLOCK: tl.constexpr, P_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     """Gradient of the input (N, C, H, W) (contiguous) for one block of one map."""
     n = tl.program_id(0).to(tl.int64)
@@ -146,6 +149,8 @@ def _cut_backward_kernel(
     mask = idx < HW
     centered = tl.load(mean_ptr + n * HW + idx, mask=mask, other=0.0) - mu
     upstream = tl.load(grad_ptr + n * HW + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        upstream = upstream * tl.load(scale_ptr).to(tl.float32)
     delta = tl.where(centered * inv > 0.0, upstream, 0.0)
     dmean = inv * (delta - s1 / HW) - std_coef * centered
     dx = (dmean / C).to(dx_ptr.dtype.element_ty)
@@ -206,22 +211,43 @@ class SaliencyCutFunction(torch.autograd.Function):
         shape, dtype, epsilon = ctx.input_meta
         if grad_saliency is None:
             return None, None
-        n, c, h, w = shape
-        hw = h * w
-        block, n_blocks, p_block = _grid_geometry(hw)
-        upstream = grad_saliency.contiguous()
-        parts = torch.empty((n, n_blocks, 2), device=upstream.device, dtype=torch.float32)
-        grad_input = torch.empty(shape, device=upstream.device, dtype=dtype)
-        if n > 0:
-            warps = num_warps(block)
-            _cut_backward_partial_kernel[(n, n_blocks)](
-                upstream, mean, stats, parts, hw, n_blocks, epsilon, BLOCK=block, num_warps=warps,
-            )
-            _cut_backward_kernel[(n, n_blocks)](
-                upstream, mean, stats, parts, grad_input, c, hw, n_blocks, epsilon,
-                BLOCK=block, P_BLOCK=p_block, num_warps=warps,
-            )
+        grad_input = cut_backward(grad_saliency, mean, stats, shape, dtype, epsilon)
         return guard_second_order("saliency_cut", grad_input, gradient, grad_saliency), None
+
+
+def cut_backward(
+    upstream: torch.Tensor,
+    mean: torch.Tensor,
+    stats: torch.Tensor,
+    shape: Tuple[int, int, int, int],
+    dtype: torch.dtype,
+    epsilon: float,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Input gradient (``shape``, ``dtype``) of the cut for the upstream gradient ``scale * upstream``.
+
+    ``mean`` (N, H*W) and ``stats`` (N, 3: mean, std, max) come from the forward pass;
+    ``scale`` is an optional one-element tensor (read on the device: no host sync).
+    """
+    n, c, h, w = shape
+    hw = h * w
+    block, n_blocks, p_block = _grid_geometry(hw)
+    upstream = upstream.contiguous()
+    has_scale = scale is not None
+    scale = scale.reshape(1) if has_scale else upstream
+    parts = torch.empty((n, n_blocks, 2), device=upstream.device, dtype=torch.float32)
+    grad_input = torch.empty(shape, device=upstream.device, dtype=dtype)
+    if n > 0:
+        warps = num_warps(block)
+        _cut_backward_partial_kernel[(n, n_blocks)](
+            upstream, scale, mean, stats, parts, hw, n_blocks, epsilon,
+            BLOCK=block, HAS_SCALE=has_scale, num_warps=warps,
+        )
+        _cut_backward_kernel[(n, n_blocks)](
+            upstream, scale, mean, stats, parts, grad_input, c, hw, n_blocks, epsilon,
+            BLOCK=block, P_BLOCK=p_block, HAS_SCALE=has_scale, num_warps=warps,
+        )
+    return grad_input
 
 
 def saliency_cut(

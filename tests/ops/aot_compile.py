@@ -27,14 +27,15 @@ CASES = [
     ("moments bf16", S._partial_moments_kernel, {"x_ptr": BF16}, {"BLOCK": 1024, "STORE_MEAN": True}),
     ("moments no store", S._partial_moments_kernel, {}, {"BLOCK": 1024, "STORE_MEAN": False}),
     ("standardize cut", S._standardize_cut_kernel, {}, {"BLOCK": 1024, "P_BLOCK": 64}),
-    ("cut backward partial", S._cut_backward_partial_kernel, {}, {"BLOCK": 1024}),
-    ("cut backward bf16", S._cut_backward_kernel, {"dx_ptr": BF16}, {"BLOCK": 1024, "P_BLOCK": 64}),
+    ("cut backward partial, scaled", S._cut_backward_partial_kernel, {}, {"BLOCK": 1024, "HAS_SCALE": True}),
+    ("cut backward bf16", S._cut_backward_kernel, {"dx_ptr": BF16}, {"BLOCK": 1024, "P_BLOCK": 64, "HAS_SCALE": False}),
     ("downsample + squares", P._downsample_kernel, {}, {**TAPS, "BLOCK": 1024, "WITH_SQ": True}),
     ("downsample bf16", P._downsample_kernel, {"x_ptr": BF16}, {**TAPS, "BLOCK": 1024, "WITH_SQ": False}),
     ("adjoint + weighted addend", P._downsample_adjoint_kernel, {}, {**TAPS, "BLOCK": 1024, "HAS_ADD": True, "HAS_WEIGHT": True}),
     ("adjoint", P._downsample_adjoint_kernel, {}, {**TAPS, "BLOCK": 1024, "HAS_ADD": False, "HAS_WEIGHT": False}),
-    ("difference + cut", A._difference_kernel, {"a_ptr": BF16}, {"BLOCK": 1024, "P_BLOCK": 64, "CUT_B": True}),
-    ("difference", A._difference_kernel, {}, {"BLOCK": 1024, "P_BLOCK": 2, "CUT_B": False}),
+    ("difference, cut human", A._difference_kernel, {"a_ptr": BF16}, {"BLOCK": 1024, "P_BLOCK": 64, "CUT_A": False, "CUT_B": True}),
+    ("difference, cut both", A._difference_kernel, {}, {"BLOCK": 1024, "P_BLOCK": 64, "CUT_A": True, "CUT_B": True}),
+    ("difference", A._difference_kernel, {}, {"BLOCK": 1024, "P_BLOCK": 2, "CUT_A": False, "CUT_B": False}),
 ]
 
 

@@ -73,15 +73,30 @@ def test_saliency_max_passed_equals_computed():
     assert_matches(passed, alignment_loss(saliency, human, tokens))
 
 
-def test_harmonization_term_matches_reference_composition():
-    gradient = make_input((3, 3, 37, 53), seed=11)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_harmonization_term_matches_reference_composition(dtype):
+    """The one-op saliency cut + alignment loss, with a non-unit upstream (the scale read on the device)."""
+    gradient = make_input((3, 3, 37, 53), dtype=dtype, seed=11)
     human, tokens = _human((3, 37, 53), 12), TOKENS["fractional"](3)
     expected = reference.alignment_loss(reference.saliency_standardize_cut(gradient, backend="torch"), human, tokens, backend="torch")
     got = harmonization_term(gradient, human, tokens)
-    (grad_expected,) = torch.autograd.grad(expected, gradient)
-    (grad_got,) = torch.autograd.grad(got, gradient)
+    (grad_expected,) = torch.autograd.grad(3.5 * expected, gradient)
+    (grad_got,) = torch.autograd.grad(3.5 * got, gradient)
     assert_matches(got, expected)
-    assert_matches(grad_got, grad_expected)
+    assert grad_got.dtype == dtype
+    assert_matches(grad_got, grad_expected, dtype=dtype)
+    assert_matches(got, alignment_loss(saliency_cut(gradient)[0], human, tokens), what="two-op composition")
+
+
+def test_harmonization_term_zero_tokens_second_derivative_and_bad_input():
+    gradient = make_input((2, 3, 9, 9), seed=27)
+    human = _human((2, 9, 9), 28)
+    assert harmonization_term(gradient, human, TOKENS["zero"](2)).item() == 0.0
+    (grad,) = torch.autograd.grad(harmonization_term(gradient, human, TOKENS["one"](2)), gradient, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(grad.square().sum(), gradient)
+    with pytest.raises(ValueError, match="true_heatmaps"):
+        harmonization_term(gradient, human[:, :8], TOKENS["one"](2))
 
 
 @pytest.mark.parametrize("tokens", sorted(TOKENS))

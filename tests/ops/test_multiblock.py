@@ -8,7 +8,7 @@ import torch
 
 import harmonizer_fast.ops._launch as launch
 from _ops_helpers import assert_matches, make_input, randn
-from harmonizer_fast.ops.alignment_loss import alignment_loss
+from harmonizer_fast.ops.alignment_loss import alignment_loss, harmonization_term
 from harmonizer_fast.ops.pyramid import pyramid
 from harmonizer_fast.ops.saliency_cut import saliency_cut
 from harmonizer_fast.training import loss as reference
@@ -61,3 +61,16 @@ def test_alignment_loss_and_pyramid_many_blocks():
     assert_matches(grad_got, grad_expected)
     for a, b in zip(pyramid(human, 5), pyramidal_representation(human, 5, backend="torch")):
         assert_matches(a, b)
+
+
+def test_harmonization_term_many_blocks():
+    gradient = make_input((2, 3, 17, 23), seed=29)
+    human = make_input((2, 17, 23), seed=30, requires_grad=False).abs()
+    tokens = torch.tensor([1.0, 0.6], device=gradient.device)
+    expected = reference.alignment_loss(
+        reference.saliency_standardize_cut(gradient, backend="torch"), human, tokens, backend="torch")
+    got = harmonization_term(gradient, human, tokens)
+    (grad_expected,) = torch.autograd.grad(expected, gradient)
+    (grad_got,) = torch.autograd.grad(got, gradient)
+    assert_matches(got, expected)
+    assert_matches(grad_got, grad_expected)
