@@ -5,6 +5,8 @@
 #     bash benchmarks/gpu_check.sh            # tests + all timings (~6-8 min on one H100/H200)
 #     QUICK=1 bash benchmarks/gpu_check.sh    # smaller benchmark sizes
 #     STEPS="tests ops" bash benchmarks/gpu_check.sh
+# With a 10-minute limit per command, run it in two calls: STEPS="tests ops" (Triton JIT of
+# ~20 kernel variants, then inductor compiles for batch 32 and 128), then STEPS=train.
 #
 # 1. environment: $PYTHON, else the repo's .venv (or .venv-gpu) if its torch sees CUDA, else
 #    python3; it must have torch and triton (INSTALL=1 creates .venv-gpu and pip-installs them
