@@ -105,6 +105,8 @@ class Saliency:
 def _channel_mean(maps: torch.Tensor, name: str) -> torch.Tensor:
     """(N, H, W) maps; (N, C, H, W) maps are averaged over their channel axis (NCHW)."""
     check_rank(maps, (3, 4), name, "N, H, W or N, C, H, W")
+    if not maps.is_floating_point():  # e.g. uint8 heatmaps: the reference averages in float32
+        maps = maps.float()
     return maps.mean(dim=1) if maps.ndim == 4 else maps
 
 

@@ -119,6 +119,13 @@ def test_evaluate_clickme_accepts_numpy_batches():
     model = tiny_model()
     batches = synthetic_batches(n_batches=1)
     as_numpy = [tuple(x.numpy() for x in batch) for batch in batches]
+    # uint8 heatmaps (N, 1, H, W) as stored: averaged in float32 like float heatmaps
+    as_uint8 = [(images, (heatmaps * 255).round().to(torch.uint8), labels) for images, heatmaps, labels in batches]
+    np.testing.assert_allclose(
+        evaluate_clickme(model, clickme_val_dataset=as_uint8, progress=False)["spearman"],
+        evaluate_clickme(model, clickme_val_dataset=[(i, h.float(), l) for i, h, l in as_uint8], progress=False)["spearman"],
+        rtol=1e-12,
+    )
     np.testing.assert_allclose(
         evaluate_clickme(model, clickme_val_dataset=as_numpy, progress=False)["spearman"],
         evaluate_clickme(model, clickme_val_dataset=batches, progress=False)["spearman"],
