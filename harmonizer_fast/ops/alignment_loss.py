@@ -24,6 +24,11 @@ re-reads a level. Because the loss is a scalar, its gradient
 is computed in the forward pass (when the saliency requires it) and the backward only
 scales it by the upstream scalar. The maximum of ``s`` is under stop-gradient, as in the
 reference; no gradient flows to ``h`` or ``t``.
+
+:func:`harmonization_term` fuses the saliency cut in as well: it takes the input gradient,
+standardizes the channel mean inside the difference kernel (the saliency is never
+stored) and, in the backward, feeds :math:`G_0` and the upstream scalar straight into the
+cut's backward kernels.
 """
 from __future__ import annotations
 
@@ -33,10 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from harmonizer_fast._validation import check_rank, check_tensor, shape_of
 from harmonizer_fast.ops import FusedUnsupported, guard_second_order
 from harmonizer_fast.ops._launch import block_size, num_warps, partials_block
 from harmonizer_fast.ops.pyramid import downsample, downsample_adjoint
-from harmonizer_fast._validation import check_rank, check_tensor, shape_of
 from harmonizer_fast.ops.saliency_cut import STANDARDIZE_EPSILON, _combine_moments, cut_backward, map_moments
 from harmonizer_fast.training.loss import SALIENCY_MAX_EPSILON, _check_maps_and_tokens
 
