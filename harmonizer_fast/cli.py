@@ -11,11 +11,15 @@ from typing import List, Optional
 COMMANDS = {
     "sweep": "harmonizer_fast.zoo.sweep_cli",
     "bench": "harmonizer_fast.bench_cli",
+    "train": "harmonizer_fast.training.train_cli",
+    "eval-clickme": "harmonizer_fast.evaluation.eval_cli",
 }
 
 _HELP = {
     "sweep": "score many models, every layer, on IT benchmarks into one resumable table (+ figures)",
     "bench": "run the benchmark comparisons of this source checkout (benchmarks/run_all.py; --quick, --only)",
+    "train": "harmonized training of a timm model on ClickMe shards (resumable checkpoints, DDP via torchrun)",
+    "eval-clickme": "ClickMe human alignment of a model: per-image scores (CSV), summary and a saliency figure",
 }
 
 

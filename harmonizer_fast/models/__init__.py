@@ -81,7 +81,7 @@ def resolve_name(name: str) -> str:
     key = name[len("load_"):] if name.startswith("load_") else name
     if key in MODEL_REGISTRY:
         return MODEL_REGISTRY[key]
-    if key in timm.list_models() or timm.is_model(key):
+    if timm.is_model(key):
         return key
     raise ValueError(
         f"unknown model {name!r}: use a timm architecture name or one of {sorted(MODEL_REGISTRY)}"

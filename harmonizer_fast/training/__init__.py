@@ -15,8 +15,12 @@ from harmonizer_fast.training.loss import (
     weight_decay_loss,
 )
 from harmonizer_fast.training.pyramid import pyramidal_representation
+from harmonizer_fast.training.trainer import DoubleBackwardError, Trainer, TrainerConfig
 
 __all__ = [
+    "DoubleBackwardError",
+    "Trainer",
+    "TrainerConfig",
     "HarmonizerLoss",
     "HarmonizerLossOutput",
     "alignment_loss",

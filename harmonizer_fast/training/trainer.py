@@ -64,6 +64,10 @@ class TrainerConfig:
     ``preprocess_input``), ``"model"`` (the model's ``pretrained_cfg`` mean/std) or
     ``"none"`` (images already normalised).
 
+    Second order: ``unfuse_attention`` switches timm's fused attention off while training;
+    ``fast_depthwise`` runs depthwise convolutions as shifted sums, whose double backward
+    avoids PyTorch's per-group convolution loop (:mod:`harmonizer_fast.training.double_backward`).
+
     Bookkeeping: ``output_dir`` receives ``last.pt`` every ``checkpoint_every`` steps and at
     the end (plus ``step_XXXXXXX.pt`` files with ``keep_checkpoints``) and the metric logs,
     written every ``log_every`` steps.
@@ -103,6 +107,7 @@ class TrainerConfig:
     log_every: int = 1
     progress: bool = True
     unfuse_attention: bool = True
+    fast_depthwise: bool = True
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum_steps": self.grad_accum_steps,
@@ -597,6 +602,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    @contextlib.contextmanager
+    def harmonizing(self) -> Iterator[None]:
+        """Model switches for second-order training, undone on exit: fused attention off
+        (``unfuse_attention``) and depthwise convolutions with a fast double backward
+        (``fast_depthwise``, see :mod:`harmonizer_fast.training.double_backward`)."""
+        from harmonizer_fast.training.double_backward import restore_depthwise, use_fast_depthwise
+
+        with contextlib.ExitStack() as stack:
+            if self.config.unfuse_attention:
+                stack.enter_context(unfused_attention(self.model))
+            if self.config.fast_depthwise and use_fast_depthwise(self.model):
+                stack.callback(restore_depthwise, self.model)
+            yield
+
     def fit(self, steps: Optional[int] = None, resume: Union[bool, str, os.PathLike, None] = None) -> List[Dict[str, Any]]:
         """Train until ``config.steps`` optimizer steps are done (or ``steps`` more).
 
@@ -622,9 +641,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=target, initial=self.step, desc="harmonized training", unit="step", dynamic_ncols=True)
-        attention = unfused_attention(self.model) if cfg.unfuse_attention else contextlib.nullcontext()
         try:
-            with attention:
+            with self.harmonizing():
                 while self.step < target:
                     row = self.train_step()
                     last = self.step == target

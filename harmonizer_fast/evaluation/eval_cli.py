@@ -1,0 +1,113 @@
+"""``harmonizer-fast eval-clickme``: human alignment of a torch model on ClickMe validation shards.
+
+Examples::
+
+    harmonizer-fast eval-clickme --model resnet50 --weights runs/r50/last.pt --shards ~/clickme/val --out results/r50
+    harmonizer-fast eval-clickme --model efficientnet_lite0 --pretrained --preprocess model --sample --out results/lite0
+
+Writes ``<out>/scores.csv`` (one row per image: shard, record, label, spearman, dice, iou),
+``<out>/summary.json`` (means and the alignment score) and ``<out>/alignment.png`` (images,
+human maps and the model's saliency side by side), each atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="timm name or reference name (ResNet50, ViT_B16 ...)")
+    parser.add_argument("--weights", default=None, help="local weights: state dict, .safetensors or trainer checkpoint")
+    parser.add_argument("--pretrained", action="store_true", help="packaged weights (efficientnet_lite0/1/2 only)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--shards", nargs="*", default=[], help="ClickMe validation TFRecord files or folders")
+    parser.add_argument("--sample", action="store_true", help="evaluate on the bundled sample's val shard")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0: all)")
+    parser.add_argument("--preprocess", choices=["imagenet", "model", "none"], default="imagenet",
+                        help="imagenet: the reference's preprocess_input; model: the model's mean/std")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--figure-images", type=int, default=8, help="rows of the figure")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def scores_csv(rows: List[Dict[str, object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from harmonizer_fast.common import ClickMeRecords
+    from harmonizer_fast.evaluation import Saliency, evaluate_clickme
+    from harmonizer_fast.evaluation.figure import plot_alignment
+    from harmonizer_fast.models import create_model, model_preprocess, preprocess_input
+
+    paths = list(args.shards)
+    if args.sample:
+        from harmonizer_fast.sample_data import sample_shards
+
+        paths += sample_shards("val")
+    if not paths:
+        raise SystemExit("eval-clickme: pass --shards (ClickMe validation shards) or --sample")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = create_model(args.model, weights=args.weights, num_classes=args.num_classes, pretrained=args.pretrained)
+    model = model.to(device).eval()
+    preprocess = {"imagenet": preprocess_input, "model": model_preprocess(model), "none": None}[args.preprocess]
+    records = ClickMeRecords(paths, num_classes=args.num_classes, progress=not args.no_progress)
+    starts = list(range(0, len(records), args.batch_size))
+    if args.max_batches:
+        starts = starts[: args.max_batches]
+    indices = [i for s in starts for i in range(s, min(s + args.batch_size, len(records)))]
+
+    labels: List[int] = []
+
+    def batches() -> Iterator[tuple]:
+        for s in starts:
+            batch = records.get_batch(range(s, min(s + args.batch_size, len(records))))
+            labels.extend(batch.labels.argmax(1).tolist())
+            yield tuple(batch[:3])
+
+    scores = evaluate_clickme(model, clickme_val_dataset=batches(), preprocess_inputs=preprocess,
+                              progress=not args.no_progress)
+    rows = []
+    for position, index in enumerate(indices):
+        shard, record, _ = records.location(index)
+        rows.append({"index": index, "shard": Path(shard).name, "record": record, "label": labels[position],
+                     "spearman": scores["spearman"][position], "dice": scores["dice"][position],
+                     "iou": scores["iou"][position]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / "scores.csv", scores_csv(rows))
+    summary = {"model": args.model, "weights": args.weights, "images": len(rows),
+               "alignment_score": scores["alignment_score"],
+               **{f"mean_{k}": float(np.mean(scores[k])) for k in ("spearman", "dice", "iou")}}
+    _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    if args.figure_images > 0 and indices:
+        shown = records.get_batch(indices[: args.figure_images])
+        images = shown.images.to(device)
+        maps = Saliency(model)(preprocess(images) if preprocess else images, shown.labels.to(device))
+        plot_alignment(shown.images, shown.heatmaps, {"saliency": maps.cpu()}, out / "alignment.png",
+                       scores={"saliency": scores["spearman"][: len(maps)]},
+                       titles=[f"class {label}" for label in shown.labels.argmax(1).tolist()])
+    print(f"{len(rows)} images: alignment score {summary['alignment_score']:.3f} (mean Spearman "
+          f"{summary['mean_spearman']:.3f}, Dice {summary['mean_dice']:.3f}, IoU {summary['mean_iou']:.3f}); "
+          f"wrote {out / 'scores.csv'}, {out / 'summary.json'}" + (f", {out / 'alignment.png'}" if args.figure_images > 0 else ""))
+    return 0
