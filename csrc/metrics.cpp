@@ -276,11 +276,19 @@ void select_pair_sampled(const T* x, size_t n, size_t lo, T& lower, T& upper,
   s.sample.resize(kSampleSize);
   const uint64_t slice = n / kSampleSize;  // >= 8 since n >= kMinSampledPixels
   uint64_t state = 0x9E3779B97F4A7C15ull;  // fixed seed: reproducible, any seed is exact
+  std::array<uint32_t, kSampleSize> positions;
   for (size_t i = 0; i < kSampleSize; ++i) {
     state ^= state << 13;
     state ^= state >> 7;
     state ^= state << 17;
-    s.sample[i] = x[i * slice + (((state >> 32) * slice) >> 32)];
+    positions[i] = uint32_t(i * slice + (((state >> 32) * slice) >> 32));
+  }
+  // The map is usually not in cache yet: prefetch a few samples ahead so that the reads
+  // overlap (the irregular stride defeats the hardware prefetcher).
+  constexpr size_t kPrefetchAhead = 16;
+  for (size_t i = 0; i < kSampleSize; ++i) {
+    if (i + kPrefetchAhead < kSampleSize) __builtin_prefetch(x + positions[i + kPrefetchAhead]);
+    s.sample[i] = x[positions[i]];
   }
   // The sample rank of target rank lo is ~ lo * k / n with a standard deviation of at
   // most sqrt(k p (1 - p)) <= 16 for k = 1024 (9.6 at the default p = 0.9); a margin of
