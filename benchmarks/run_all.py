@@ -25,6 +25,7 @@ COMPARISONS = {
     "readouts": "benchmarks.compare_readouts",
     "ops": "benchmarks.compare_ops",
     "train_step": "benchmarks.compare_train_step",
+    "train_overhead": "benchmarks.compare_train_overhead",
 }
 
 

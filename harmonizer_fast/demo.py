@@ -181,7 +181,7 @@ def run_demo(steps: int = 24, batch_size: int = 6, lr: float = 3e-4, out: str = 
     config = TrainerConfig(
         model="efficientnet_lite0", num_classes=1000, batch_size=batch_size, steps=steps, optimizer="adamw", lr=lr,
         schedule="cosine", warmup_steps=max(steps // 8, 1), preprocess="model", output_dir=str(out_dir / "run"),
-        checkpoint_every=0, progress=progress, seed=seed,
+        checkpoint_every=0, progress=progress, seed=seed, freeze_bn=True,
     )
     trainer = Trainer(model, config, train_data=ShuffledBatches(train_records, batch_size, seed=seed),
                       eval_fn=lambda m: {"val_spearman": float(alignment(m, preprocess, val_batch).mean())},

@@ -68,6 +68,10 @@ class TrainerConfig:
     ``fast_depthwise`` runs depthwise convolutions as shifted sums, whose double backward
     avoids PyTorch's per-group convolution loop (:mod:`harmonizer_fast.training.double_backward`).
 
+    ``freeze_bn`` turns BatchNorm layers into frozen ones (running statistics, affine
+    parameters not trained; ``timm.layers.freeze_batch_norm_2d``): for fine-tuning on small
+    or correlated batches, whose batch statistics are unrepresentative.
+
     Bookkeeping: ``output_dir`` receives ``last.pt`` every ``checkpoint_every`` steps and at
     the end (plus ``step_XXXXXXX.pt`` files with ``keep_checkpoints``) and the metric logs,
     written every ``log_every`` steps.
@@ -108,6 +112,7 @@ class TrainerConfig:
     progress: bool = True
     unfuse_attention: bool = True
     fast_depthwise: bool = True
+    freeze_bn: bool = False
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum_steps": self.grad_accum_steps,
@@ -430,6 +435,10 @@ class Trainer:
             model = create_model(model, weights=cfg.weights, num_classes=cfg.num_classes, pretrained=cfg.pretrained)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a model name or an nn.Module, got {type(model).__name__}")
+        if cfg.freeze_bn:
+            from timm.layers import freeze_batch_norm_2d
+
+            model = freeze_batch_norm_2d(model)
         model = model.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -216,3 +216,27 @@ def test_rng_state_roundtrip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_freeze_bn_keeps_running_statistics(tmp_path):
+    class BNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = BNNet()
+    model.bn.running_mean.uniform_(-1, 1)
+    mean_before = model.bn.running_mean.clone()
+    conv_before = model.conv.weight.detach().clone()
+    trainer = Trainer(model, _config(tmp_path, steps=1, freeze_bn=True), train_data=make_stream())
+    trainer.fit()
+    frozen = trainer.model.bn
+    assert type(frozen).__name__ == "FrozenBatchNorm2d"
+    assert torch.equal(frozen.running_mean, mean_before)
+    assert not torch.equal(trainer.model.conv.weight, conv_before)

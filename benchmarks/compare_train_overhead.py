@@ -1,0 +1,198 @@
+"""Cost of one harmonized training step over one plain cross-entropy step, per timm model.
+
+Variants, on the same model, batch and optimizer (SGD), each a full step (forward, backward,
+``optimizer.step()``):
+
+* ``plain CE`` (baseline): ``cross_entropy(model(x), y).backward()``.
+* ``reference port``: a straightforward PyTorch transcription of the TensorFlow
+  ``harmonizer_loss`` written below (both pyramids built level by level, all six levels,
+  gradients taken with ``torch.autograd.grad`` over the parameter list, name-filtered
+  weight decay, native depthwise convolutions, attention in the math SDPA kernel).
+* ``Trainer``: :meth:`harmonizer_fast.training.Trainer.train_step` (the package's loss,
+  fast depthwise double backward, unfused attention).
+
+Peak memory is the growth of the process's peak RSS over the run of each variant (a
+lower bound when an earlier variant already raised the peak). ``python -m
+benchmarks.compare_train_overhead --profile resnet18`` prints a torch.profiler table of
+one Trainer step.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks._timing import Comparison, Timing, measure, peak_rss_gib
+
+MODELS = ("resnet18", "convnext_atto", "efficientnet_lite0", "vit_tiny_patch16_224")
+BATCH = 8
+SIZE = 224
+
+
+# --------------------------------------------------------------------------- straightforward port of the reference
+
+def _port_standardize_cut(maps, eps=1e-5):
+    mean = maps.mean(dim=(1, 2), keepdim=True)
+    std = ((maps - mean) ** 2).mean(dim=(1, 2), keepdim=True).sqrt()
+    return F.relu((maps - mean) / (std + eps))
+
+
+def _port_pyramid(maps, levels):
+    b = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    kernel = (torch.outer(b, b) / 256).view(1, 1, 5, 5)
+    out = [maps[:, None]]
+    for _ in range(levels):
+        x = out[-1]
+        pad_h = max((-(-x.shape[-2] // 2) - 1) * 2 + 5 - x.shape[-2], 0)
+        pad_w = max((-(-x.shape[-1] // 2) - 1) * 2 + 5 - x.shape[-1], 0)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        out.append(F.conv2d(x, kernel, stride=2))
+    return out
+
+
+def _port_pyramidal_mse(true, pred, tokens, levels=5):
+    a, b = _port_pyramid(true, levels), _port_pyramid(pred, levels)
+    losses = [((x - y) ** 2 * tokens.view(-1, 1, 1, 1)).mean() for x, y in zip(a[:levels], b[:levels])]
+    return torch.stack(losses).mean()
+
+
+def port_harmonizer_loss(model, images, tokens, labels, heatmaps, lambda_weights=1e-5, lambda_harmonization=1.0):
+    """Gradients of the reference loss, transcribed op for op (tape -> autograd.grad)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    images = images.detach().requires_grad_(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits = model(images)
+    (grad,) = torch.autograd.grad((logits * labels).sum(), images, create_graph=True)
+    sa = _port_standardize_cut(grad.mean(dim=1))
+    hm = _port_standardize_cut(heatmaps)
+    hm = hm / (hm.amax(dim=(1, 2), keepdim=True) + 1e-6) * (sa.detach().amax(dim=(1, 2), keepdim=True) + 1e-6)
+    harmonization = _port_pyramidal_mse(sa, hm, tokens)
+    ce = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    names = ("norm", "bn", "embed", "cls_token")
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for n, p in model.named_parameters() if p.requires_grad and not any(s in n for s in names)]
+    weight_loss = sum((p ** 2).sum() / 2 for p in decayed)
+    loss = ce + lambda_weights * weight_loss + lambda_harmonization * harmonization
+    return torch.autograd.grad(loss, params)
+
+
+# --------------------------------------------------------------------------- timed steps
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(BATCH, 3, SIZE, SIZE, generator=g) * 255
+    heatmaps = torch.rand(BATCH, SIZE, SIZE, generator=g)
+    labels = F.one_hot(torch.randint(0, 1000, (BATCH,), generator=g), 1000).float()
+    return images, heatmaps, labels, torch.ones(BATCH)
+
+
+class _Repeat:
+    """An endless stream returning the same batch (state-less: benchmarks never resume)."""
+
+    def __init__(self, batch):
+        from harmonizer_fast.training.data_mix import Batch
+
+        self.batch = Batch(*batch)
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def _model(name):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False)
+
+
+def _variants(name) -> List[Tuple[str, callable]]:
+    from harmonizer_fast.models import preprocess_input
+    from harmonizer_fast.training import Trainer, TrainerConfig
+
+    images, heatmaps, labels, tokens = _batch()
+    x = preprocess_input(images)
+
+    plain_model = _model(name).train()
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-4, momentum=0.9)
+
+    def plain():
+        plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(plain_model(x), labels, label_smoothing=0.1).backward()
+        plain_opt.step()
+
+    port_model = _model(name).train()
+    port_opt = torch.optim.SGD(port_model.parameters(), lr=1e-4, momentum=0.9)
+
+    def port():
+        grads = port_harmonizer_loss(port_model, x, tokens, labels, heatmaps)
+        for p, g in zip(port_model.parameters(), grads):
+            p.grad = g
+        port_opt.step()
+
+    trainer = Trainer(_model(name), TrainerConfig(batch_size=BATCH, steps=10**6, lr=1e-4, progress=False),
+                      train_data=_Repeat((images, heatmaps, labels, tokens)))
+
+    def harmonized():
+        with trainer.harmonizing():
+            trainer.train_step()
+
+    return [("plain CE", plain), ("reference port", port), ("Trainer", harmonized)]
+
+
+def compare(quick: bool = False, repeats: int = 0, models=None):
+    repeats = repeats or (2 if quick else 5)
+    models = models or (MODELS[:2] if quick else MODELS)
+    comparisons = []
+    for name in models:
+        timings = []
+        for label, fn in _variants(name):
+            before = peak_rss_gib()
+            t = measure(fn, repeats=repeats, warmup=1, name=label)
+            t.extra["peak_rss_growth_gib"] = f"{peak_rss_gib() - before:.2f}"
+            timings.append(t)
+        base = timings[0]
+        for t in timings[1:]:
+            t.extra["x_plain_step"] = f"{t.median_s / base.median_s:.2f}"
+        comparisons.append(Comparison(f"{name} b{BATCH} {SIZE}px", base, timings[1:],
+                                      note="speed-up column < 1: cost of harmonizing"))
+    return f"Harmonized training step vs plain cross-entropy step (CPU, {torch.get_num_threads()} threads)", comparisons
+
+
+def profile(name: str, rows: int = 15) -> str:
+    """torch.profiler table (self CPU time) of one Trainer step of ``name``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    variants = dict(_variants(name))
+    variants["Trainer"]()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        variants["Trainer"]()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="*", default=None, help=f"subset of {MODELS}")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--profile", default=None, help="print a profiler table of one Trainer step of this model")
+    args = parser.parse_args(argv)
+    if args.profile:
+        print(profile(args.profile))
+        return 0
+    from benchmarks._timing import format_table
+
+    title, comparisons = compare(args.quick, args.repeats or 0, args.models)
+    print(format_table(comparisons, title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
