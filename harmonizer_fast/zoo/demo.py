@@ -98,3 +98,31 @@ def _write_accuracy_csv(accuracies: Mapping[str, float], path: str) -> None:
     writer.writerow(["model", "top1"])
     writer.writerows(sorted(accuracies.items()))
     atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m harmonizer_fast.zoo.demo OUT [--quick] [--harmonized LABEL=PATH ...] [--top1 LABEL=ACC ...]``."""
+    import argparse
+
+    from harmonizer_fast.zoo.sweep_cli import parse_pairs
+
+    parser = argparse.ArgumentParser(description="EfficientNet-Lite 0/1/2 (+ harmonized) sweep and trade-off figure")
+    parser.add_argument("out_dir")
+    parser.add_argument("--quick", action="store_true", help="800 simulated images instead of 3,200")
+    parser.add_argument("--benchmark", default="image-level-sim")
+    parser.add_argument("--harmonized", nargs="+", default=[], metavar="LABEL=PATH")
+    parser.add_argument("--top1", nargs="+", default=[], metavar="LABEL=ACC", help="top-1 of the harmonized models")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS")
+    args = parser.parse_args(argv)
+    rows = demo_sweep(args.out_dir, harmonized_weights=parse_pairs(args.harmonized, "--harmonized"),
+                      harmonized_top1={k: float(v) for k, v in parse_pairs(args.top1, "--top1").items()},
+                      benchmark=args.benchmark, quick=args.quick, ray_address=args.ray)
+    for row in rows:
+        if row.selected:
+            print(f"{row.model:<32} top-1 {row.imagenet_top1:5.1f}  layer {row.layer:<10} ceiled {row.ceiled_score:.3f}")
+    print(f"table: {args.out_dir}/results.csv  figure: {args.out_dir}/tradeoff_{args.benchmark}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -230,3 +230,73 @@ def test_demo_sweep_uses_packaged_lite_weights_and_marks_harmonized(tmp_path):
     rebuilt = build_model(ModelSpec("h", "efficientnet_lite0", str(path)), seed=0)
     assert rebuilt.bn1.eps == 1e-3  # Lite BatchNorm epsilon kept for fine-tuned Lite weights
     assert torch.equal(rebuilt.conv_stem.weight, tuned.conv_stem.weight)
+
+
+def _write_arcaro_george(root, rng, n_images=4, grid=8, n_time=10, n_channels=36):
+    import scipy.io
+    from PIL import Image
+
+    (root / "George" / "natural_test").mkdir(parents=True)
+    names = np.empty((1, n_images), dtype=object)
+    for i in range(n_images):
+        Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)).save(
+            root / "George" / "natural_test" / f"stim_{i}.png")
+        names[0, i] = f"C:\\data\\natural_test\\stim_{i}.png"
+    image_rf = rng.normal(size=(1, 1, 1, 1, n_images)) + rng.normal(size=(grid, grid, n_time, n_channels, n_images))
+    scipy.io.savemat(root / "George" / "george_060118_data.mat", {"imageRF": image_rf, "UniqueNames": names})
+
+
+def test_spatial_benchmark_reads_an_arcaro_folder(tmp_path):
+    from harmonizer_fast.neural.data import Neural_dataset
+    from harmonizer_fast.neural.metrics import ceiling_score
+
+    _write_arcaro_george(tmp_path, np.random.default_rng(0))
+    options = {"path": str(tmp_path), "stimuli": "george_posterior_it", "time_a": 2, "time_b": 8}
+    rows = run_unit(_unit("spatial", options, layers=("layer2",)))
+    bench = get_benchmark("spatial", seed=0, **options)
+    ds = Neural_dataset(tmp_path)
+    images, _, responses = ds.load_data("george_posterior_it", 2, 8)
+    assert torch.equal(bench.images, images) and len(bench.report_sites) + len(bench.selection_sites) == 33
+    out = _manual_features("resnet10t", _unit("spatial", {}).model_seed(), images)[2].permute(0, 2, 3, 1)
+    (score, _), _ = score_model(out, responses[..., bench.report_sites], grid_size=None)
+    ceiling = ceiling_score(ds.raw_recordings("george_posterior_it")[..., bench.report_sites], 2, 8)
+    assert rows[0].score == pytest.approx(score, rel=1e-5, abs=1e-6)
+    assert rows[0].ceiling == pytest.approx(ceiling, rel=1e-12)
+
+
+def test_image_level_benchmark_reads_netcdf_and_stimuli(tmp_path):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    from PIL import Image
+
+    from harmonizer_fast.neural.assemblies import load_netcdf_assembly
+
+    rng = np.random.default_rng(0)
+    n_images, n_reps = 24, 3
+    ids = [f"im{i:02d}" for i in range(n_images)]
+    stimuli = tmp_path / "stimuli"
+    stimuli.mkdir()
+    for image_id in ids:
+        Image.fromarray(rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)).save(stimuli / f"{image_id}.png")
+    rows = [(image_id, f"obj{i % 3}", rep) for i, image_id in enumerate(ids) for rep in range(n_reps)]
+    da = xr.DataArray(rng.normal(size=(len(rows), 6)), dims=("presentation", "neuroid"), coords={
+        "image_id": ("presentation", [r[0] for r in rows]), "object_name": ("presentation", [r[1] for r in rows]),
+        "repetition": ("presentation", [r[2] for r in rows])})
+    da.to_netcdf(tmp_path / "it.nc", engine="h5netcdf")
+    options = {"path": str(tmp_path / "it.nc"), "stimuli_dir": str(stimuli), "n_splits": 2, "selection_splits": 2,
+               "projection_dim": 32}
+    bench = get_benchmark("image-level", seed=0, **options)
+    assembly = load_netcdf_assembly(tmp_path / "it.nc")
+    np.testing.assert_array_equal(bench.assembly.responses, assembly.responses)
+    assert bench.images.shape == (n_images, 3, 224, 224) and bench.images.dtype == torch.uint8
+    # Stimuli in assembly order, resized like the Arcaro loader (half-pixel bilinear, no antialias).
+    pixels = np.asarray(Image.open(stimuli / f"{assembly.image_ids[5]}.png").convert("RGB"), dtype=np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None], size=(224, 224),
+                                               mode="bilinear", align_corners=False)[0].round()
+    assert (bench.images[5].float() - expected).abs().max() <= 1
+    rows = run_unit(_unit("image-level", options, layers=("layer1", "layer3"), image_size=32))
+    assert [r.layer for r in rows] == ["layer1", "layer3"] and sum(r.selected for r in rows) == 1
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    with pytest.raises(FileNotFoundError, match="<image_id>"):
+        get_benchmark("image-level", seed=0, **{**options, "stimuli_dir": str(missing)})
