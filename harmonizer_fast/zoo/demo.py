@@ -101,7 +101,7 @@ def _write_accuracy_csv(accuracies: Mapping[str, float], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m harmonizer_fast.zoo.demo OUT [--quick] [--harmonized LABEL=PATH ...] [--top1 LABEL=ACC ...]``."""
+    """``python -m harmonizer_fast.zoo OUT [--quick] [--harmonized LABEL=PATH ...] [--top1 LABEL=ACC ...]``."""
     import argparse
 
     from harmonizer_fast.zoo.sweep_cli import parse_pairs
@@ -122,7 +122,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{row.model:<32} top-1 {row.imagenet_top1:5.1f}  layer {row.layer:<10} ceiled {row.ceiled_score:.3f}")
     print(f"table: {args.out_dir}/results.csv  figure: {args.out_dir}/tradeoff_{args.benchmark}.png")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
