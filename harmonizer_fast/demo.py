@@ -147,7 +147,7 @@ def plot_curves(history: List[dict], path: Path) -> Path:
         plt.close(fig)
 
 
-def run_demo(steps: int = 24, batch_size: int = 6, lr: float = 3e-4, out: str = "outputs/demo",
+def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = "outputs/demo",
              eval_every: int = 6, threads: Optional[int] = None, progress: bool = True, seed: int = 0,
              image_size: int = 128) -> dict:
     """Run the demo (see the module docstring); returns the summary also written to ``summary.json``."""
@@ -218,7 +218,7 @@ def run_demo(steps: int = 24, batch_size: int = 6, lr: float = 3e-4, out: str = 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps (default 24)")
-    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     parser.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations")
     parser.add_argument("--out", default="outputs/demo", help="output folder")
