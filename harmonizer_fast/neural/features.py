@@ -51,7 +51,8 @@ class LayerTaps:
     def __init__(self, model: torch.nn.Module, layers: Sequence[LayerSpec]):
         self.model = model
         self.names = [ly for ly in layers if isinstance(ly, str)]
-        self.indices = [ly for ly in layers if not isinstance(ly, str)]
+        # timm returns intermediates in depth order whatever order the indices come in.
+        self.indices = sorted({int(ly) for ly in layers if not isinstance(ly, str)})
         if self.indices and not hasattr(model, "forward_intermediates"):
             raise TypeError(f"integer layers {self.indices} need a timm model with forward_intermediates()")
         self.keys = [str(ly) for ly in layers]

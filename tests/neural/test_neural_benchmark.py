@@ -121,3 +121,14 @@ def test_extract_activations_hooks_and_timm_indices():
     np.testing.assert_allclose(acts["1"].numpy(), expected.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
     # The hooked block output is the same map with the class token dropped.
     np.testing.assert_allclose(acts["blocks.1"].numpy(), acts["1"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_indices_given_out_of_depth_order_keep_their_own_outputs():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    acts = extract_activations(vit, images, [2, 0], batch_size=2)
+    with torch.no_grad():
+        expected = vit.forward_intermediates(images, indices=[0, 2], intermediates_only=True)
+    for index, out in zip([0, 2], expected):
+        np.testing.assert_allclose(acts[str(index)].numpy(), out.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
