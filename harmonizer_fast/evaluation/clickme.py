@@ -15,12 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from harmonizer_fast._validation import ArrayLike, check_rank, shape_of
-from harmonizer_fast.evaluation.metrics import (
-    HUMAN_SPEARMAN_CEILING,
-    dice,
-    intersection_over_union,
-    spearman_correlation,
-)
+from harmonizer_fast.evaluation.metrics import HUMAN_SPEARMAN_CEILING, alignment_metrics
 
 __all__ = ["Saliency", "evaluate_clickme"]
 
@@ -174,9 +169,8 @@ def evaluate_clickme(
         images = preprocess(images.to(device=device, dtype=dtype))
         saliency = _channel_mean(_as_tensor(explainer(images, labels.to(device)), "explanations"), "explanations")
         human = _channel_mean(heatmaps, "heatmaps")
-        metrics["spearman"] += spearman_correlation(saliency, human).tolist()
-        metrics["dice"] += dice(saliency, human).tolist()
-        metrics["iou"] += intersection_over_union(saliency, human).tolist()
+        for name, values in alignment_metrics(saliency, human).items():
+            metrics[name] += values.tolist()
     if not metrics["spearman"]:
         raise ValueError("`clickme_val_dataset` yielded no batches")
     return {**metrics, "alignment_score": float(np.mean(metrics["spearman"]) / HUMAN_SPEARMAN_CEILING)}

@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 from harmonizer_fast._ext import HAS_EXTENSION, extension
 from harmonizer_fast.evaluation import (
     HUMAN_SPEARMAN_CEILING,
+    alignment_metrics,
     dice,
     intersection_over_union,
     spearman_correlation,
@@ -76,6 +77,24 @@ def test_matches_reference_fixture(backend, variant):
     iou = intersection_over_union(a, b)
     assert iou.dtype == np.float64
     np.testing.assert_array_equal(iou, f["iou" + variant])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("percentile", [10, 25.5])
+def test_alignment_metrics_equals_the_three_functions(backend, variant, percentile):
+    f = load_fixture("metrics.npz")
+    a, b = f["a" + variant], f["b" + variant]
+    scores = alignment_metrics(a, b, percentile=percentile)
+    assert sorted(scores) == ["dice", "iou", "spearman"]
+    for got, want in [
+        (scores["spearman"], spearman_correlation(a, b)),
+        (scores["dice"], dice(a, b, percentile)),
+        (scores["iou"], intersection_over_union(a, b, percentile)),
+    ]:
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    if percentile == 10:
+        np.testing.assert_array_equal(scores["iou"], f["iou" + variant])
 
 
 def test_quantised_fixture_selects_nothing(backend):
@@ -250,7 +269,7 @@ def test_non_finite_raises(backend, bad, metric):
     ],
 )
 def test_bad_maps_raise(backend, a, b, error, match):
-    for metric in (spearman_correlation, dice, intersection_over_union):
+    for metric in (spearman_correlation, dice, intersection_over_union, alignment_metrics):
         with pytest.raises(error, match=match):
             metric(a, b)
 
@@ -258,6 +277,6 @@ def test_bad_maps_raise(backend, a, b, error, match):
 @pytest.mark.parametrize("percentile, error", [(-1, ValueError), (100.5, ValueError), (float("nan"), ValueError), ("10", TypeError), (True, TypeError)])
 def test_bad_percentile_raises(backend, percentile, error):
     a = np.zeros((1, 3, 3))
-    for metric in (dice, intersection_over_union):
+    for metric in (dice, intersection_over_union, alignment_metrics):
         with pytest.raises(error, match="`percentile`"):
             metric(a, a, percentile=percentile)
