@@ -4,7 +4,10 @@ The harmonization loss differentiates the input gradient again. PyTorch's double
 of a grouped convolution computes one of its terms with a Python-level loop of one
 convolution *per group* (``_convolution_double_backward``): for the depthwise layers of
 EfficientNet, MobileNet or ConvNeXt (hundreds of groups each) a single harmonized step of
-efficientnet_lite0 launches ~9,000 tiny convolutions and takes over a minute on a CPU.
+efficientnet_lite0 launches ~9,000 tiny convolutions. Their fixed cost dominates small
+batches (and is dreadful with oversubscribed CPU threads); at larger batches the native loop
+is the faster one (measured in ``benchmarks/RESULTS.md``), so the trainer uses this module
+only when asked (``TrainerConfig(fast_depthwise=True)``).
 
 :class:`ShiftDepthwiseConv2d` computes the same depthwise convolution as a sum of
 ``k * k`` shifted, per-channel-scaled views of the padded input:

@@ -66,7 +66,8 @@ class TrainerConfig:
 
     Second order: ``unfuse_attention`` switches timm's fused attention off while training;
     ``fast_depthwise`` runs depthwise convolutions as shifted sums, whose double backward
-    avoids PyTorch's per-group convolution loop (:mod:`harmonizer_fast.training.double_backward`).
+    avoids PyTorch's per-group convolution loop (:mod:`harmonizer_fast.training.double_backward`);
+    off by default: on a CPU it only pays at very small batches (see benchmarks/RESULTS.md).
 
     ``freeze_bn`` turns BatchNorm layers into frozen ones (running statistics, affine
     parameters not trained; ``timm.layers.freeze_batch_norm_2d``): for fine-tuning on small
@@ -111,7 +112,7 @@ class TrainerConfig:
     log_every: int = 1
     progress: bool = True
     unfuse_attention: bool = True
-    fast_depthwise: bool = True
+    fast_depthwise: bool = False
     freeze_bn: bool = False
 
     def __post_init__(self) -> None:
