@@ -1,8 +1,10 @@
 // Alignment metrics between two stacks of maps (harmonizer_fast.evaluation.metrics).
 //
-// Inputs are C-contiguous (N, P) arrays (P = H * W pixels per map), float32 or float64,
-// already checked for NaN/inf on the Python side. Maps are independent, so OpenMP splits
-// the N maps over threads, each with its own scratch buffers.
+// Inputs are C-contiguous (N, P) arrays (P = H * W pixels per map), float32 or float64.
+// Maps are independent, so OpenMP splits the N maps over threads, each with its own scratch
+// buffers. NaN/inf are detected here, in the passes that read each map anyway (a separate
+// NumPy isfinite pass cost a full extra read of both stacks): the call then raises
+// ValueError naming the first offending map, and Python words the user-facing message.
 //
 // Exactness contract (tested against scipy/numpy):
 //  * spearman: ranks with ties averaged (scipy.stats.rankdata 'average'), Pearson of the
@@ -49,6 +51,28 @@ inline KeyOf<T> order_key(T x) {
   return (bits & sign) ? ~bits : (bits | sign);
 }
 
+// Bits of a float without its sign; the value is NaN or infinite iff they are >= this.
+template <typename T>
+constexpr KeyOf<T> non_finite_magnitude() {
+  return sizeof(T) == 4 ? KeyOf<T>(0x7f800000u) : KeyOf<T>(0x7ff0000000000000ull);
+}
+
+template <typename T>
+inline KeyOf<T> magnitude_bits(T x) {
+  KeyOf<T> bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits & (~KeyOf<T>(0) >> 1);
+}
+
+// Whether x[0..n) is free of NaN and inf: integer compares, which vectorise (the map then
+// sits in cache for the selection passes that follow).
+template <typename T>
+bool all_finite(const T* x, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) bad |= uint32_t(magnitude_bits(x[i]) >= non_finite_magnitude<T>());
+  return bad == 0;
+}
+
 // Radix digits: 16 bits (two passes for float32 keys) for large maps, where the 64K-bucket
 // histograms cost little next to the pixels; 11 bits otherwise. On 224x224 float32 maps
 // 16-bit digits took ~0.8x the CPU time of 11-bit ones and 8-bit ones ~1.25x.
@@ -87,20 +111,24 @@ struct RankScratch {
 
 // LSD radix sort of the map's pixels by order key: linear time, which is what makes
 // ranking 50k-pixel maps cheap (a comparison sort dominates otherwise).
-// On return s.items holds (key, payload) items in ascending key order.
+// On return s.items holds (key, payload) items in ascending key order; returns false
+// (items unsorted) if the map holds NaN or inf.
 template <int DigitBits, typename T>
-void radix_argsort_digits(const T* x, const uint32_t* payload, size_t n, RankScratch<T>& s) {
+bool radix_argsort_digits(const T* x, const uint32_t* payload, size_t n, RankScratch<T>& s) {
   using R = RankItem<T>;
   using K = typename R::K;
   constexpr uint32_t buckets = 1u << DigitBits;
   constexpr int passes = (int(sizeof(K)) * 8 + DigitBits - 1) / DigitBits;
   s.hist.assign(size_t(passes) * buckets, 0);
   uint32_t* hist = s.hist.data();
+  K non_finite = 0;
   for (size_t i = 0; i < n; ++i) {
+    non_finite |= K(magnitude_bits(x[i]) >= non_finite_magnitude<T>());
     const K k = order_key(x[i]);
     s.items[i] = R::make(k, payload != nullptr ? payload[i] : uint32_t(i));
     for (int p = 0; p < passes; ++p) ++hist[p * buckets + ((k >> (p * DigitBits)) & (buckets - 1))];
   }
+  if (non_finite) return false;
   for (int p = 0; p < passes; ++p) {
     uint32_t* h = hist + p * buckets;
     const int shift = R::kIndexShift + p * DigitBits;
@@ -119,17 +147,19 @@ void radix_argsort_digits(const T* x, const uint32_t* payload, size_t n, RankScr
     }
     s.items.swap(s.items_tmp);
   }
+  return true;
 }
 
 // payload: 32 bits carried along with each pixel (nullptr: the pixel index).
 template <typename T>
-void radix_argsort(const T* x, const uint32_t* payload, size_t n, RankScratch<T>& s) {
-  if (sizeof(T) == 4 && n >= kMinPixelsForWideDigits) {
-    radix_argsort_digits<kWideDigitBits>(x, payload, n, s);
-  } else {
-    radix_argsort_digits<kNarrowDigitBits>(x, payload, n, s);
-  }
+bool radix_argsort(const T* x, const uint32_t* payload, size_t n, RankScratch<T>& s) {
+  if (sizeof(T) == 4 && n >= kMinPixelsForWideDigits)
+    return radix_argsort_digits<kWideDigitBits>(x, payload, n, s);
+  return radix_argsort_digits<kNarrowDigitBits>(x, payload, n, s);
 }
+
+// Which of a map pair holds NaN or inf (reported to Python, which names the argument).
+enum class NonFinite { kNone = 0, kMapA = 1, kMapB = 2 };
 
 // Calls visit(first, last, d) for each run of equal keys in the sorted items, where
 // d = 2 r - (n + 1) is twice the centred rank and r the average of the 1-based ranks
@@ -151,18 +181,24 @@ inline void for_each_tie_group(const RankScratch<T>& s, size_t n, Visit visit) {
 // 128-bit integer sums: the sums are exact, so the only rounding is in the final
 // cov / sqrt(var_a var_b), and the result does not depend on summation order.
 template <typename T>
-double spearman_one(const T* a, const T* b, size_t n, RankScratch<T>& s) {
+double spearman_one(const T* a, const T* b, size_t n, RankScratch<T>& s, NonFinite& bad) {
   using R = RankItem<T>;
   s.resize(n);
   int128_t var_a = 0, var_b = 0, cov = 0;
-  radix_argsort(a, static_cast<const uint32_t*>(nullptr), n, s);
+  if (!radix_argsort(a, static_cast<const uint32_t*>(nullptr), n, s)) {
+    bad = NonFinite::kMapA;
+    return 0.0;
+  }
   for_each_tie_group(s, n, [&](size_t first, size_t last, int64_t d) {
     var_a += int128_t(last - first) * d * d;
     for (size_t k = first; k < last; ++k) s.twice_centred_a[R::payload(s.items[k])] = uint32_t(int32_t(d));
   });
   // b's items carry a's twice-centred rank of their pixel, so that b's tie groups read
   // it in sorted order instead of gathering it by pixel index.
-  radix_argsort(b, s.twice_centred_a.data(), n, s);
+  if (!radix_argsort(b, s.twice_centred_a.data(), n, s)) {
+    bad = NonFinite::kMapB;
+    return 0.0;
+  }
   for_each_tie_group(s, n, [&](size_t first, size_t last, int64_t d) {
     var_b += int128_t(last - first) * d * d;
     int64_t sum_a = 0;
@@ -336,7 +372,16 @@ struct OverlapCounts {
 
 template <typename T>
 OverlapCounts overlap_one(const T* a, const T* b, size_t n, double percentile,
-                          SelectScratch<T>& buf) {
+                          SelectScratch<T>& buf, NonFinite& bad) {
+  // Selection on NaN would break std::nth_element's ordering assumptions: check first.
+  if (!all_finite(a, n)) {
+    bad = NonFinite::kMapA;
+    return {0, 0, 0};
+  }
+  if (!all_finite(b, n)) {
+    bad = NonFinite::kMapB;
+    return {0, 0, 0};
+  }
   const T thr_a = top_percentile_threshold(a, n, percentile, buf);
   const T thr_b = top_percentile_threshold(b, n, percentile, buf);
   // 32-bit counters vectorise better; maps have fewer than 2^32 pixels (checked).
@@ -384,25 +429,40 @@ void dispatch_float(const py::array& a, Fn fn) {
   }
 }
 
-// Runs body(m, row_a, row_b, n_pixels, scratch) for every map pair m on OpenMP threads,
-// with the rows typed by the arrays' dtype, one Scratch<T> per thread, and no GIL.
+// Runs body(m, row_a, row_b, n_pixels, scratch) -> NonFinite for every map pair m on
+// OpenMP threads, with the rows typed by the arrays' dtype, one Scratch<T> per thread, and
+// no GIL. If a body reports NaN/inf, raises ValueError naming the first such map (after
+// the loop: exceptions must not cross an OpenMP region).
 template <template <typename> class Scratch, typename Body>
 void parallel_over_maps(const MapPair& p, Body body) {
+  const long long n_maps = (long long)p.n_maps;
+  long long first_bad = n_maps;
+  NonFinite first_bad_kind = NonFinite::kNone;
   dispatch_float(p.a, [&](auto tag) {
     using T = decltype(tag);
     const T* pa = static_cast<const T*>(p.a.data());
     const T* pb = static_cast<const T*>(p.b.data());
     const size_t n = p.n_pixels;
-    const long long n_maps = (long long)p.n_maps;
     py::gil_scoped_release release;
 #pragma omp parallel
     {
       Scratch<T> scratch;
 #pragma omp for schedule(dynamic, 1)
-      for (long long m = 0; m < n_maps; ++m)
-        body(size_t(m), pa + size_t(m) * n, pb + size_t(m) * n, n, scratch);
+      for (long long m = 0; m < n_maps; ++m) {
+        const NonFinite bad = body(size_t(m), pa + size_t(m) * n, pb + size_t(m) * n, n, scratch);
+        if (bad != NonFinite::kNone) {
+#pragma omp critical(hf_metrics_non_finite)
+          if (m < first_bad) {
+            first_bad = m;
+            first_bad_kind = bad;
+          }
+        }
+      }
     }
   });
+  if (first_bad_kind != NonFinite::kNone)
+    throw py::value_error("non-finite values (NaN or inf) in map " + std::to_string(first_bad) +
+                          " of argument " + (first_bad_kind == NonFinite::kMapA ? "a" : "b"));
 }
 
 double checked_percentile(double percentile) {
@@ -416,7 +476,9 @@ py::array_t<double> spearman_maps(const py::array& a, const py::array& b) {
   py::array_t<double> out(py::ssize_t(p.n_maps));
   double* rho = out.mutable_data();
   parallel_over_maps<RankScratch>(p, [&](size_t m, auto row_a, auto row_b, size_t n, auto& s) {
-    rho[m] = spearman_one(row_a, row_b, n, s);
+    NonFinite bad = NonFinite::kNone;
+    rho[m] = spearman_one(row_a, row_b, n, s, bad);
+    return bad;
   });
   return out;
 }
@@ -428,10 +490,12 @@ py::tuple overlap_counts(const py::array& a, const py::array& b, double percenti
       cb(py::ssize_t(p.n_maps));
   int64_t *pi = inter.mutable_data(), *pca = ca.mutable_data(), *pcb = cb.mutable_data();
   parallel_over_maps<SelectScratch>(p, [&](size_t m, auto row_a, auto row_b, size_t n, auto& s) {
-    OverlapCounts c = overlap_one(row_a, row_b, n, percentile, s);
+    NonFinite bad = NonFinite::kNone;
+    OverlapCounts c = overlap_one(row_a, row_b, n, percentile, s, bad);
     pi[m] = c.intersection;
     pca[m] = c.count_a;
     pcb[m] = c.count_b;
+    return bad;
   });
   return py::make_tuple(inter, ca, cb);
 }
@@ -443,7 +507,9 @@ py::array top_percentile_thresholds(const py::array& x, double percentile) {
   void* data = out.mutable_data();
   parallel_over_maps<SelectScratch>(p, [&](size_t m, auto row, auto, size_t n, auto& s) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(row)>>;
+    if (!all_finite(row, n)) return NonFinite::kMapA;
     static_cast<T*>(data)[m] = top_percentile_threshold(row, n, percentile, s);
+    return NonFinite::kNone;
   });
   return out;
 }

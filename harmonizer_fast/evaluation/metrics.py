@@ -20,7 +20,7 @@ Differences from the reference, all deliberate:
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Tuple, Union
+from typing import Any, Dict, NamedTuple, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,34 +60,67 @@ def _check_maps_type(heatmaps: object, name: str) -> None:
         raise ValueError(f"`{name}` must have non-empty maps, got shape {shape_of(heatmaps)}")
 
 
-def _as_rows(heatmaps: ArrayLike, name: str, dtype: np.dtype) -> np.ndarray:
-    """Validated maps as a C-contiguous (N, H*W) array of ``dtype`` (float32 or float64)."""
+def _as_rows(heatmaps: ArrayLike, dtype: np.dtype) -> np.ndarray:
+    """Maps as a C-contiguous (N, H*W) array of ``dtype`` (float32 or float64), copied only if needed."""
     if isinstance(heatmaps, torch.Tensor):
         tensor = heatmaps.detach().to(torch.float64 if dtype == np.float64 else torch.float32)
         array = tensor.cpu().numpy()
     else:
         array = heatmaps.astype(dtype, copy=False)
-    # NumPy's isfinite is ~20x faster than torch's on these CPU arrays; same message as check_finite.
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise ValueError(
-            f"`{name}` (shape {shape_of(heatmaps)}) contains {finite.size - np.count_nonzero(finite)} "
-            "non-finite values (NaN or inf)"
-        )
     return np.ascontiguousarray(array).reshape(array.shape[0], array.shape[1] * array.shape[2])
+
+
+class MapRows(NamedTuple):
+    """Validated stacks as (N, H*W) rows of one dtype, and the (N, H, W) shape for messages."""
+
+    a: np.ndarray
+    b: np.ndarray
+    shape: str
+
+
+def _check_finite_rows(rows: MapRows) -> None:
+    """Raise the user-facing ValueError if either stack holds NaN or inf (same message as check_finite)."""
+    for name, array in (("heatmaps_a", rows.a), ("heatmaps_b", rows.b)):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise ValueError(
+                f"`{name}` (shape {rows.shape}) contains {finite.size - np.count_nonzero(finite)} "
+                "non-finite values (NaN or inf)"
+            )
 
 
 def _is_float64(heatmaps: ArrayLike) -> bool:
     return heatmaps.dtype in (np.float64, torch.float64)
 
 
-def _pair(heatmaps_a: ArrayLike, heatmaps_b: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
-    """Both stacks validated, as (N, H*W) rows of one dtype: float64 if either is float64."""
+def _pair(heatmaps_a: ArrayLike, heatmaps_b: ArrayLike) -> MapRows:
+    """Both stacks validated, as (N, H*W) rows of one dtype: float64 if either is float64.
+
+    NaN/inf are not looked for here: the C++ kernels detect them while reading the maps
+    (see :func:`_native`), and the NumPy fallback checks first.
+    """
     _check_maps_type(heatmaps_a, "heatmaps_a")
     _check_maps_type(heatmaps_b, "heatmaps_b")
     check_same_shape(heatmaps_a, heatmaps_b, "heatmaps_a", "heatmaps_b")
     dtype = np.dtype(np.float64 if _is_float64(heatmaps_a) or _is_float64(heatmaps_b) else np.float32)
-    return _as_rows(heatmaps_a, "heatmaps_a", dtype), _as_rows(heatmaps_b, "heatmaps_b", dtype)
+    return MapRows(_as_rows(heatmaps_a, dtype), _as_rows(heatmaps_b, dtype), shape_of(heatmaps_a))
+
+
+def _native(kernel: str, rows: MapRows, *args: float) -> Any:
+    """Run ``harmonizer_fast._C.<kernel>(a, b, *args)``, or None without the extension.
+
+    The kernel raises a bare ValueError on NaN/inf (it knows the map, not the argument's
+    name or shape); it is re-raised here with the message of the NumPy path.
+    """
+    native = extension()
+    if native is None:
+        _check_finite_rows(rows)
+        return None
+    try:
+        return getattr(native, kernel)(rows.a, rows.b, *args)
+    except ValueError as error:
+        _check_finite_rows(rows)
+        raise error
 
 
 def _check_percentile(percentile: Union[int, float]) -> float:
@@ -121,18 +154,17 @@ def _overlap_counts_numpy(a: np.ndarray, b: np.ndarray, percentile: float) -> Ov
     return intersection, np.count_nonzero(top_a, axis=1).astype(np.int64), np.count_nonzero(top_b, axis=1).astype(np.int64)
 
 
-def _overlap_counts(a: np.ndarray, b: np.ndarray, percentile: float) -> OverlapCounts:
-    """(|A and B|, |A|, |B|) per map pair of validated (N, H*W) rows."""
-    native = extension()
-    if native is not None:
-        return tuple(native.overlap_counts(a, b, percentile))  # type: ignore[return-value]
-    return _overlap_counts_numpy(a, b, percentile)
+def _overlap_counts(rows: MapRows, percentile: float) -> OverlapCounts:
+    """(|A and B|, |A|, |B|) per map pair of validated rows."""
+    counts = _native("overlap_counts", rows, percentile)
+    return tuple(counts) if counts is not None else _overlap_counts_numpy(rows.a, rows.b, percentile)  # type: ignore[return-value]
 
 
-def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman rho per map pair of validated (N, H*W) rows; warns about undefined (NaN) pairs."""
-    native = extension()
-    rho = native.spearman_maps(a, b) if native is not None else _spearman_numpy(a, b)
+def _spearman_rows(rows: MapRows) -> np.ndarray:
+    """Spearman rho per map pair of validated rows; warns about undefined (NaN) pairs."""
+    rho = _native("spearman_maps", rows)
+    if rho is None:
+        rho = _spearman_numpy(rows.a, rows.b)
     undefined = np.flatnonzero(np.isnan(rho))
     if undefined.size:
         warnings.warn(
@@ -173,7 +205,7 @@ def spearman_correlation(heatmaps_a: ArrayLike, heatmaps_b: ArrayLike) -> np.nda
         float64 array of shape (N,). A pair with a constant map (rho undefined) gives NaN,
         as scipy does, with a ``RuntimeWarning``.
     """
-    return _spearman_rows(*_pair(heatmaps_a, heatmaps_b))
+    return _spearman_rows(_pair(heatmaps_a, heatmaps_b))
 
 
 def dice(heatmaps_a: ArrayLike, heatmaps_b: ArrayLike, percentile: Union[int, float] = 10) -> np.ndarray:
@@ -195,7 +227,7 @@ def dice(heatmaps_a: ArrayLike, heatmaps_b: ArrayLike, percentile: Union[int, fl
         formula is evaluated in float32 there; in float64 it differs by < 1e-7).
     """
     value = _check_percentile(percentile)
-    return _dice_from_counts(*_overlap_counts(*_pair(heatmaps_a, heatmaps_b), value))
+    return _dice_from_counts(*_overlap_counts(_pair(heatmaps_a, heatmaps_b), value))
 
 
 def intersection_over_union(
@@ -216,7 +248,7 @@ def intersection_over_union(
         float64 array of shape (N,) (integer counts divided in float64, as the reference).
     """
     value = _check_percentile(percentile)
-    return _iou_from_counts(*_overlap_counts(*_pair(heatmaps_a, heatmaps_b), value))
+    return _iou_from_counts(*_overlap_counts(_pair(heatmaps_a, heatmaps_b), value))
 
 
 def alignment_metrics(
@@ -232,6 +264,6 @@ def alignment_metrics(
         arrays of shape (N,).
     """
     value = _check_percentile(percentile)
-    a, b = _pair(heatmaps_a, heatmaps_b)
-    counts = _overlap_counts(a, b, value)
-    return {"spearman": _spearman_rows(a, b), "dice": _dice_from_counts(*counts), "iou": _iou_from_counts(*counts)}
+    rows = _pair(heatmaps_a, heatmaps_b)
+    counts = _overlap_counts(rows, value)
+    return {"spearman": _spearman_rows(rows), "dice": _dice_from_counts(*counts), "iou": _iou_from_counts(*counts)}

@@ -239,7 +239,7 @@ def test_native_equals_fallback():
     rng = np.random.default_rng(8)
     a = np.concatenate([rng.random((3, 40, 50)), tied_maps(rng, (3, 40, 50), 6, np.float64)]).astype(np.float32)
     b = np.concatenate([rng.random((3, 40, 50)), tied_maps(rng, (3, 40, 50), 3, np.float64)]).astype(np.float32)
-    rows = metrics_module._pair(a, b)
+    rows = metrics_module._pair(a, b)[:2]
     np.testing.assert_allclose(extension().spearman_maps(*rows), metrics_module._spearman_numpy(*rows), rtol=1e-13)
     for native_counts, numpy_counts in zip(extension().overlap_counts(*rows, 10.0), metrics_module._overlap_counts_numpy(*rows, 10.0)):
         np.testing.assert_array_equal(native_counts, numpy_counts)
@@ -255,6 +255,31 @@ def test_non_finite_raises(backend, bad, metric):
     b[1, 2, 3] = bad
     with pytest.raises(ValueError, match=r"`heatmaps_b` \(shape \(2, 4, 4\)\) contains 1 non-finite"):
         metric(a, b)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_in_large_maps_raises(backend, bad, dtype):
+    # Maps large enough for the sampled selection; the bad pixel sits in a later map of `heatmaps_a`.
+    rng = np.random.default_rng(3)
+    a, b = rng.random((3, 100, 100)).astype(dtype), rng.random((3, 100, 100)).astype(dtype)
+    a[2, 57, 91] = bad
+    a[1, 0, 0] = bad
+    for metric in (spearman_correlation, dice, intersection_over_union, alignment_metrics):
+        with pytest.raises(ValueError, match=r"`heatmaps_a` \(shape \(3, 100, 100\)\) contains 2 non-finite"):
+            metric(a, b)
+
+
+@pytest.mark.skipif(extension() is None, reason="C++ extension not built")
+@pytest.mark.parametrize("kernel", ["spearman_maps", "overlap_counts", "top_percentile_thresholds"])
+def test_native_kernels_name_the_first_non_finite_map(kernel):
+    rng = np.random.default_rng(4)
+    a, b = rng.random((4, 9000)).astype(np.float32), rng.random((4, 9000)).astype(np.float32)
+    b[3, 5], b[1, 8999] = np.nan, np.inf
+    args = {"spearman_maps": (a, b), "overlap_counts": (a, b, 10.0), "top_percentile_thresholds": (b, 10.0)}[kernel]
+    which = "a" if kernel == "top_percentile_thresholds" else "b"
+    with pytest.raises(ValueError, match=rf"non-finite values \(NaN or inf\) in map 1 of argument {which}$"):
+        getattr(extension(), kernel)(*args)
 
 
 @pytest.mark.parametrize(
