@@ -31,6 +31,10 @@
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // AVX2 kernels are compiled with a target attribute, run if the CPU has it
+#define HF_METRICS_AVX2 1
+#endif
 
 namespace py = pybind11;
 
@@ -262,12 +266,62 @@ size_t filter_between(const T* x, size_t n, T low, T high, T* out, size_t& below
   return filter_between_scalar(x, n, low, high, out, below);
 }
 
+#ifdef HF_METRICS_AVX2
+// Lane indices that move the set lanes of an 8-bit mask to the front, in order.
+struct LeftPackTable {
+  alignas(32) uint32_t lanes[256][8];
+  LeftPackTable() {
+    for (unsigned mask = 0; mask < 256; ++mask) {
+      unsigned k = 0;
+      for (unsigned lane = 0; lane < 8; ++lane)
+        if (mask & (1u << lane)) lanes[mask][k++] = lane;
+      for (; k < 8; ++k) lanes[mask][k] = 0;
+    }
+  }
+};
+const LeftPackTable kLeftPack;
+
+// float32 filter with AVX2 (chosen at run time): 8 pixels per step, and the in-range
+// pixels packed to the front of the vector by a permutation and stored whole (out needs
+// 8 spare slots), so that no branch depends on the data: the SSE2 version's per-hit loop
+// mispredicted on most steps that kept a pixel.
+__attribute__((target("avx2,popcnt"))) size_t filter_between_avx2(const float* x, size_t n,
+                                                                 float low, float high,
+                                                                 float* out, size_t& below) {
+  const __m256 vlow = _mm256_set1_ps(low), vhigh = _mm256_set1_ps(high);
+  __m256i below_lanes = _mm256_setzero_si256();
+  size_t kept = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 lt = _mm256_cmp_ps(v, vlow, _CMP_LT_OQ);
+    below_lanes = _mm256_sub_epi32(below_lanes, _mm256_castps_si256(lt));
+    const unsigned in_range =
+        unsigned(_mm256_movemask_ps(_mm256_andnot_ps(lt, _mm256_cmp_ps(v, vhigh, _CMP_LE_OQ))));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.lanes[in_range]));
+    _mm256_storeu_ps(out + kept, _mm256_permutevar8x32_ps(v, perm));
+    kept += unsigned(__builtin_popcount(in_range));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), below_lanes);
+  size_t tail_below = 0;
+  const size_t tail_kept = filter_between_scalar(x + i, n - i, low, high, out + kept, tail_below);
+  below = tail_below;
+  for (uint32_t c : lanes) below += c;
+  return kept + tail_kept;
+}
+
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#endif
+
 #ifdef __SSE2__
 // float32 maps: 8 pixels per step with SSE2 compares; the in-range mask is usually empty,
 // and its set bits are copied one by one. ~1.5x faster than the scalar filter.
 template <>
 size_t filter_between<float>(const float* x, size_t n, float low, float high, float* out,
                              size_t& below) {
+#ifdef HF_METRICS_AVX2
+  if (kHaveAvx2) return filter_between_avx2(x, n, low, high, out, below);
+#endif
   const __m128 vlow = _mm_set1_ps(low), vhigh = _mm_set1_ps(high);
   __m128i below_lanes = _mm_setzero_si128();  // each lane counts down by -1 per hit
   size_t kept = 0, i = 0;
@@ -339,7 +393,8 @@ void select_pair_sampled(const T* x, size_t n, size_t lo, T& lower, T& upper,
   std::nth_element(s.sample.begin() + i_low, s.sample.begin() + i_high, s.sample.end());
   const T pivot_high = s.sample[i_high];
 
-  if (s.candidates.size() < n) s.candidates.resize(n);  // never shrunk: no refill per map
+  // Never shrunk (no refill per map); 8 spare slots for the AVX2 filter's full-width stores.
+  if (s.candidates.size() < n + 8) s.candidates.resize(n + 8);
   T* candidates = s.candidates.data();
   size_t below = 0;
   const size_t kept = filter_between(x, n, pivot_low, pivot_high, candidates, below);
