@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+
+from harmonizer_fast._io import atomic_write_text
 
 #: full photographs checked for ImageNet predictions: name -> (loader, accepted classes).
 NATURAL_IMAGES = {
@@ -206,9 +207,7 @@ def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = 
         "predictions_after": {k: dict(v, names=_class_names(v["top5"])) for k, v in after_pred.items()},
         "history": history,
     }
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out_dir / "summary.json")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"after {steps} steps: held-out Spearman {before_rho.mean():.3f} -> {after_rho.mean():.3f}; "
           f"ImageNet top-5 right on {summary['imagenet_top5_correct_after']}/{len(photos)} photographs "
           f"({summary['seconds']:.0f} s). Figures: {out_dir / 'alignment.png'}, {out_dir / 'curves.png'}", flush=True)

@@ -15,9 +15,10 @@ import argparse
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Dict, Iterator, List
+
+from harmonizer_fast._io import atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,12 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure-images", type=int, default=8, help="rows of the figure")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def scores_csv(rows: List[Dict[str, object]]) -> str:
@@ -95,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
                      "iou": scores["iou"][position]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / "scores.csv", scores_csv(rows))
+    atomic_write_text(out / "scores.csv", scores_csv(rows))
     summary = {"model": args.model, "weights": args.weights, "images": len(rows),
                "alignment_score": scores["alignment_score"],
                **{f"mean_{k}": float(np.mean(scores[k])) for k in ("spearman", "dice", "iou")}}
-    _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if args.figure_images > 0 and indices:
         shown = records.get_batch(indices[: args.figure_images])
         images = shown.images.to(device)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from harmonizer_fast._io import atomic_open
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -15,18 +16,10 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def save_figure_atomically(fig, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
-    """``fig.savefig`` to a temporary PNG next to ``path``, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """``fig.savefig`` as PNG through :func:`harmonizer_fast._io.atomic_open`."""
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
 
 
 def plot_alignment(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
+
+from harmonizer_fast._io import atomic_open
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,24 +59,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the target folder, fsync, then ``os.replace``.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    """``torch.save`` through :func:`harmonizer_fast._io.atomic_open`: a crash mid-write leaves
+    the previous file intact, never a truncated one."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def save_checkpoint(

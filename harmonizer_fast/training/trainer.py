@@ -26,14 +26,16 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from harmonizer_fast._io import atomic_write_text
 
 from harmonizer_fast.training import checkpoint as ckpt
 from harmonizer_fast.training.data_mix import Batch
@@ -321,12 +323,8 @@ class MetricsLogger:
         rows = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step else []
         extra = sorted({k for r in rows for k in r} - set(self.FIELDS))
         self.fields = list(self.FIELDS) + extra
-        ckpt_dir = self.directory
-        for path, text in ((self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows)),
-                           (self.csv_path, self._csv_text(rows))):
-            tmp = ckpt_dir / f".{path.name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.csv_path, self._csv_text(rows))
 
     def _csv_text(self, rows: List[Dict[str, Any]]) -> str:
         import io
@@ -345,9 +343,7 @@ class MetricsLogger:
             self.fields += new_fields
             with open(self.jsonl_path) as handle:
                 rows = [json.loads(line) for line in handle if line.strip()]
-            tmp = self.directory / ".metrics.csv.tmp"
-            tmp.write_text(self._csv_text(rows))
-            os.replace(tmp, self.csv_path)
+            atomic_write_text(self.csv_path, self._csv_text(rows))
             return
         with open(self.csv_path, "a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow(row)

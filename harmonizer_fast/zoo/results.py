@@ -21,9 +21,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Sequence
+
+from harmonizer_fast._io import atomic_write_bytes
 
 __all__ = [
     "SweepRow",
@@ -93,28 +94,6 @@ def _parse(column: str, text: str) -> object:
             raise ValueError(f"column {column!r} must be true/false, got {text!r}")
         return text == "true"
     return text
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers (and crashes) see the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _csv_bytes(rows: Sequence[SweepRow]) -> bytes:
