@@ -16,7 +16,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import Comparison, Timing, measure
+from benchmarks._timing import Comparison, measure
 from harmonizer_fast.training import alignment_loss, saliency_standardize_cut
 
 IMAGE_SIZE = 224

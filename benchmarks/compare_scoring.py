@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from benchmarks._timing import Comparison, Timing, format_table, peak_rss_gib
 

@@ -19,15 +19,13 @@ one Trainer step.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from typing import List, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks._timing import Comparison, Timing, measure, peak_rss_gib
+from benchmarks._timing import Comparison, measure, peak_rss_gib
 
 MODELS = ("resnet18", "convnext_atto", "efficientnet_lite0", "vit_tiny_patch16_224")
 BATCH = 8

@@ -12,7 +12,7 @@ Differences from the reference, each a bug fix (see the function docstrings):
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch

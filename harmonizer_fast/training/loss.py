@@ -6,7 +6,7 @@ This module is the specification that every fast path (the Triton kernels under
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 #: types of the config fields whose default is None (argparse cannot infer them).
 _OPTIONAL_FIELD_TYPES = {"weights": str, "max_grad_norm": float, "loss_backend": str, "output_dir": str}

