@@ -275,7 +275,11 @@ def _check_loss_inputs(images, tokens, labels, true_heatmaps) -> None:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
     check_tokens(tokens, n)
-    check_finite(true_heatmaps, "true_heatmaps")
+    # One fused reduction instead of four: non-finite inputs would otherwise surface as a
+    # NaN loss steps later, far from their cause.
+    if not bool(torch.stack([torch.isfinite(t).all() for t in (images, true_heatmaps, labels, tokens)]).all()):
+        for tensor, name in ((images, "images"), (true_heatmaps, "true_heatmaps"), (labels, "labels"), (tokens, "tokens")):
+            check_finite(tensor, name)
 
 
 def input_saliency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -407,6 +407,16 @@ def test_bad_inputs(reference):
     bad[0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"true_heatmaps.*\(4, 32, 32\).*2 non-finite"):
         harmonizer_loss(net, images, tokens, labels, bad)
+    bad_images = images.clone()
+    bad_images[2, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"images.*\(4, 3, 32, 32\).*1 non-finite"):
+        harmonizer_loss(net, bad_images, tokens, labels, true_heatmaps)
+    with pytest.raises(ValueError, match=r"tokens.*\(4,\).*1 non-finite"):
+        harmonizer_loss(net, images, torch.tensor([1.0, float("nan"), 1.0, 1.0]), labels, true_heatmaps)
+    bad_labels = labels.clone()
+    bad_labels[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"labels.*\(4, 10\).*1 non-finite"):
+        harmonizer_loss(net, images, tokens, bad_labels, true_heatmaps)
     with pytest.raises(TypeError, match="images.*ndarray"):
         harmonizer_loss(net, images.numpy(), tokens, labels, true_heatmaps)
     with pytest.raises(TypeError, match="tokens.*list"):
