@@ -236,6 +236,36 @@ void select_pair(T* data, size_t n, size_t lo, T& lower, T& upper) {
   upper = *std::min_element(data + lo + 1, data + n);
 }
 
+// select_pair for data[0..m) known to lie in [low, high], with k + 1 < m: a histogram of
+// the order keys (relative to low's) finds the buckets holding ranks k and k + 1, and only
+// the pixels in those buckets are selected on. Both passes are branch-free, where
+// nth_element on all m mispredicts about once per element. Reorders data.
+template <typename T>
+void select_pair_bracketed(T* data, size_t m, size_t k, T low, T high, T& lower, T& upper) {
+  using K = KeyOf<T>;
+  constexpr size_t kBuckets = 256;
+  if (m < 4 * kBuckets) {
+    select_pair(data, m, k, lower, upper);
+    return;
+  }
+  const K base = order_key(low), range = order_key(high) - base;
+  int shift = 0;
+  while ((range >> shift) >= K(kBuckets)) ++shift;
+  std::array<uint32_t, kBuckets> hist{};
+  for (size_t i = 0; i < m; ++i) ++hist[size_t((order_key(data[i]) - base) >> shift)];
+  size_t before = 0, first = 0;
+  while (before + hist[first] <= k) before += hist[first++];
+  size_t last = first, through = before + hist[first];
+  while (through <= k + 1) through += hist[++last];
+  size_t kept = 0;
+  for (size_t i = 0; i < m; ++i) {
+    const size_t bucket = size_t((order_key(data[i]) - base) >> shift);
+    data[kept] = data[i];
+    kept += (bucket >= first) & (bucket <= last);
+  }
+  select_pair(data, kept, k - before, lower, upper);
+}
+
 // Scratch space for the thresholds: a pixel sample and the candidates between two pivots.
 template <typename T>
 struct SelectScratch {
@@ -400,7 +430,7 @@ void select_pair_sampled(const T* x, size_t n, size_t lo, T& lower, T& upper,
   const size_t kept = filter_between(x, n, pivot_low, pivot_high, candidates, below);
   // Both wanted ranks must fall inside the candidates (ranks below .. below + kept - 1).
   if (lo >= below && lo + 1 < below + kept) {
-    select_pair(candidates, kept, lo - below, lower, upper);
+    select_pair_bracketed(candidates, kept, lo - below, pivot_low, pivot_high, lower, upper);
     return;
   }
   std::copy(x, x + n, candidates);
