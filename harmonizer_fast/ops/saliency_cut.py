@@ -108,6 +108,16 @@ def _standardize_cut_kernel(
 
 
 @triton.jit
+def _cut_block_delta(grad_ptr, scale_ptr, mean_ptr, n, idx, mask, HW, mu, inv, HAS_SCALE: tl.constexpr):
+    """Centred channel means of one block and the upstream gradient where the ReLU is open."""
+    centered = tl.load(mean_ptr + n * HW + idx, mask=mask, other=0.0) - mu
+    upstream = tl.load(grad_ptr + n * HW + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        upstream = upstream * tl.load(scale_ptr).to(tl.float32)
+    return centered, tl.where(mask & (centered * inv > 0.0), upstream, 0.0)
+
+
+@triton.jit
 def _cut_backward_partial_kernel(
     grad_ptr, scale_ptr, mean_ptr, stats_ptr, part_ptr, HW, n_blocks, eps,
     BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -119,11 +129,7 @@ def _cut_backward_partial_kernel(
     sigma = tl.load(stats_ptr + n * 3 + 1)
     idx = blk * BLOCK + tl.arange(0, BLOCK)
     mask = idx < HW
-    centered = tl.load(mean_ptr + n * HW + idx, mask=mask, other=0.0) - mu
-    upstream = tl.load(grad_ptr + n * HW + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        upstream = upstream * tl.load(scale_ptr).to(tl.float32)
-    delta = tl.where(mask & (centered / (sigma + eps) > 0.0), upstream, 0.0)
+    centered, delta = _cut_block_delta(grad_ptr, scale_ptr, mean_ptr, n, idx, mask, HW, mu, 1.0 / (sigma + eps), HAS_SCALE)
     tl.store(part_ptr + (n * n_blocks + blk) * 2, tl.sum(delta, axis=0))
     tl.store(part_ptr + (n * n_blocks + blk) * 2 + 1, tl.sum(delta * centered, axis=0))
 
@@ -147,11 +153,7 @@ def _cut_backward_kernel(
     std_coef = tl.where(sigma > 0.0, inv * inv * s2 / (HW * tl.where(sigma > 0.0, sigma, 1.0)), 0.0)
     idx = blk * BLOCK + tl.arange(0, BLOCK)
     mask = idx < HW
-    centered = tl.load(mean_ptr + n * HW + idx, mask=mask, other=0.0) - mu
-    upstream = tl.load(grad_ptr + n * HW + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        upstream = upstream * tl.load(scale_ptr).to(tl.float32)
-    delta = tl.where(centered * inv > 0.0, upstream, 0.0)
+    centered, delta = _cut_block_delta(grad_ptr, scale_ptr, mean_ptr, n, idx, mask, HW, mu, inv, HAS_SCALE)
     dmean = inv * (delta - s1 / HW) - std_coef * centered
     dx = (dmean / C).to(dx_ptr.dtype.element_ty)
     for c in range(C):
