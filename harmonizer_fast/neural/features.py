@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harmonizer_fast._memory import release_freed_memory
 from harmonizer_fast._validation import shape_of
 
 __all__ = [
@@ -82,7 +83,10 @@ class LayerTaps:
         missing = [k for k in self.keys if k not in self._captured]
         if missing:
             raise RuntimeError(f"layers {missing} produced no output (are they used in forward()?)")
-        return {k: self._captured[k] for k in self.keys}
+        outputs = {k: self._captured[k] for k in self.keys}
+        # Dropping our references now lets this batch's activations be freed before the next one.
+        self._captured.clear()
+        return outputs
 
 
 def _sparse_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -185,7 +189,9 @@ def extract_layer_grams(
     (images, labels)). ``layers``: module names and/or timm ``forward_intermediates`` indices.
     Each layer's output is flattened (all of C x H x W, or tokens x dim) and fed to a
     :class:`LayerFeatureAccumulator` (layer ``i`` seeded with ``seed + i``). Only one batch of
-    full-size activations exists at a time. ``keep_features=True`` returns the accumulators
+    full-size activations exists at a time, and the heap's freed pages go back to the OS after
+    every batch (:func:`harmonizer_fast._memory.release_freed_memory`; without it glibc
+    fragmentation grew ViT-B/16's RSS ten times faster than the stored features). ``keep_features=True`` returns the accumulators
     instead of the Grams.
     """
     accumulators = {str(ly): LayerFeatureAccumulator(projection_dim, projection, seed + i) for i, ly in enumerate(layers)}
@@ -200,6 +206,7 @@ def extract_layer_grams(
                     raise ValueError(f"images_iter must yield NCHW tensors, got {shape_of(batch)}")
                 for key, out in taps(batch.to(device)).items():
                     accumulators[key].update(out[0] if isinstance(out, (tuple, list)) else out)
+                release_freed_memory()
     finally:
         model.train(was_training)
     if keep_features:

@@ -31,6 +31,7 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from harmonizer_fast._memory import release_freed_memory
 from harmonizer_fast.zoo.layers import LayerExtractor
 from harmonizer_fast.zoo.report import is_harmonized_name, write_report
 from harmonizer_fast.zoo.results import (
@@ -158,6 +159,8 @@ def run_unit(unit: SweepUnit) -> List[SweepRow]:
     for first in tqdm(batches, desc=f"{unit.model.label}: features", disable=not unit.progress, leave=False):
         outputs = extractor(_prepare(images[first:first + unit.batch_size], normalize, unit.image_size))
         sink.update(outputs)
+        del outputs
+        release_freed_memory()
     features = sink.finish()
     extraction_s = time.perf_counter() - start
 
