@@ -39,6 +39,7 @@ from harmonizer_fast._io import atomic_write_text
 
 from harmonizer_fast.training import checkpoint as ckpt
 from harmonizer_fast.training.data_mix import Batch
+from harmonizer_fast.training.double_backward import fast_conv_double_backward
 from harmonizer_fast.training.loss import harmonizer_loss_components
 
 # --------------------------------------------------------------------------- configuration
@@ -67,9 +68,10 @@ class TrainerConfig:
     ``"none"`` (images already normalised).
 
     Second order: ``unfuse_attention`` switches timm's fused attention off while training;
-    ``fast_depthwise`` runs depthwise convolutions as shifted sums, whose double backward
-    avoids PyTorch's per-group convolution loop (:mod:`harmonizer_fast.training.double_backward`);
-    off by default: on a CPU it only pays at very small batches (see benchmarks/RESULTS.md).
+    ``fast_double_backward`` records 2-D convolutions so that their double backward uses the
+    backend's forward and weight-gradient kernels instead of PyTorch's generic formula (a
+    convolution with the output gradient as kernel, and a per-group loop for depthwise layers;
+    :mod:`harmonizer_fast.training.double_backward`); same gradients, on by default.
 
     ``freeze_bn`` turns BatchNorm layers into frozen ones (running statistics, affine
     parameters not trained; ``timm.layers.freeze_batch_norm_2d``): for fine-tuning on small
@@ -114,7 +116,7 @@ class TrainerConfig:
     log_every: int = 1
     progress: bool = True
     unfuse_attention: bool = True
-    fast_depthwise: bool = False
+    fast_double_backward: bool = True
     freeze_bn: bool = False
 
     def __post_init__(self) -> None:
@@ -508,9 +510,10 @@ class Trainer:
         """Forward + backward of one micro-batch; the gradient is scaled by ``scale``."""
         sync_context = contextlib.nullcontext() if (sync or not self.distributed) else self.train_model.no_sync()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        fast_convs = fast_conv_double_backward() if self.config.fast_double_backward else contextlib.nullcontext()
         with sync_context:
             try:
-                with autocast:
+                with autocast, fast_convs:
                     out = harmonizer_loss_components(
                         self.train_model, batch.images, batch.tokens, batch.labels, batch.heatmaps,
                         lambda_weights=self.config.lambda_weights,
@@ -611,15 +614,10 @@ class Trainer:
     @contextlib.contextmanager
     def harmonizing(self) -> Iterator[None]:
         """Model switches for second-order training, undone on exit: fused attention off
-        (``unfuse_attention``) and depthwise convolutions with a fast double backward
-        (``fast_depthwise``, see :mod:`harmonizer_fast.training.double_backward`)."""
-        from harmonizer_fast.training.double_backward import restore_depthwise, use_fast_depthwise
-
+        (``unfuse_attention``)."""
         with contextlib.ExitStack() as stack:
             if self.config.unfuse_attention:
                 stack.enter_context(unfused_attention(self.model))
-            if self.config.fast_depthwise and use_fast_depthwise(self.model):
-                stack.callback(restore_depthwise, self.model)
             yield
 
     def fit(self, steps: Optional[int] = None, resume: Union[bool, str, os.PathLike, None] = None) -> List[Dict[str, Any]]:

@@ -1,0 +1,124 @@
+"""Conv2dFunction equals F.conv2d to second order; the mode routes exactly the calls it should."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harmonizer_fast.training.double_backward import (
+    Conv2dFunction,
+    conv2d_fast_double_backward,
+    fast_conv_double_backward,
+)
+
+
+def _second_order(conv, x, w, b):
+    """Gradients wrt (x, w, b) of a loss of the input gradient: the harmonizer's double backward."""
+    out = conv(x, w, b)
+    weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    (gx,) = torch.autograd.grad((out * weights).sum(), x, create_graph=True)
+    leaves = (x, w) if b is None else (x, w, b)
+    second = torch.autograd.grad(gx.square().sum() + (gx * x).sum() + (out**2).sum(), leaves)
+    return out, gx, second
+
+
+CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, H, W)
+    (3, 5, 3, 1, 1, 1, 1, True, 9, 8),
+    (4, 6, 3, 2, 1, 1, 1, False, 11, 9),   # stride 2 on odd sides: the input gradient is cropped
+    (6, 6, 5, 2, 2, 1, 6, True, 10, 13),   # depthwise
+    (6, 4, 3, 1, 2, 2, 2, True, 9, 9),     # grouped + dilated
+    (2, 3, (3, 1), (1, 2), (1, 0), 1, 1, True, 7, 6),  # rectangular kernel, per-axis stride/padding
+    (3, 8, 7, 2, 3, 1, 1, False, 15, 15),  # ResNet stem shape
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_second_order_matches_native_conv2d(case):
+    cin, cout, k, s, p, d, g, with_bias, h, wd = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(len(str(case)))
+    x = torch.randn(2, cin, h, wd, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, cin // g, kh, kw, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
+    native = lambda x, w, b: F.conv2d(x, w, b, s, p, d, g)
+    fast = lambda x, w, b: conv2d_fast_double_backward(x, w, b, s, p, d, g)
+    expected = _second_order(native, x, w, b)
+    actual = _second_order(fast, x, w, b)
+    assert actual[0].grad_fn.name().startswith("Conv2dFunction")
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-12, atol=1e-12)
+    for a, e in zip(actual[2], expected[2]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_gradients_inside_a_graph_building_backward_stay_differentiable():
+    # A gradient penalty on the weight gradient needs d(dL/dW)/dW: the rare fallback path.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def penalty(conv):
+        out = conv(x, w, b)
+        gx, gw, gb = torch.autograd.grad(out.square().sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum() + gb.square().sum(), (x, w, b))
+
+    expected = penalty(lambda x, w, b: F.conv2d(x, w, b, 1, 1))
+    actual = penalty(lambda x, w, b: Conv2dFunction.apply(x, w, b, ([1, 1], [1, 1], [1, 1], 1)))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_mode_routes_modules_and_functional_calls_and_leaves_the_rest_native():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding="same", groups=4))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with fast_conv_double_backward():
+        first = model[0](x)
+        second = model[2](first)
+        functional = F.conv2d(x, model[0].weight, stride=2)
+        with torch.no_grad():
+            no_grad = model[0](x)
+    assert first.grad_fn.name().startswith("Conv2dFunction")
+    assert functional.grad_fn.name().startswith("Conv2dFunction")
+    assert not second.grad_fn.name().startswith("Conv2dFunction")  # string padding: native
+    assert no_grad.grad_fn is None
+    assert not model[0](x).grad_fn.name().startswith("Conv2dFunction")  # outside the block
+    torch.testing.assert_close(first, model[0](x))
+
+
+def test_channels_last_and_a_timm_model_match_native_gradients():
+    timm = pytest.importorskip("timm")
+    from harmonizer_fast.training.loss import harmonizer_loss_components
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=10).double().train()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    heatmaps = torch.rand(2, 40, 40, dtype=torch.float64)
+    labels = F.one_hot(torch.tensor([1, 7]), 10).double()
+    tokens = torch.ones(2, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grads(fast):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        with fast_conv_double_backward() if fast else torch.enable_grad():
+            out = harmonizer_loss_components(model, x, tokens, labels, heatmaps)
+        out.loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, e in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+def test_bf16_autocast_runs_in_the_autocast_dtype():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        native = conv(x)
+        with fast_conv_double_backward():
+            fast = conv(x)
+            (gx,) = torch.autograd.grad(fast.float().square().sum(), x, create_graph=True)
+    assert fast.dtype == native.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, native)
+    gx.square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
