@@ -1,8 +1,12 @@
-r"""2-D convolutions whose double backward uses the backend's own weight-gradient kernel.
+r"""Convolutions and batch norms whose double backward uses the backend's own kernels.
 
-The harmonization loss differentiates the input gradient of the network again. For a
-convolution :math:`y = W \star x` the saliency pass computes :math:`g_x = W^\top \star g_y`
-(a transposed convolution), and the training backward must then differentiate :math:`g_x`:
+The harmonization loss differentiates the input gradient of the network again, so every
+layer's backward is itself differentiated. PyTorch's generic second-order formulas are slow
+for the two layers that dominate CNNs:
+
+**Convolution** :math:`y = W \star x`. The saliency pass computes :math:`g_x = W^\top \star g_y`
+(a transposed convolution); the training backward then needs, for an upstream
+:math:`\bar g_x`,
 
 .. math::
 
@@ -10,21 +14,26 @@ convolution :math:`y = W \star x` the saliency pass computes :math:`g_x = W^\top
     \bar W = \nabla_W \langle g_y,\, W \star \bar g_x \rangle
     \quad\text{(the weight gradient of that forward convolution)}.
 
-PyTorch's generic double backward (``_convolution_double_backward``) obtains :math:`\bar W`
-as a convolution of :math:`\bar g_x` with :math:`g_y` *as the kernel* (batch and channels
-swapped), which oneDNN runs slowly (a 56 x 56 "kernel" for a ResNet stage), and for grouped or
-depthwise convolutions as a Python loop of one convolution per group (~9,000 per
-efficientnet_lite0 step). Here both terms are the backend's ordinary kernels:
-``aten.convolution`` for :math:`\bar g_y` and ``aten.convolution_backward`` with only the
-weight output requested for :math:`\bar W`; the math is unchanged, and the gradients equal
-native autograd's (tested in float64 against ``F.conv2d`` to second order).
+PyTorch (``_convolution_double_backward``) obtains :math:`\bar W` as a convolution of
+:math:`\bar g_x` with :math:`g_y` *as the kernel* (batch and channels swapped), which oneDNN
+runs slowly, and for grouped or depthwise convolutions as a Python loop of one convolution per
+group (~9,000 per efficientnet_lite0 step). Here both terms are ordinary kernels:
+``aten.convolution`` and ``aten.convolution_backward`` with only the weight output requested.
 
-:func:`fast_conv_double_backward` is a context manager that routes ``F.conv2d`` calls made under
-it (``nn.Conv2d``, timm's ``Conv2dSame``/``StdConv2d``, functional calls) through
-:class:`Conv2dFunction` while gradients are enabled; other calls, string paddings and
-non-4-D inputs run natively. The first backward computes only the gradients the running
-backward pass will use (the saliency pass needs input gradients, not weight gradients).
-Derivatives of third order are not supported (``once_differentiable``).
+**Batch norm in training mode.** Its input gradient's derivative is a closed form of a few
+per-channel sums (:class:`_BatchNormInputGrad`), one native batch-norm backward call plus one
+reduction and one fused update, against ~30 elementwise and reduction ops in PyTorch's
+``batchnorm_double_backward``.
+
+The math is unchanged: gradients equal native autograd's (tested in float64 to second order).
+:func:`fast_double_backward` is a context manager that routes the ``F.conv2d`` and training-mode
+``F.batch_norm`` calls made under it (``nn.Conv2d``, ``nn.BatchNorm2d``, timm's ``Conv2dSame``,
+``StdConv2d``, ``BatchNormAct2d``, functional calls) through :class:`Conv2dFunction` and
+:class:`BatchNormFunction` while gradients are enabled; string paddings, non-4-D convolutions,
+evaluation-mode batch norm and batch norm under autocast run natively. The first backward
+computes only the gradients the running backward pass uses (the saliency pass needs input
+gradients, not weight gradients). Third-order derivatives are not supported
+(``once_differentiable``).
 """
 from __future__ import annotations
 
@@ -37,7 +46,13 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Conv2dFunction", "fast_conv_double_backward", "conv2d_fast_double_backward"]
+__all__ = [
+    "BatchNormFunction",
+    "Conv2dFunction",
+    "batch_norm_fast_double_backward",
+    "conv2d_fast_double_backward",
+    "fast_double_backward",
+]
 
 _aten = torch.ops.aten
 _Params = Tuple[List[int], List[int], List[int], int]  # stride, padding, dilation, groups
@@ -128,6 +143,104 @@ class Conv2dFunction(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+class _BatchNormInputGrad(torch.autograd.Function):
+    r"""Training-mode batch-norm input gradient :math:`g_x = \gamma s\,(g_y - a - \hat x\, b)` with a
+    closed-form backward.
+
+    Per channel, over its :math:`M` values: :math:`s = 1/\sqrt{\sigma^2 + \epsilon}`,
+    :math:`\hat x = (x - \mu) s`, :math:`a = \overline{g_y}`, :math:`b = \overline{g_y \hat x}`.
+    For an upstream :math:`\bar g` of :math:`g_x`, with :math:`V = \sum \bar g`,
+    :math:`C = \sum \bar g \hat x`, :math:`P = \sum \bar g g_y`:
+
+    .. math::
+
+        \bar g_y &= \gamma s\,(\bar g - V/M - \hat x\, C/M) \quad\text{(a batch-norm backward of } \bar g)\\
+        \bar\gamma &= s\,(P - aV - bC)\\
+        \bar x &= \gamma s^2 \bigl[\hat x\,(3bC - P + aV)/M - (C/M)(g_y - a) - b\,(\bar g - V/M)\bigr]
+
+    (:math:`\bar x` collects the dependence of :math:`\hat x`, :math:`\mu` and :math:`s` on
+    :math:`x`). The first line is one native batch-norm backward call, which also returns
+    :math:`V` and :math:`C`; PyTorch's generic formula takes ~30 elementwise and reduction ops.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, mean, invstd, eps):
+        gx, sum_gy_xhat, sum_gy = _aten.native_batch_norm_backward(
+            grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        ctx.save_for_backward(grad_out, x, weight, mean, invstd, sum_gy_xhat, sum_gy)
+        ctx.eps = eps
+        return gx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_x):
+        grad_out, x, weight, mean, invstd, sum_gy_xhat, sum_gy = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        ndim = x.dim()
+        dims = [0] + list(range(2, ndim))
+        count = x.numel() // x.shape[1]
+        gg_gy, c_sum, v_sum = _aten.native_batch_norm_backward(
+            gg_x, x, weight, None, None, mean, invstd, True, ctx.eps, [need_gy, True, True])
+        p_sum = (gg_x * grad_out).sum(dims)
+        a, b = sum_gy / count, sum_gy_xhat / count
+        gg_w = invstd * (p_sum - a * v_sum - b * c_sum) if need_w and weight is not None else None
+        gg_xin = None
+        if need_x:
+            scale = invstd if weight is None else weight * invstd
+            view = lambda t: _channel_view(t, ndim)
+            # x-bar = scale*s*[xhat*k1 - k2*(gy - a) - b*(gg - V/M)], xhat = (x - mean)*s, folded
+            # into per-channel coefficients of x, gy and gg plus a constant.
+            k1 = (3.0 * b * c_sum - p_sum + a * v_sum) / count
+            k2 = c_sum / count
+            f = scale * invstd
+            coef_x = f * k1 * invstd
+            const = f * (-k1 * invstd * mean + k2 * a + b * v_sum / count)
+            gg_xin = view(coef_x) * x + view(const)
+            gg_xin.addcmul_(view(-f * k2), grad_out).addcmul_(view(-f * b), gg_x)
+        return gg_gy if need_gy else None, gg_xin, gg_w, None, None, None
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Training-mode ``F.batch_norm`` (running statistics updated as natively) whose input
+    gradient is :class:`_BatchNormInputGrad` when the backward builds a graph."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = need_w and weight is not None, need_b and bias is not None
+        if not torch.is_grad_enabled():
+            gx, gw, gb = _aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [need_x, need_w, need_b])
+            return gx, gw, gb, None, None, None, None
+        gx = _BatchNormInputGrad.apply(grad_out, x, weight, mean, invstd, ctx.eps) if need_x else None
+        gw = gb = None
+        if (need_w and _will_be_used(weight)) or (need_b and _will_be_used(bias)):
+            gw, gb = _differentiable_affine_grads(grad_out, x, weight, bias, ctx.eps)
+        return gx, gw if need_w else None, gb if need_b else None, None, None, None, None
+
+
+def _differentiable_affine_grads(grad_out, x, weight, bias, eps):
+    # Rare path (a graph-building backward that wants gamma/beta gradients): native autograd.
+    with torch.enable_grad():
+        probes = [None if t is None else t.detach().requires_grad_(True) for t in (weight, bias)]
+        out = F.batch_norm(x, None, None, probes[0], probes[1], True, 0.0, eps)
+        wanted = [t for t in probes if t is not None]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+        return tuple(None if t is None else next(grads) for t in probes)
+
+
 def _pair(value: object, name: str) -> List[int]:
     if isinstance(value, int):
         return [value, value]
@@ -163,6 +276,25 @@ def conv2d_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
         return Conv2dFunction.apply(cast(x), cast(weight), cast(bias), params)
 
 
+def batch_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
+    """``F.batch_norm(*args, **kwargs)`` in training mode through :class:`BatchNormFunction`,
+    or None when the call is not one it handles (evaluation mode, autocast, no gradient)."""
+    given = dict(zip(_BATCH_NORM_ARGS, args), **kwargs)
+    x, running_mean, running_var, weight, bias, training, momentum, eps = (
+        given.get(n, d) for n, d in zip(_BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS))
+    if not training or not isinstance(x, torch.Tensor) or x.dim() < 2 or _autocast_dtype(x.device.type) is not None:
+        return None
+    if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return None
+    if x.numel() // x.shape[1] <= 1:
+        return None  # the native call raises its clear "expected more than 1 value per channel"
+    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BATCH_NORM_DEFAULTS = (None, None, None, None, None, False, 0.1, 1e-5)
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -172,19 +304,24 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 class _FastConvMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args: Sequence = (), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d and torch.is_grad_enabled():
-            out = conv2d_fast_double_backward(*args, **kwargs)
+        route = _ROUTES.get(func)
+        if route is not None and torch.is_grad_enabled():
+            out = route(*args, **kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
 
 
+_ROUTES = {F.conv2d: conv2d_fast_double_backward, F.batch_norm: batch_norm_fast_double_backward}
+
+
 @contextlib.contextmanager
-def fast_conv_double_backward() -> Iterator[None]:
-    """Route the ``F.conv2d`` calls of the enclosed code through :class:`Conv2dFunction`.
+def fast_double_backward() -> Iterator[None]:
+    """Route the ``F.conv2d`` and training-mode ``F.batch_norm`` calls of the enclosed code through
+    :class:`Conv2dFunction` and :class:`BatchNormFunction`.
 
     Only the graph built inside matters: a ``backward()`` called after the block still uses
-    the fast kernels for the convolutions recorded in it.
+    the fast kernels for the layers recorded in it.
     """
     with _FastConvMode():
         yield

@@ -39,7 +39,7 @@ from harmonizer_fast._io import atomic_write_text
 
 from harmonizer_fast.training import checkpoint as ckpt
 from harmonizer_fast.training.data_mix import Batch
-from harmonizer_fast.training.double_backward import fast_conv_double_backward
+from harmonizer_fast.training.double_backward import fast_double_backward
 from harmonizer_fast.training.loss import harmonizer_loss_components
 
 # --------------------------------------------------------------------------- configuration
@@ -68,10 +68,11 @@ class TrainerConfig:
     ``"none"`` (images already normalised).
 
     Second order: ``unfuse_attention`` switches timm's fused attention off while training;
-    ``fast_double_backward`` records 2-D convolutions so that their double backward uses the
-    backend's forward and weight-gradient kernels instead of PyTorch's generic formula (a
-    convolution with the output gradient as kernel, and a per-group loop for depthwise layers;
-    :mod:`harmonizer_fast.training.double_backward`); same gradients, on by default.
+    ``fast_double_backward`` records 2-D convolutions and training-mode batch norms so that their
+    double backward uses the backend's own kernels instead of PyTorch's generic formulas (for
+    convolutions: a convolution with the output gradient as kernel and a per-group loop for
+    depthwise layers; :mod:`harmonizer_fast.training.double_backward`); same gradients, on by
+    default.
 
     ``freeze_bn`` turns BatchNorm layers into frozen ones (running statistics, affine
     parameters not trained; ``timm.layers.freeze_batch_norm_2d``): for fine-tuning on small
@@ -510,10 +511,10 @@ class Trainer:
         """Forward + backward of one micro-batch; the gradient is scaled by ``scale``."""
         sync_context = contextlib.nullcontext() if (sync or not self.distributed) else self.train_model.no_sync()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-        fast_convs = fast_conv_double_backward() if self.config.fast_double_backward else contextlib.nullcontext()
+        fast_layers = fast_double_backward() if self.config.fast_double_backward else contextlib.nullcontext()
         with sync_context:
             try:
-                with autocast, fast_convs:
+                with autocast, fast_layers:
                     out = harmonizer_loss_components(
                         self.train_model, batch.images, batch.tokens, batch.labels, batch.heatmaps,
                         lambda_weights=self.config.lambda_weights,

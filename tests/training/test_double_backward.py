@@ -1,4 +1,5 @@
-"""Conv2dFunction equals F.conv2d to second order; the mode routes exactly the calls it should."""
+"""Conv2dFunction / BatchNormFunction equal F.conv2d / F.batch_norm to second order; the mode
+routes exactly the calls it should."""
 import pytest
 import torch
 import torch.nn as nn
@@ -6,8 +7,9 @@ import torch.nn.functional as F
 
 from harmonizer_fast.training.double_backward import (
     Conv2dFunction,
+    batch_norm_fast_double_backward,
     conv2d_fast_double_backward,
-    fast_conv_double_backward,
+    fast_double_backward,
 )
 
 
@@ -71,7 +73,7 @@ def test_weight_gradients_inside_a_graph_building_backward_stay_differentiable()
 def test_mode_routes_modules_and_functional_calls_and_leaves_the_rest_native():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding="same", groups=4))
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
-    with fast_conv_double_backward():
+    with fast_double_backward():
         first = model[0](x)
         second = model[2](first)
         functional = F.conv2d(x, model[0].weight, stride=2)
@@ -101,7 +103,7 @@ def test_channels_last_and_a_timm_model_match_native_gradients():
     def grads(fast):
         model.load_state_dict(state)
         model.zero_grad(set_to_none=True)
-        with fast_conv_double_backward() if fast else torch.enable_grad():
+        with fast_double_backward() if fast else torch.enable_grad():
             out = harmonizer_loss_components(model, x, tokens, labels, heatmaps)
         out.loss.backward()
         return [p.grad.clone() for p in model.parameters()]
@@ -115,10 +117,61 @@ def test_bf16_autocast_runs_in_the_autocast_dtype():
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         native = conv(x)
-        with fast_conv_double_backward():
+        with fast_double_backward():
             fast = conv(x)
             (gx,) = torch.autograd.grad(fast.float().square().sum(), x, create_graph=True)
     assert fast.dtype == native.dtype == torch.bfloat16
     torch.testing.assert_close(fast, native)
     gx.square().sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
+
+
+def _batch_norm_second_order(batch_norm, shape, affine, seed):
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    w = (torch.randn(channels, generator=gen, dtype=torch.float64)).requires_grad_(affine)
+    b = torch.randn(channels, generator=gen, dtype=torch.float64).requires_grad_(affine)
+    running = [torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)]
+    out = batch_norm(x, *running, w, b, True, 0.1, 1e-3)
+    weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    (gx,) = torch.autograd.grad((out * weights).sum() + (out**3).sum(), x, create_graph=True)
+    leaves = (x, w, b) if affine else (x,)
+    second = torch.autograd.grad(gx.square().sum() + (gx * x).sum() + (out**2).sum(), leaves)
+    return [out, gx, *second, *running]
+
+
+@pytest.mark.parametrize("shape,affine", [((3, 4, 5, 6), True), ((2, 3, 1, 7), True), ((5, 3), True), ((4, 2, 3, 3), False)])
+def test_batch_norm_second_order_matches_native(shape, affine):
+    expected = _batch_norm_second_order(F.batch_norm, shape, affine, seed=len(shape))
+    actual = _batch_norm_second_order(batch_norm_fast_double_backward, shape, affine, seed=len(shape))
+    assert actual[0].grad_fn.name().startswith("BatchNormFunction")
+    for a, e in zip(actual, expected):  # outputs, first and second derivatives, running statistics
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_affine_gradients_inside_a_graph_building_backward():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    def penalty(batch_norm):
+        out = batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        grads = torch.autograd.grad((out**3).sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, w, b))
+
+    for a, e in zip(penalty(batch_norm_fast_double_backward), penalty(F.batch_norm)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_routing_leaves_eval_mode_and_single_values_native():
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with fast_double_backward():
+        assert bn(x).grad_fn.name().startswith("BatchNormFunction")
+        bn.eval()
+        assert not bn(x).grad_fn.name().startswith("BatchNormFunction")
+        bn.train()
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            bn(torch.randn(1, 3, 1, 1, requires_grad=True))
