@@ -10,7 +10,7 @@ Each variant runs in its own spawned process, so its peak RSS (``ru_maxrss``) is
 variant ends with the (n, n) Gram matrix of every layer, what the dual ridge readout needs.
 Images are random, generated batch by batch (never all at once).
 
-Target (documented in README ``## IT scoring``): all 13 taps of ViT-B/16 on 3,200 images under
+Target (documented in README ``## IT scoring``): all 12 blocks of ViT-B/16 on 3,200 images under
 8 GiB. Run ``python -m benchmarks.compare_scoring --model vit_base_patch16_224 --images 3200``
 on a machine with time for it; the default here is ViT-Tiny (same depth, 1/4 width).
 """

@@ -12,6 +12,7 @@ epilogues run in C++, one pass without temporaries: at 3200 x 168, residual mome
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Iterator, Optional, Tuple
 
@@ -20,17 +21,24 @@ import numpy as np
 from harmonizer_fast._ext import extension
 from harmonizer_fast._validation import shape_of
 
-__all__ = ["pearson_per_target", "residual_moments", "check_features", "check_targets", "single_blas_thread"]
+__all__ = [
+    "pearson_per_target",
+    "residual_moments",
+    "check_features",
+    "check_targets",
+    "single_blas_thread",
+    "decomposition_threads",
+]
 
 
 @contextlib.contextmanager
 def single_blas_thread() -> Iterator[None]:
-    """Run the enclosed LAPACK decompositions (eigh, Cholesky) and small products on one BLAS thread.
+    """Run the enclosed small products (and, on a busy machine, decompositions) on one BLAS thread.
 
     Measured on the shared 2-core machine (load ~8): ``eigh`` of a 2048 x 2048 Gram took
     5.1-5.7 s on one OpenBLAS thread and 27-33 s on two (its threaded tridiagonal reduction
     spin-waits when the cores are busy); 640 x 640: 0.26 s vs 3.9 s. On an idle machine two
-    threads gain well under 2x, so one thread is the robust choice. The same holds for the
+    threads win (2048: 1.24 s vs 1.97 s), hence :func:`decomposition_threads`. The same holds for the
     many small products of a PLS component (matrix-vector, t x t): PLSRegression(25) on
     3200 x 2048 x 168 took 1.5-1.8 s on one thread, 5.9-7.7 s on two. Large matrix products
     outside this context keep all threads. No-op without ``threadpoolctl``.
@@ -41,6 +49,32 @@ def single_blas_thread() -> Iterator[None]:
         yield
         return
     with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def cores_are_busy() -> bool:
+    """True when the 1-minute load average exceeds the number of CPUs by more than half a core
+    (other processes compete for the cores; this process's own BLAS threads count at most one
+    core each, so an idle machine running this fit stays below the bound)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # pragma: no cover - platforms without getloadavg
+        return False
+    return load > (os.cpu_count() or 1) + 0.5
+
+
+@contextlib.contextmanager
+def decomposition_threads() -> Iterator[None]:
+    """BLAS threads for a LAPACK decomposition (``eigh``, Cholesky): all of them on an idle
+    machine, one when the cores are busy (see :func:`single_blas_thread` for why).
+
+    Measured on the 2-core machine: ``eigh`` of a 2048 x 2048 Gram takes 1.45 s on two threads
+    and 1.95 s on one when idle; 27-33 s on two and 5.1-5.7 s on one at load ~8.
+    """
+    if cores_are_busy():
+        with single_blas_thread():
+            yield
+    else:
         yield
 
 

@@ -50,6 +50,7 @@ from harmonizer_fast._validation import shape_of
 from harmonizer_fast.neural._backend import (
     check_features,
     check_targets,
+    decomposition_threads,
     single_blas_thread,
     pearson_per_target,
     residual_moments,
@@ -193,7 +194,7 @@ def _path_stats(moments: np.ndarray, Y: np.ndarray) -> _PathStats:
 
 def _eigh(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Eigendecomposition of a symmetric PSD matrix; round-off negatives are clipped to 0."""
-    with single_blas_thread():
+    with decomposition_threads():
         lam, vecs = np.linalg.eigh(G)
     return np.maximum(lam, 0.0), vecs
 
@@ -233,7 +234,7 @@ def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -
     if len(distinct) <= 8:
         for a in distinct:
             cols = alpha_per_column == a
-            with single_blas_thread():
+            with decomposition_threads():
                 factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
                 out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
         return out
