@@ -1,8 +1,8 @@
-r"""Convolutions and batch norms whose double backward uses the backend's own kernels.
+r"""Convolutions and normalization layers whose double backward uses the backend's own kernels.
 
 The harmonization loss differentiates the input gradient of the network again, so every
 layer's backward is itself differentiated. PyTorch's generic second-order formulas are slow
-for the two layers that dominate CNNs:
+for the layers that dominate CNNs and ViTs:
 
 **Convolution** :math:`y = W \star x`. The saliency pass computes :math:`g_x = W^\top \star g_y`
 (a transposed convolution); the training backward then needs, for an upstream
@@ -20,17 +20,18 @@ runs slowly, and for grouped or depthwise convolutions as a Python loop of one c
 group (~9,000 per efficientnet_lite0 step). Here both terms are ordinary kernels:
 ``aten.convolution`` and ``aten.convolution_backward`` with only the weight output requested.
 
-**Batch norm in training mode.** Its input gradient's derivative is a closed form of a few
-per-channel sums (:class:`_BatchNormInputGrad`), one native batch-norm backward call plus one
-reduction and one fused update, against ~30 elementwise and reduction ops in PyTorch's
-``batchnorm_double_backward``.
+**Batch norm in training mode and layer norm.** The derivative of a standardization's input
+gradient is a closed form of a few per-group sums (:func:`_standardization_x_term`): one native
+normalization backward call, a few reductions and one fused update, against ~30 elementwise
+and reduction ops in PyTorch's ``batchnorm_double_backward`` / ``layer_norm_double_backward``.
 
 The math is unchanged: gradients equal native autograd's (tested in float64 to second order).
-:func:`fast_double_backward` is a context manager that routes the ``F.conv2d`` and training-mode
-``F.batch_norm`` calls made under it (``nn.Conv2d``, ``nn.BatchNorm2d``, timm's ``Conv2dSame``,
-``StdConv2d``, ``BatchNormAct2d``, functional calls) through :class:`Conv2dFunction` and
-:class:`BatchNormFunction` while gradients are enabled; string paddings, non-4-D convolutions,
-evaluation-mode batch norm and batch norm under autocast run natively. The first backward
+:func:`fast_double_backward` is a context manager that routes the ``F.conv2d``, training-mode
+``F.batch_norm`` and ``F.layer_norm`` calls made under it (``nn.Conv2d``, ``nn.BatchNorm2d``,
+``nn.LayerNorm``, timm's ``Conv2dSame``, ``StdConv2d``, ``BatchNormAct2d``, ``LayerNorm2d``,
+functional calls) through :class:`Conv2dFunction`, :class:`BatchNormFunction` and
+:class:`LayerNormFunction` while gradients are enabled; string paddings, non-4-D convolutions,
+evaluation-mode batch norm and normalization under autocast run natively. The first backward
 computes only the gradients the running backward pass uses (the saliency pass needs input
 gradients, not weight gradients). Third-order derivatives are not supported
 (``once_differentiable``).
@@ -38,6 +39,7 @@ gradients, not weight gradients). Third-order derivatives are not supported
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,7 +51,9 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "BatchNormFunction",
     "Conv2dFunction",
+    "LayerNormFunction",
     "batch_norm_fast_double_backward",
+    "layer_norm_fast_double_backward",
     "conv2d_fast_double_backward",
     "fast_double_backward",
 ]
@@ -147,6 +151,28 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 
 
+def _standardization_x_term(x, h, gg, mean, invstd, scale, a, b, v_sum, c_sum, p_sum, count):
+    r"""The :math:`x` part of the second derivative of a standardization's input gradient.
+
+    For :math:`g_x = c\,(h - a - \hat x\, b)` with :math:`c` = ``scale`` (constant over a group
+    of :math:`M` = ``count`` values), :math:`\hat x = (x - \mu) s`, :math:`a = \bar h`,
+    :math:`b = \overline{h \hat x}`, and an upstream :math:`\bar g` (``gg``) with sums
+    :math:`V = \sum \bar g`, :math:`C = \sum \bar g \hat x`, :math:`P = \sum \bar g h`:
+
+    .. math:: \bar x = c\, s \bigl[\hat x\,(3bC - P + aV)/M - (C/M)(h - a) - b\,(\bar g - V/M)\bigr]
+
+    (the dependence of :math:`\hat x`, :math:`\mu` and :math:`s` on :math:`x`, with
+    :math:`\partial s/\partial x_i = -s^2 \hat x_i / M`). Group quantities come broadcastable;
+    the result is folded into one coefficient each for :math:`x`, :math:`h`, :math:`\bar g` and a
+    constant, so it costs three fused elementwise passes.
+    """
+    k1 = (3.0 * b * c_sum - p_sum + a * v_sum) / count
+    k2 = c_sum / count
+    f = scale * invstd
+    out = (f * k1 * invstd) * x + f * (-k1 * invstd * mean + k2 * a + b * v_sum / count)
+    return out.addcmul_(-f * k2, h).addcmul_(-f * b, gg)
+
+
 class _BatchNormInputGrad(torch.autograd.Function):
     r"""Training-mode batch-norm input gradient :math:`g_x = \gamma s\,(g_y - a - \hat x\, b)` with a
     closed-form backward.
@@ -190,18 +216,78 @@ class _BatchNormInputGrad(torch.autograd.Function):
         gg_w = invstd * (p_sum - a * v_sum - b * c_sum) if need_w and weight is not None else None
         gg_xin = None
         if need_x:
-            scale = invstd if weight is None else weight * invstd
             view = lambda t: _channel_view(t, ndim)
-            # x-bar = scale*s*[xhat*k1 - k2*(gy - a) - b*(gg - V/M)], xhat = (x - mean)*s, folded
-            # into per-channel coefficients of x, gy and gg plus a constant.
-            k1 = (3.0 * b * c_sum - p_sum + a * v_sum) / count
-            k2 = c_sum / count
-            f = scale * invstd
-            coef_x = f * k1 * invstd
-            const = f * (-k1 * invstd * mean + k2 * a + b * v_sum / count)
-            gg_xin = view(coef_x) * x + view(const)
-            gg_xin.addcmul_(view(-f * k2), grad_out).addcmul_(view(-f * b), gg_x)
+            scale = invstd if weight is None else weight * invstd
+            gg_xin = _standardization_x_term(x, grad_out, gg_x, view(mean), view(invstd), view(scale),
+                                             view(a), view(b), view(v_sum), view(c_sum), view(p_sum), count)
         return gg_gy if need_gy else None, gg_xin, gg_w, None, None, None
+
+
+class _LayerNormInputGrad(torch.autograd.Function):
+    r"""Layer-norm input gradient :math:`g_x = s\,(h - a - \hat x\, b)`, :math:`h = \gamma \odot g_y`
+    (statistics over the normalized trailing dimensions of each row), with a closed-form backward:
+    :math:`\bar h = s(\bar g - \overline{\bar g} - \hat x\,\overline{\bar g \hat x})` (one native
+    layer-norm backward call), :math:`\bar g_y = \gamma \bar h`, :math:`\bar\gamma = \sum_{rows}
+    g_y \bar h`, and :math:`\bar x` from :func:`_standardization_x_term`."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, mean, rstd, shape):
+        gx = _aten.native_layer_norm_backward(grad_out, x, shape, mean, rstd, weight, None, [True, False, False])[0]
+        ctx.save_for_backward(grad_out, x, weight, mean, rstd)
+        ctx.shape = shape
+        return gx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_x):
+        grad_out, x, weight, mean, rstd = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        shape = ctx.shape
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        gg_h = _aten.native_layer_norm_backward(gg_x, x, shape, mean, rstd, None, None, [True, False, False])[0]
+        gg_gy = gg_h if weight is None else gg_h * weight
+        gg_w = None
+        if need_w and weight is not None:
+            lead = tuple(range(x.dim() - len(shape)))
+            gg_w = (gg_h * grad_out).sum(lead) if lead else gg_h * grad_out  # sum(()) would sum everything
+        gg_xin = None
+        if need_x:
+            h = grad_out if weight is None else grad_out * weight
+            x_hat = (x - mean) * rstd
+            count = math.prod(shape)
+            row_sum = lambda t: t.sum(dims, keepdim=True)
+            gg_xin = _standardization_x_term(
+                x, h, gg_x, mean, rstd, rstd, row_sum(h) / count, row_sum(h * x_hat) / count,
+                row_sum(gg_x), row_sum(gg_x * x_hat), row_sum(gg_x * h), count)
+        return gg_gy if need_gy else None, gg_xin, gg_w, None, None, None
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """``F.layer_norm`` whose input gradient is :class:`_LayerNormInputGrad` when the backward
+    builds a graph."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, bias, eps):
+        y, mean, rstd = _aten.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape, ctx.eps = shape, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        need_w, need_b = need_w and weight is not None, need_b and bias is not None
+        if not torch.is_grad_enabled():
+            gx, gw, gb = _aten.native_layer_norm_backward(
+                grad_out, x, ctx.shape, mean, rstd, weight, bias, [need_x, need_w, need_b])
+            return gx, None, gw, gb, None
+        gx = _LayerNormInputGrad.apply(grad_out, x, weight, mean, rstd, ctx.shape) if need_x else None
+        gw = gb = None
+        if (need_w and _will_be_used(weight)) or (need_b and _will_be_used(bias)):
+            gw, gb = _differentiable_affine_grads(
+                lambda w, b: F.layer_norm(x, ctx.shape, w, b, ctx.eps), grad_out, weight, bias)
+        return gx, None, gw if need_w else None, gb if need_b else None, None
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -227,17 +313,18 @@ class BatchNormFunction(torch.autograd.Function):
         gx = _BatchNormInputGrad.apply(grad_out, x, weight, mean, invstd, ctx.eps) if need_x else None
         gw = gb = None
         if (need_w and _will_be_used(weight)) or (need_b and _will_be_used(bias)):
-            gw, gb = _differentiable_affine_grads(grad_out, x, weight, bias, ctx.eps)
+            gw, gb = _differentiable_affine_grads(
+                lambda w, b: F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps), grad_out, weight, bias)
         return gx, gw if need_w else None, gb if need_b else None, None, None, None, None
 
 
-def _differentiable_affine_grads(grad_out, x, weight, bias, eps):
-    # Rare path (a graph-building backward that wants gamma/beta gradients): native autograd.
+def _differentiable_affine_grads(normalize, grad_out, weight, bias):
+    # Rare path (a graph-building backward that wants gamma/beta gradients): native autograd of
+    # ``normalize(weight, bias)``, the layer recomputed from its saved input.
     with torch.enable_grad():
         probes = [None if t is None else t.detach().requires_grad_(True) for t in (weight, bias)]
-        out = F.batch_norm(x, None, None, probes[0], probes[1], True, 0.0, eps)
         wanted = [t for t in probes if t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+        grads = iter(torch.autograd.grad(normalize(*probes), wanted, grad_out, create_graph=True))
         return tuple(None if t is None else next(grads) for t in probes)
 
 
@@ -291,6 +378,23 @@ def batch_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)
 
 
+def layer_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
+    """``F.layer_norm(*args, **kwargs)`` through :class:`LayerNormFunction`, or None when the call
+    is not one it handles (autocast, no gradient)."""
+    given = dict(zip(_LAYER_NORM_ARGS, args), **kwargs)
+    x, shape, weight, bias, eps = (given.get(n, d) for n, d in zip(_LAYER_NORM_ARGS, _LAYER_NORM_DEFAULTS))
+    if not isinstance(x, torch.Tensor) or _autocast_dtype(x.device.type) is not None:
+        return None
+    if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return None
+    shape = [int(shape)] if isinstance(shape, int) else [int(d) for d in shape]
+    if x.dim() < len(shape) or list(x.shape[x.dim() - len(shape):]) != shape:
+        return None  # the native call raises its clear shape error
+    return LayerNormFunction.apply(x, shape, weight, bias, eps)
+
+
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+_LAYER_NORM_DEFAULTS = (None, None, None, None, 1e-5)
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BATCH_NORM_DEFAULTS = (None, None, None, None, None, False, 0.1, 1e-5)
 
@@ -312,13 +416,18 @@ class _FastConvMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_ROUTES = {F.conv2d: conv2d_fast_double_backward, F.batch_norm: batch_norm_fast_double_backward}
+_ROUTES = {
+    F.conv2d: conv2d_fast_double_backward,
+    F.batch_norm: batch_norm_fast_double_backward,
+    F.layer_norm: layer_norm_fast_double_backward,
+}
 
 
 @contextlib.contextmanager
 def fast_double_backward() -> Iterator[None]:
-    """Route the ``F.conv2d`` and training-mode ``F.batch_norm`` calls of the enclosed code through
-    :class:`Conv2dFunction` and :class:`BatchNormFunction`.
+    """Route the ``F.conv2d``, training-mode ``F.batch_norm`` and ``F.layer_norm`` calls of the
+    enclosed code through :class:`Conv2dFunction`, :class:`BatchNormFunction` and
+    :class:`LayerNormFunction`.
 
     Only the graph built inside matters: a ``backward()`` called after the block still uses
     the fast kernels for the layers recorded in it.

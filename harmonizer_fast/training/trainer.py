@@ -68,7 +68,7 @@ class TrainerConfig:
     ``"none"`` (images already normalised).
 
     Second order: ``unfuse_attention`` switches timm's fused attention off while training;
-    ``fast_double_backward`` records 2-D convolutions and training-mode batch norms so that their
+    ``fast_double_backward`` records 2-D convolutions, training-mode batch norms and layer norms so that their
     double backward uses the backend's own kernels instead of PyTorch's generic formulas (for
     convolutions: a convolution with the output gradient as kernel and a per-group loop for
     depthwise layers; :mod:`harmonizer_fast.training.double_backward`); same gradients, on by

@@ -1,5 +1,5 @@
-"""Conv2dFunction / BatchNormFunction equal F.conv2d / F.batch_norm to second order; the mode
-routes exactly the calls it should."""
+"""Conv2dFunction / BatchNormFunction / LayerNormFunction equal F.conv2d / F.batch_norm /
+F.layer_norm to second order; the mode routes exactly the calls it should."""
 import pytest
 import torch
 import torch.nn as nn
@@ -10,17 +10,27 @@ from harmonizer_fast.training.double_backward import (
     batch_norm_fast_double_backward,
     conv2d_fast_double_backward,
     fast_double_backward,
+    layer_norm_fast_double_backward,
 )
 
 
-def _second_order(conv, x, w, b):
-    """Gradients wrt (x, w, b) of a loss of the input gradient: the harmonizer's double backward."""
-    out = conv(x, w, b)
+def _second_order(layer, x, w, b):
+    """Output, input gradient and the gradients wrt every leaf of a loss of that input gradient:
+    the harmonizer's double backward in miniature (cubic terms make every derivative non-trivial)."""
+    out = layer(x, w, b)
     weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
-    (gx,) = torch.autograd.grad((out * weights).sum(), x, create_graph=True)
-    leaves = (x, w) if b is None else (x, w, b)
+    (gx,) = torch.autograd.grad((out * weights).sum() + (out**3).sum(), x, create_graph=True)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
     second = torch.autograd.grad(gx.square().sum() + (gx * x).sum() + (out**2).sum(), leaves)
     return out, gx, second
+
+
+def _assert_all_close(actual, expected):
+    for a, e in zip(actual, expected):
+        if isinstance(a, (tuple, list)):
+            _assert_all_close(a, e)
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
 CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, H, W)
@@ -46,10 +56,7 @@ def test_second_order_matches_native_conv2d(case):
     expected = _second_order(native, x, w, b)
     actual = _second_order(fast, x, w, b)
     assert actual[0].grad_fn.name().startswith("Conv2dFunction")
-    torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(actual[1], expected[1], rtol=1e-12, atol=1e-12)
-    for a, e in zip(actual[2], expected[2]):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    _assert_all_close(actual, expected)
 
 
 def test_weight_gradients_inside_a_graph_building_backward_stay_differentiable():
@@ -126,49 +133,57 @@ def test_bf16_autocast_runs_in_the_autocast_dtype():
     assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
 
 
-def _batch_norm_second_order(batch_norm, shape, affine, seed):
+def _affine_inputs(shape, affine_shape, affine, seed):
     gen = torch.Generator().manual_seed(seed)
-    channels = shape[1]
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).requires_grad_(True)
-    w = (torch.randn(channels, generator=gen, dtype=torch.float64)).requires_grad_(affine)
-    b = torch.randn(channels, generator=gen, dtype=torch.float64).requires_grad_(affine)
-    running = [torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)]
-    out = batch_norm(x, *running, w, b, True, 0.1, 1e-3)
-    weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
-    (gx,) = torch.autograd.grad((out * weights).sum() + (out**3).sum(), x, create_graph=True)
-    leaves = (x, w, b) if affine else (x,)
-    second = torch.autograd.grad(gx.square().sum() + (gx * x).sum() + (out**2).sum(), leaves)
-    return [out, gx, *second, *running]
+    w = torch.randn(affine_shape, generator=gen, dtype=torch.float64).requires_grad_(affine)
+    b = torch.randn(affine_shape, generator=gen, dtype=torch.float64).requires_grad_(affine)
+    return x, w, b
 
 
 @pytest.mark.parametrize("shape,affine", [((3, 4, 5, 6), True), ((2, 3, 1, 7), True), ((5, 3), True), ((4, 2, 3, 3), False)])
 def test_batch_norm_second_order_matches_native(shape, affine):
-    expected = _batch_norm_second_order(F.batch_norm, shape, affine, seed=len(shape))
-    actual = _batch_norm_second_order(batch_norm_fast_double_backward, shape, affine, seed=len(shape))
-    assert actual[0].grad_fn.name().startswith("BatchNormFunction")
-    for a, e in zip(actual, expected):  # outputs, first and second derivatives, running statistics
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    x, w, b = _affine_inputs(shape, shape[1], affine, seed=len(shape))
+    results = {}
+    for name, batch_norm in (("native", F.batch_norm), ("fast", batch_norm_fast_double_backward)):
+        running = [torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)]
+        layer = lambda x, w, b: batch_norm(x, *running, w, b, True, 0.1, 1e-3)
+        results[name] = (*_second_order(layer, x, w, b), running)
+    assert results["fast"][0].grad_fn.name().startswith("BatchNormFunction")
+    _assert_all_close(results["fast"], results["native"])  # incl. the running statistics
 
 
-def test_batch_norm_affine_gradients_inside_a_graph_building_backward():
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(3, generator=gen, dtype=torch.float64).requires_grad_(True)
-    b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_(True)
+@pytest.mark.parametrize("shape,normalized,affine", [((3, 5, 7), (7,), True), ((2, 3, 4, 5), (4, 5), True),
+                                                     ((6,), (6,), True), ((4, 8), (8,), False)])
+def test_layer_norm_second_order_matches_native(shape, normalized, affine):
+    x, w, b = _affine_inputs(shape, normalized, affine, seed=len(shape) + 10)
+    expected = _second_order(lambda x, w, b: F.layer_norm(x, normalized, w, b, 1e-5), x, w, b)
+    actual = _second_order(lambda x, w, b: layer_norm_fast_double_backward(x, normalized, w, b, 1e-5), x, w, b)
+    assert actual[0].grad_fn.name().startswith("LayerNormFunction")
+    _assert_all_close(actual, expected)
 
-    def penalty(batch_norm):
-        out = batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
-        grads = torch.autograd.grad((out**3).sum(), (x, w, b), create_graph=True)
+
+@pytest.mark.parametrize("kind", ["batch_norm", "layer_norm"])
+def test_norm_affine_gradients_inside_a_graph_building_backward(kind):
+    x, w, b = _affine_inputs((4, 3, 5, 5), 3 if kind == "batch_norm" else (5,), True, seed=3)
+    layers = {
+        "batch_norm": (F.batch_norm, batch_norm_fast_double_backward, lambda f, w, b: f(x, None, None, w, b, True, 0.1, 1e-5)),
+        "layer_norm": (F.layer_norm, layer_norm_fast_double_backward, lambda f, w, b: f(x, (5,), w, b, 1e-5)),
+    }
+    native, fast, call = layers[kind]
+
+    def penalty(f):
+        grads = torch.autograd.grad((call(f, w, b) ** 3).sum(), (x, w, b), create_graph=True)
         return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, w, b))
 
-    for a, e in zip(penalty(batch_norm_fast_double_backward), penalty(F.batch_norm)):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    _assert_all_close(penalty(fast), penalty(native))
 
 
-def test_batch_norm_routing_leaves_eval_mode_and_single_values_native():
+def test_norm_routing_leaves_eval_mode_and_single_values_native():
     bn = nn.BatchNorm2d(3)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     with fast_double_backward():
+        assert nn.LayerNorm(4)(x).grad_fn.name().startswith("LayerNormFunction")
         assert bn(x).grad_fn.name().startswith("BatchNormFunction")
         bn.eval()
         assert not bn(x).grad_fn.name().startswith("BatchNormFunction")
