@@ -240,3 +240,37 @@ def test_freeze_bn_keeps_running_statistics(tmp_path):
     assert type(frozen).__name__ == "FrozenBatchNorm2d"
     assert torch.equal(frozen.running_mean, mean_before)
     assert not torch.equal(trainer.model.conv.weight, conv_before)
+
+
+class _NormNet(nn.Module):
+    """Conv + BatchNorm + depthwise conv + LayerNorm: every layer the fast double backward routes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.bn(self.conv(x)))
+        x = self.depthwise(x).mean(dim=(2, 3))
+        return self.head(nn.functional.gelu(self.ln(x)))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fast_double_backward_trains_like_native_autograd(tmp_path, amp):
+    runs = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        trainer = Trainer(_NormNet(), _config(tmp_path / str(fast), steps=2, amp=amp, fast_double_backward=fast),
+                          train_data=make_stream())
+        rows = trainer.fit()
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        runs[fast] = (rows, _params(trainer.model))
+    tol = dict(rtol=2e-2, atol=2e-3) if amp else dict(rtol=1e-5, atol=1e-6)  # bf16 autocast rounds differently
+    for key, want in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], want, **tol, msg=key)
+    assert math.isclose(runs[True][0][-1]["harmonization"], runs[False][0][-1]["harmonization"],
+                        rel_tol=tol["rtol"], abs_tol=tol["atol"])
