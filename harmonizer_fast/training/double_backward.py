@@ -68,8 +68,19 @@ def _conv_input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                                       [True, False, False])[0]
 
 
+def _slow_nchw_weight_grad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """oneDNN's weight gradient of a large-kernel depthwise convolution is 2-5x faster on
+    channels-last tensors, copies included: 8 x 240 x 28 x 28, 5 x 5: 57 ms NCHW vs 11 ms;
+    8 x 672 x 14 x 14: 17 ms vs 7.5 ms (2-core CPU). For 3 x 3 kernels the copies eat the gain."""
+    return (x.device.type == "cpu" and groups > 1 and groups == x.shape[1] == weight.shape[0]
+            and weight.shape[-1] * weight.shape[-2] >= 25 and x.is_contiguous())
+
+
 def _conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p: _Params) -> torch.Tensor:
     stride, padding, dilation, groups = p
+    if _slow_nchw_weight_grad(x, weight, groups):
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     return _aten.convolution_backward(grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
                                       [False, True, False])[1]
 
@@ -135,6 +146,9 @@ class Conv2dFunction(torch.autograd.Function):
         p = ctx.params
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
+        if not torch.is_grad_enabled() and need_w and _slow_nchw_weight_grad(x, weight, p[3]):
+            gx = _conv_input_grad(grad_out, x, weight, p) if need_x else None
+            return gx, _conv_weight_grad(grad_out, x, weight, p), grad_out.sum((0, 2, 3)) if need_b else None, None
         if not torch.is_grad_enabled():  # ordinary backward: one fused native call
             stride, padding, dilation, groups = p
             gx, gw, gb = _aten.convolution_backward(
