@@ -12,9 +12,10 @@ Variants, on the same model, batch and optimizer (SGD), each a full step (forwar
   fast depthwise double backward, unfused attention).
 
 Peak memory is the growth of the process's peak RSS over the run of each variant (a
-lower bound when an earlier variant already raised the peak). ``python -m
-benchmarks.compare_train_overhead --profile resnet18`` prints a torch.profiler table of
-one Trainer step.
+lower bound when an earlier variant already raised the peak); on CUDA, each variant's
+``torch.cuda.max_memory_allocated``. ``python -m benchmarks.compare_train_overhead --profile
+resnet18`` prints a torch.profiler table of one Trainer step. On a GPU (the GPU script's
+``overhead`` step): ``--device cuda --amp --batch 32 --models resnet50 vit_base_patch16_224``.
 """
 from __future__ import annotations
 
@@ -82,12 +83,12 @@ def port_harmonizer_loss(model, images, tokens, labels, heatmaps, lambda_weights
 
 # --------------------------------------------------------------------------- timed steps
 
-def _batch(seed=0):
+def _batch(batch=BATCH, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(BATCH, 3, SIZE, SIZE, generator=g) * 255
-    heatmaps = torch.rand(BATCH, SIZE, SIZE, generator=g)
-    labels = F.one_hot(torch.randint(0, 1000, (BATCH,), generator=g), 1000).float()
-    return images, heatmaps, labels, torch.ones(BATCH)
+    images = torch.rand(batch, 3, SIZE, SIZE, generator=g) * 255
+    heatmaps = torch.rand(batch, SIZE, SIZE, generator=g)
+    labels = F.one_hot(torch.randint(0, 1000, (batch,), generator=g), 1000).float()
+    return tuple(t.to(device) for t in (images, heatmaps, labels, torch.ones(batch)))
 
 
 class _Repeat:
@@ -103,64 +104,95 @@ class _Repeat:
             yield self.batch
 
 
-def _model(name):
+def _model(name, device="cpu"):
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False).to(device)
 
 
-def _variants(name) -> List[Tuple[str, callable]]:
+def _synchronized(fn, device):
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def _variants(name, batch=BATCH, device="cpu", amp=False) -> List[Tuple[str, callable]]:
+    """The three steps of ``name`` on ``device``; ``amp``: bf16 autocast in all three."""
     from harmonizer_fast.models import preprocess_input
     from harmonizer_fast.training import Trainer, TrainerConfig
 
-    images, heatmaps, labels, tokens = _batch()
+    images, heatmaps, labels, tokens = _batch(batch, device)
     x = preprocess_input(images)
+    device_type = torch.device(device).type
+    autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp)
 
-    plain_model = _model(name).train()
+    plain_model = _model(name, device).train()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-4, momentum=0.9)
 
     def plain():
         plain_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(plain_model(x), labels, label_smoothing=0.1).backward()
+        with autocast():
+            loss = F.cross_entropy(plain_model(x), labels, label_smoothing=0.1)
+        loss.backward()
         plain_opt.step()
 
-    port_model = _model(name).train()
+    port_model = _model(name, device).train()
     port_opt = torch.optim.SGD(port_model.parameters(), lr=1e-4, momentum=0.9)
 
     def port():
-        grads = port_harmonizer_loss(port_model, x, tokens, labels, heatmaps)
+        with autocast():
+            grads = port_harmonizer_loss(port_model, x, tokens, labels, heatmaps)
         for p, g in zip(port_model.parameters(), grads):
             p.grad = g
         port_opt.step()
 
-    trainer = Trainer(_model(name), TrainerConfig(batch_size=BATCH, steps=10**6, lr=1e-4, progress=False),
-                      train_data=_Repeat((images, heatmaps, labels, tokens)))
+    config = TrainerConfig(batch_size=batch, steps=10**6, lr=1e-4, progress=False, device=str(device), amp=amp)
+    trainer = Trainer(_model(name, device), config, train_data=_Repeat((images, heatmaps, labels, tokens)))
 
     def harmonized():
         with trainer.harmonizing():
             trainer.train_step()
 
-    return [("plain CE", plain), ("reference port", port), ("Trainer", harmonized)]
+    steps = [("plain CE", plain), ("reference port", port), ("Trainer", harmonized)]
+    return [(label, _synchronized(fn, device)) for label, fn in steps]
 
 
-def compare(quick: bool = False, repeats: int = 0, models=None):
+def _peak_memory_gib(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gib()
+
+
+def compare(quick: bool = False, repeats: int = 0, models=None, batch: int = BATCH, device: str = "cpu",
+            amp: bool = False):
     repeats = repeats or (2 if quick else 5)
     models = models or (MODELS[:2] if quick else MODELS)
+    on_cuda = torch.device(device).type == "cuda"
     comparisons = []
     for name in models:
         timings = []
-        for label, fn in _variants(name):
-            before = peak_rss_gib()
+        for label, fn in _variants(name, batch, device, amp):
+            if on_cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            before = 0.0 if on_cuda else peak_rss_gib()
             t = measure(fn, repeats=repeats, warmup=1, name=label)
-            t.extra["peak_rss_growth_gib"] = f"{peak_rss_gib() - before:.2f}"
+            key = "peak_cuda_memory_gib" if on_cuda else "peak_rss_growth_gib"
+            t.extra[key] = f"{_peak_memory_gib(device) - before:.2f}"
             timings.append(t)
         base = timings[0]
         for t in timings[1:]:
             t.extra["x_plain_step"] = f"{t.median_s / base.median_s:.2f}"
-        comparisons.append(Comparison(f"{name} b{BATCH} {SIZE}px", base, timings[1:],
+        comparisons.append(Comparison(f"{name} b{batch} {SIZE}px{' bf16' if amp else ''}", base, timings[1:],
                                       note="speed-up column < 1: cost of harmonizing"))
-    return f"Harmonized training step vs plain cross-entropy step (CPU, {torch.get_num_threads()} threads)", comparisons
+    where = torch.cuda.get_device_name(device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    return f"Harmonized training step vs plain cross-entropy step ({where})", comparisons
 
 
 def profile(name: str, rows: int = 15) -> str:
@@ -181,13 +213,16 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help=f"subset of {MODELS}")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--profile", default=None, help="print a profiler table of one Trainer step of this model")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (the GPU script uses cuda)")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast in all three steps")
     args = parser.parse_args(argv)
     if args.profile:
         print(profile(args.profile))
         return 0
     from benchmarks._timing import format_table
 
-    title, comparisons = compare(args.quick, args.repeats or 0, args.models)
+    title, comparisons = compare(args.quick, args.repeats or 0, args.models, args.batch, args.device, args.amp)
     print(format_table(comparisons, title))
     return 0
 

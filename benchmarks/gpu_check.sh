@@ -17,14 +17,18 @@
 #    the pure-torch reference on the GPU (TF32 off) and the TensorFlow fixtures;
 # 3. ops: benchmarks/compare_ops.py, eager vs torch.compile vs Triton at batch 32 and 128,
 #    224x224: median, ratios, peak memory, bandwidth floor and fraction of copy bandwidth;
-# 4. train: benchmarks/compare_train_step.py, resnet50 and ViT-B/16 steps, torch vs fused loss.
+# 4. train: benchmarks/compare_train_step.py, resnet50 and ViT-B/16 steps, torch vs fused loss;
+# 5. overhead: benchmarks/compare_train_overhead.py on CUDA with bf16 autocast, batch 32:
+#    harmonized Trainer step (fast double backward) and the straightforward port over a plain
+#    step, resnet50 and ViT-B/16, peak CUDA memory; plus tests/training/test_double_backward.py
+#    on the GPU (fast double backward == native autograd, cuDNN kernels).
 # Results (markdown tables, logs) go to $OUT (default benchmarks/gpu_results/).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT="${OUT:-$REPO/benchmarks/gpu_results}"
-STEPS="${STEPS:-tests ops train}"
+STEPS="${STEPS:-tests ops train overhead}"
 mkdir -p "$OUT"
 
 if [[ -z "${PYTHON:-}" ]]; then
@@ -77,6 +81,15 @@ fi
 if [[ " $STEPS " == *" train "* ]]; then
     echo "== benchmarks: train_step"
     "$PYTHON" -m benchmarks.run_all "${QUICK_FLAG[@]}" --only train_step 2>&1 | tee "$OUT/bench_train_step.md"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+if [[ " $STEPS " == *" overhead "* ]]; then
+    echo "== tests/training/test_double_backward.py on the GPU, then benchmarks: train_overhead"
+    HF_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_double_backward.py 2>&1 \
+        | tee "$OUT/tests_double_backward.log"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+    "$PYTHON" -m benchmarks.compare_train_overhead --device cuda --amp --batch 32 --repeats 5 \
+        --models resnet50 vit_base_patch16_224 2>&1 | tee "$OUT/bench_train_overhead.md"
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
 echo "== done (status $status); results in $OUT"

@@ -1,5 +1,7 @@
 """Conv2dFunction / BatchNormFunction / LayerNormFunction equal F.conv2d / F.batch_norm /
 F.layer_norm to second order; the mode routes exactly the calls it should."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,12 +15,19 @@ from harmonizer_fast.training.double_backward import (
     layer_norm_fast_double_backward,
 )
 
+# The GPU script runs this file with HF_TEST_DEVICE=cuda (cuDNN kernels); CI runs it on the CPU.
+DEVICE = torch.device(os.environ.get("HF_TEST_DEVICE", "cpu"))
+
+
+def _randn(*shape, gen, requires_grad=True):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(requires_grad)
+
 
 def _second_order(layer, x, w, b):
     """Output, input gradient and the gradients wrt every leaf of a loss of that input gradient:
     the harmonizer's double backward in miniature (cubic terms make every derivative non-trivial)."""
     out = layer(x, w, b)
-    weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).view_as(out)
     (gx,) = torch.autograd.grad((out * weights).sum() + (out**3).sum(), x, create_graph=True)
     leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
     second = torch.autograd.grad(gx.square().sum() + (gx * x).sum() + (out**2).sum(), leaves)
@@ -48,9 +57,9 @@ def test_second_order_matches_native_conv2d(case):
     cin, cout, k, s, p, d, g, with_bias, h, wd = case
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(len(str(case)))
-    x = torch.randn(2, cin, h, wd, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(cout, cin // g, kh, kw, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(cout, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
+    x = _randn(2, cin, h, wd, gen=gen)
+    w = _randn(cout, cin // g, kh, kw, gen=gen)
+    b = _randn(cout, gen=gen) if with_bias else None
     native = lambda x, w, b: F.conv2d(x, w, b, s, p, d, g)
     fast = lambda x, w, b: conv2d_fast_double_backward(x, w, b, s, p, d, g)
     expected = _second_order(native, x, w, b)
@@ -62,9 +71,7 @@ def test_second_order_matches_native_conv2d(case):
 def test_weight_gradients_inside_a_graph_building_backward_stay_differentiable():
     # A gradient penalty on the weight gradient needs d(dL/dW)/dW: the rare fallback path.
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    x, w, b = _randn(2, 3, 8, 8, gen=gen), _randn(4, 3, 3, 3, gen=gen), _randn(4, gen=gen)
 
     def penalty(conv):
         out = conv(x, w, b)
@@ -100,11 +107,11 @@ def test_channels_last_and_a_timm_model_match_native_gradients():
 
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=10).double().train()
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 40, 40, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    heatmaps = torch.rand(2, 40, 40, dtype=torch.float64)
-    labels = F.one_hot(torch.tensor([1, 7]), 10).double()
-    tokens = torch.ones(2, dtype=torch.float64)
+    model = model.to(DEVICE, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    heatmaps = torch.rand(2, 40, 40, dtype=torch.float64).to(DEVICE)
+    labels = F.one_hot(torch.tensor([1, 7]), 10).double().to(DEVICE)
+    tokens = torch.ones(2, dtype=torch.float64, device=DEVICE)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def grads(fast):
@@ -135,9 +142,9 @@ def test_bf16_autocast_runs_in_the_autocast_dtype():
 
 def _affine_inputs(shape, affine_shape, affine, seed):
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).requires_grad_(True)
-    w = torch.randn(affine_shape, generator=gen, dtype=torch.float64).requires_grad_(affine)
-    b = torch.randn(affine_shape, generator=gen, dtype=torch.float64).requires_grad_(affine)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(DEVICE).requires_grad_(True)
+    affine_shape = affine_shape if isinstance(affine_shape, tuple) else (affine_shape,)
+    w, b = _randn(*affine_shape, gen=gen, requires_grad=affine), _randn(*affine_shape, gen=gen, requires_grad=affine)
     return x, w, b
 
 
@@ -146,7 +153,8 @@ def test_batch_norm_second_order_matches_native(shape, affine):
     x, w, b = _affine_inputs(shape, shape[1], affine, seed=len(shape))
     results = {}
     for name, batch_norm in (("native", F.batch_norm), ("fast", batch_norm_fast_double_backward)):
-        running = [torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)]
+        running = [torch.zeros(shape[1], dtype=torch.float64, device=DEVICE),
+                   torch.ones(shape[1], dtype=torch.float64, device=DEVICE)]
         layer = lambda x, w, b: batch_norm(x, *running, w, b, True, 0.1, 1e-3)
         results[name] = (*_second_order(layer, x, w, b), running)
     assert results["fast"][0].grad_fn.name().startswith("BatchNormFunction")
