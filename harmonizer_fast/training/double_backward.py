@@ -95,6 +95,8 @@ def _will_be_used(t: Optional[torch.Tensor]) -> bool:
     except RuntimeError:
         # raised for a leaf that autograd.grad() captures as one of its `inputs`: it is used
         return True
+    except AttributeError:  # pragma: no cover - a torch without this private query: compute it
+        return True
 
 
 class _ConvInputGrad(torch.autograd.Function):
