@@ -18,8 +18,9 @@ PyTorch (``_convolution_double_backward``) obtains :math:`\bar W` as a convoluti
 :math:`\bar g_x` with :math:`g_y` *as the kernel* (batch and channels swapped; 11 % slower than
 the weight-gradient kernel for a dense 3x3 layer on a CPU), and for grouped or depthwise
 convolutions as a Python loop of one convolution per group (~9,000 per efficientnet_lite0 step;
-4.4x slower for a 5x5 depthwise layer, see ``benchmarks/test_bench_double_backward.py``). Here both terms are ordinary kernels:
-``aten.convolution`` and ``aten.convolution_backward`` with only the weight output requested.
+4.4x slower for a 5x5 depthwise layer, see ``benchmarks/test_bench_double_backward.py``). Here
+both terms are ordinary kernels: ``aten.convolution`` and ``aten.convolution_backward`` with only
+the weight output requested.
 
 **Batch norm in training mode and layer norm.** The derivative of a standardization's input
 gradient is a closed form of a few per-group sums (:func:`_standardization_x_term`): one native
