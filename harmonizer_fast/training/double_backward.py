@@ -15,8 +15,8 @@ for the layers that dominate CNNs and ViTs:
     \quad\text{(the weight gradient of that forward convolution)}.
 
 PyTorch (``_convolution_double_backward``) obtains :math:`\bar W` as a convolution of
-:math:`\bar g_x` with :math:`g_y` *as the kernel* (batch and channels swapped; 11 % slower than
-the weight-gradient kernel for a dense 3x3 layer on a CPU), and for grouped or depthwise
+:math:`\bar g_x` with :math:`g_y` *as the kernel* (batch and channels swapped; for a dense 3x3
+layer on a CPU as fast as the weight-gradient kernel, within noise), and for grouped or depthwise
 convolutions as a Python loop of one convolution per group (~9,000 per efficientnet_lite0 step;
 4.4x slower for a 5x5 depthwise layer, see ``benchmarks/test_bench_double_backward.py``). Here
 both terms are ordinary kernels: ``aten.convolution`` and ``aten.convolution_backward`` with only
@@ -64,12 +64,6 @@ _aten = torch.ops.aten
 _Params = Tuple[List[int], List[int], List[int], int]  # stride, padding, dilation, groups
 
 
-def _conv_input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p: _Params) -> torch.Tensor:
-    stride, padding, dilation, groups = p
-    return _aten.convolution_backward(grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                                      [True, False, False])[0]
-
-
 def _slow_nchw_weight_grad(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """oneDNN's weight gradient of a large-kernel depthwise convolution is 2-5x faster on
     channels-last tensors, copies included: 8 x 240 x 28 x 28, 5 x 5: 57 ms NCHW vs 11 ms;
@@ -78,13 +72,23 @@ def _slow_nchw_weight_grad(x: torch.Tensor, weight: torch.Tensor, groups: int) -
             and weight.shape[-1] * weight.shape[-2] >= 25 and x.is_contiguous())
 
 
-def _conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p: _Params) -> torch.Tensor:
+def _conv_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p: _Params,
+                need_x: bool, need_w: bool, need_b: bool = False):
+    """(input, weight, bias) gradients of ``conv(x, weight)`` for ``grad_out`` (None where not
+    needed): one native call, except that a large-kernel depthwise weight gradient runs on
+    channels-last copies (:func:`_slow_nchw_weight_grad`)."""
     stride, padding, dilation, groups = p
-    if _slow_nchw_weight_grad(x, weight, groups):
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    return _aten.convolution_backward(grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                                      [False, True, False])[1]
+
+    def native(g, inp, mask):
+        return _aten.convolution_backward(g, inp, weight, [weight.shape[0]] if mask[2] else None, stride, padding,
+                                          dilation, False, [0, 0], groups, mask)
+
+    if need_w and _slow_nchw_weight_grad(x, weight, groups):
+        gx = native(grad_out, x, [True, False, False])[0] if need_x else None
+        last = torch.channels_last
+        gw = native(grad_out.contiguous(memory_format=last), x.contiguous(memory_format=last), [False, True, False])[1]
+        return gx, gw, grad_out.sum((0, 2, 3)) if need_b else None
+    return native(grad_out, x, [need_x, need_w, need_b])
 
 
 def _will_be_used(t: Optional[torch.Tensor]) -> bool:
@@ -108,7 +112,7 @@ class _ConvInputGrad(torch.autograd.Function):
     def forward(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x_like: torch.Tensor, p: _Params) -> torch.Tensor:
         ctx.save_for_backward(grad_out, weight)
         ctx.params = p
-        return _conv_input_grad(grad_out, x_like, weight, p)
+        return _conv_grads(grad_out, x_like, weight, p, need_x=True, need_w=False)[0]
 
     @staticmethod
     @once_differentiable
@@ -119,18 +123,8 @@ class _ConvInputGrad(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gg_out = _aten.convolution(gg_x, weight, None, stride, padding, dilation, False, [0, 0], groups)
         if ctx.needs_input_grad[1]:
-            gg_w = _conv_weight_grad(grad_out, gg_x, weight, p)
+            gg_w = _conv_grads(grad_out, gg_x, weight, p, need_x=False, need_w=True)[1]
         return gg_out, gg_w, None, None
-
-
-def _differentiable_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p: _Params) -> torch.Tensor:
-    # Rare path (a create_graph backward that asks for weight gradients, e.g. a gradient
-    # penalty on parameters): native autograd of the convolution keeps it differentiable.
-    stride, padding, dilation, groups = p
-    with torch.enable_grad():
-        probe = weight.detach().requires_grad_(True)
-        out = _aten.convolution(x, probe, None, stride, padding, dilation, False, [0, 0], groups)
-        return torch.autograd.grad(out, probe, grad_out, create_graph=True)[0]
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -150,17 +144,14 @@ class Conv2dFunction(torch.autograd.Function):
         p = ctx.params
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        if not torch.is_grad_enabled() and need_w and _slow_nchw_weight_grad(x, weight, p[3]):
-            gx = _conv_input_grad(grad_out, x, weight, p) if need_x else None
-            return gx, _conv_weight_grad(grad_out, x, weight, p), grad_out.sum((0, 2, 3)) if need_b else None, None
-        if not torch.is_grad_enabled():  # ordinary backward: one fused native call
-            stride, padding, dilation, groups = p
-            gx, gw, gb = _aten.convolution_backward(
-                grad_out, x, weight, [weight.shape[0]] if need_b else None, stride, padding, dilation, False, [0, 0],
-                groups, [need_x, need_w, need_b])
-            return gx, gw, gb, None
+        if not torch.is_grad_enabled():  # ordinary backward
+            return (*_conv_grads(grad_out, x, weight, p, need_x, need_w, need_b), None)
         gx = _ConvInputGrad.apply(grad_out, weight, x.detach(), p) if need_x else None
-        gw = _differentiable_weight_grad(grad_out, x, weight, p) if need_w and _will_be_used(weight) else None
+        gw = None
+        if need_w and _will_be_used(weight):
+            stride, padding, dilation, groups = p
+            conv = lambda w, _: _aten.convolution(x, w, None, stride, padding, dilation, False, [0, 0], groups)
+            gw = _differentiable_param_grads(conv, grad_out, weight, None)[0]
         gb = grad_out.sum((0, 2, 3)) if need_b and _will_be_used(bias) else None
         return gx, gw, gb, None
 
@@ -203,11 +194,10 @@ class _BatchNormInputGrad(torch.autograd.Function):
     .. math::
 
         \bar g_y &= \gamma s\,(\bar g - V/M - \hat x\, C/M) \quad\text{(a batch-norm backward of } \bar g)\\
-        \bar\gamma &= s\,(P - aV - bC)\\
-        \bar x &= \gamma s^2 \bigl[\hat x\,(3bC - P + aV)/M - (C/M)(g_y - a) - b\,(\bar g - V/M)\bigr]
+        \bar\gamma &= s\,(P - aV - bC)
 
-    (:math:`\bar x` collects the dependence of :math:`\hat x`, :math:`\mu` and :math:`s` on
-    :math:`x`). The first line is one native batch-norm backward call, which also returns
+    and :math:`\bar x` from :func:`_standardization_x_term` (with :math:`h = g_y`, scale
+    :math:`\gamma s`). The first line is one native batch-norm backward call, which also returns
     :math:`V` and :math:`C`; PyTorch's generic formula takes ~30 elementwise and reduction ops.
     """
 
@@ -303,7 +293,7 @@ class LayerNormFunction(torch.autograd.Function):
         gx = _LayerNormInputGrad.apply(grad_out, x, weight, mean, rstd, ctx.shape) if need_x else None
         gw = gb = None
         if (need_w and _will_be_used(weight)) or (need_b and _will_be_used(bias)):
-            gw, gb = _differentiable_affine_grads(
+            gw, gb = _differentiable_param_grads(
                 lambda w, b: F.layer_norm(x, ctx.shape, w, b, ctx.eps), grad_out, weight, bias)
         return gx, None, gw if need_w else None, gb if need_b else None, None
 
@@ -331,18 +321,19 @@ class BatchNormFunction(torch.autograd.Function):
         gx = _BatchNormInputGrad.apply(grad_out, x, weight, mean, invstd, ctx.eps) if need_x else None
         gw = gb = None
         if (need_w and _will_be_used(weight)) or (need_b and _will_be_used(bias)):
-            gw, gb = _differentiable_affine_grads(
+            gw, gb = _differentiable_param_grads(
                 lambda w, b: F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps), grad_out, weight, bias)
         return gx, gw if need_w else None, gb if need_b else None, None, None, None, None
 
 
-def _differentiable_affine_grads(normalize, grad_out, weight, bias):
-    # Rare path (a graph-building backward that wants gamma/beta gradients): native autograd of
-    # ``normalize(weight, bias)``, the layer recomputed from its saved input.
+def _differentiable_param_grads(layer, grad_out, weight, bias):
+    # Rare path: a graph-building backward that wants parameter gradients (e.g. a penalty on
+    # them). Native autograd of ``layer(weight, bias)``, recomputed from the saved input, keeps
+    # them differentiable.
     with torch.enable_grad():
         probes = [None if t is None else t.detach().requires_grad_(True) for t in (weight, bias)]
         wanted = [t for t in probes if t is not None]
-        grads = iter(torch.autograd.grad(normalize(*probes), wanted, grad_out, create_graph=True))
+        grads = iter(torch.autograd.grad(layer(*probes), wanted, grad_out, create_graph=True))
         return tuple(None if t is None else next(grads) for t in probes)
 
 
@@ -357,18 +348,28 @@ def _pair(value: object, name: str) -> List[int]:
     return values
 
 
-_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV2D_DEFAULTS = (None, None, None, 1, 0, 1, 1)
+def _bind(signature: Tuple[Tuple[str, object], ...], args: Sequence, kwargs: dict) -> list:
+    """The values of ``signature``'s parameters (name, default) for a call ``f(*args, **kwargs)``."""
+    given = dict(zip((name for name, _ in signature), args), **kwargs)
+    return [given.get(name, default) for name, default in signature]
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+_CONV2D = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+           ("groups", 1))
+_BATCH_NORM = (("input", None), ("running_mean", None), ("running_var", None), ("weight", None), ("bias", None),
+               ("training", False), ("momentum", 0.1), ("eps", 1e-5))
+_LAYER_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
 
 
 def conv2d_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     """``F.conv2d(*args, **kwargs)`` through :class:`Conv2dFunction`, or None when the call is
     not one it handles (string padding, non-4-D input, no gradient needed)."""
-    given = dict(zip(_CONV2D_ARGS, args), **kwargs)
-    x, weight, bias, stride, padding, dilation, groups = (given.get(n, d) for n, d in zip(_CONV2D_ARGS, _CONV2D_DEFAULTS))
-    if isinstance(padding, str) or not isinstance(x, torch.Tensor) or x.dim() != 4:
-        return None
-    if not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    x, weight, bias, stride, padding, dilation, groups = _bind(_CONV2D, args, kwargs)
+    if isinstance(padding, str) or not isinstance(x, torch.Tensor) or x.dim() != 4 or not _needs_grad(x, weight, bias):
         return None
     params = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups))
     autocast_dtype = _autocast_dtype(x.device.type)
@@ -384,12 +385,10 @@ def conv2d_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
 def batch_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     """``F.batch_norm(*args, **kwargs)`` in training mode through :class:`BatchNormFunction`,
     or None when the call is not one it handles (evaluation mode, autocast, no gradient)."""
-    given = dict(zip(_BATCH_NORM_ARGS, args), **kwargs)
-    x, running_mean, running_var, weight, bias, training, momentum, eps = (
-        given.get(n, d) for n, d in zip(_BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS))
+    x, running_mean, running_var, weight, bias, training, momentum, eps = _bind(_BATCH_NORM, args, kwargs)
     if not training or not isinstance(x, torch.Tensor) or x.dim() < 2 or _autocast_dtype(x.device.type) is not None:
         return None
-    if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if not _needs_grad(x, weight, bias):
         return None
     if x.numel() // x.shape[1] <= 1:
         return None  # the native call raises its clear "expected more than 1 value per channel"
@@ -399,22 +398,13 @@ def batch_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
 def layer_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     """``F.layer_norm(*args, **kwargs)`` through :class:`LayerNormFunction`, or None when the call
     is not one it handles (autocast, no gradient)."""
-    given = dict(zip(_LAYER_NORM_ARGS, args), **kwargs)
-    x, shape, weight, bias, eps = (given.get(n, d) for n, d in zip(_LAYER_NORM_ARGS, _LAYER_NORM_DEFAULTS))
-    if not isinstance(x, torch.Tensor) or _autocast_dtype(x.device.type) is not None:
-        return None
-    if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    x, shape, weight, bias, eps = _bind(_LAYER_NORM, args, kwargs)
+    if not isinstance(x, torch.Tensor) or _autocast_dtype(x.device.type) is not None or not _needs_grad(x, weight, bias):
         return None
     shape = [int(shape)] if isinstance(shape, int) else [int(d) for d in shape]
     if x.dim() < len(shape) or list(x.shape[x.dim() - len(shape):]) != shape:
         return None  # the native call raises its clear shape error
     return LayerNormFunction.apply(x, shape, weight, bias, eps)
-
-
-_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
-_LAYER_NORM_DEFAULTS = (None, None, None, None, 1e-5)
-_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-_BATCH_NORM_DEFAULTS = (None, None, None, None, None, False, 0.1, 1e-5)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
