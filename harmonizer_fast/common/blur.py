@@ -16,8 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from harmonizer_fast._validation import check_finite, check_rank, check_tensor, compute_dtype, shape_of
-from harmonizer_fast.training.pyramid import same_padding
+from harmonizer_fast.spec import check_finite, check_rank, check_tensor, compute_dtype, same_padding, shape_of
 
 BLUR_KERNEL_SIZE = 10
 BLUR_SIGMA = 10

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from harmonizer_fast._validation import check_finite, check_rank, compute_dtype, shape_of
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from harmonizer_fast.spec import IMAGENET_MEAN, IMAGENET_STD, check_finite, check_rank, compute_dtype, shape_of
 
 
 def preprocess_input(images: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from scipy.stats import rankdata
 
 from harmonizer_fast._ext import extension
-from harmonizer_fast._validation import ArrayLike, check_rank, check_same_shape, shape_of
+from harmonizer_fast.spec import HUMAN_SPEARMAN_CEILING, ArrayLike, check_rank, check_same_shape, shape_of
 
 __all__ = [
     "EPSILON",
@@ -41,9 +41,6 @@ __all__ = [
 #: Added to the denominators of Dice and IoU, as in the reference (so 0 / 0 gives 0).
 EPSILON = 1e-9
 
-#: Spearman correlation between the ClickMe maps of two halves of the human participants:
-#: the ceiling that ``alignment_score`` normalises by (reference value).
-HUMAN_SPEARMAN_CEILING = 0.65753
 
 OverlapCounts = Tuple[np.ndarray, np.ndarray, np.ndarray]
 

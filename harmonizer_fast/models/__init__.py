@@ -24,6 +24,8 @@ from harmonizer_fast.models.efficientnet_lite import (
     load_efficientnet_lite,
 )
 
+from harmonizer_fast.spec import IMAGENET_MEAN, IMAGENET_STD
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: reference model name -> timm architecture.
@@ -37,8 +39,6 @@ MODEL_REGISTRY: Dict[str, str] = {
     "LeViT_small": "levit_128s",
 }
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def preprocess_input(images: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ One module per fused op, each holding its Triton kernels and the
 
 The pure-torch functions of :mod:`harmonizer_fast.training.loss` and
 :mod:`harmonizer_fast.training.pyramid` are the specification; the fused ops are tested
-against them and every public function picks between the two with ``backend``:
+against them. Each public function there validates its inputs once, then
+:func:`route` calls either its pure-torch reference or the op's ``fused_*`` function (a
+direct reference, never a name looked up at run time), as ``backend`` says:
 
 - ``"auto"``: Triton for CUDA tensors (float16/bfloat16/float32), pure torch otherwise.
   A missing or failing Triton falls back to torch with one warning.
@@ -21,198 +23,33 @@ against them and every public function picks between the two with ``backend``:
   cannot run and :class:`TypeError` for float64 (the kernels compute in float32).
 - ``"torch"``: always the pure-torch reference.
 
-The fused ops are differentiable once; asking for a second derivative through them
+Constants and validators come from the floor, :mod:`harmonizer_fast.spec`; nothing here
+imports :mod:`harmonizer_fast.training`. The fused ops are differentiable once; asking for a second derivative through them
 raises :class:`RuntimeError` instead of returning a wrong gradient.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import warnings
-from typing import Any, Dict, Optional, Tuple
+from harmonizer_fast.ops import _dispatch
+from harmonizer_fast.ops._dispatch import (
+    BACKENDS,
+    FUSED_DTYPES,
+    FusedUnsupported,
+    guard_second_order,
+    interpreter_enabled,
+    resolve_backend,
+    route,
+    triton_error,
+)
 
-import torch
-
-BACKENDS: Tuple[str, ...] = ("auto", "triton", "torch")
-
-#: dtypes the kernels accept; they load them and compute in float32.
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-_triton_error: Optional[str] = None
-_triton_checked = False
-_warned_fallback = False
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: kernels run in the Triton interpreter (CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_error() -> Optional[str]:
-    """Why Triton cannot be imported, or ``None`` when it can (checked once)."""
-    global _triton_error, _triton_checked
-    if not _triton_checked:
-        _triton_checked = True
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-        except Exception as exc:  # pragma: no cover - depends on the installation
-            _triton_error = f"{type(exc).__name__}: {exc}"
-    return _triton_error
-
-
-def _device_of(tensors) -> torch.device:
-    """The device of the op's first tensor (its main input; small ones such as tokens are moved to it)."""
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
-
-
-def _unusable_reason(tensors) -> Optional[str]:
-    """Why the fused kernels cannot run on ``tensors`` (``None`` when they can)."""
-    error = triton_error()
-    if error is not None:
-        return f"triton is unusable ({error})"
-    device = _device_of(tensors)
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and interpreter_enabled():
-        return None
-    return (
-        f"triton kernels need CUDA tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
-        "before importing harmonizer_fast to run them in the (slow) Triton interpreter on CPU"
-    )
-
-
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """Turn a requested backend into the one that runs: ``"triton"`` or ``"torch"``.
-
-    Args:
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring).
-        tensors: the op's tensor inputs (device and dtype decide ``"auto"``).
-
-    Raises:
-        ValueError: unknown ``backend``.
-        RuntimeError: ``backend="triton"`` and Triton cannot run on these tensors.
-        TypeError: ``backend="triton"`` with float64 (or another unsupported) dtype.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    unsupported = sorted({str(t.dtype) for t in floats if t.dtype not in FUSED_DTYPES})
-    if backend == "triton":
-        if unsupported:
-            raise TypeError(
-                f"the fused Triton kernels compute in float32 and accept {[str(d) for d in FUSED_DTYPES]}, "
-                f"got {unsupported}; use backend='torch' for float64"
-            )
-        reason = _unusable_reason(tensors)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' was requested but {reason}")
-        return "triton"
-    device = _device_of(tensors)
-    if device.type != "cuda" or unsupported:
-        return "torch"
-    if triton_error() is not None:
-        _warn_fallback(f"triton cannot be imported ({triton_error()})")
-        return "torch"
-    return "triton"
-
-
-def _warn_fallback(reason: str) -> None:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"harmonizer_fast: the fused Triton kernels are unavailable, using the pure-torch loss. "
-            f"Reason: {reason}. Pass backend='torch' to silence this warning.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-class FusedUnsupported(ValueError):
-    """The fused op cannot serve this call (e.g. a gradient it does not provide).
-
-    Under ``backend="auto"`` the pure-torch reference runs instead, silently; under
-    ``backend="triton"`` the error reaches the caller.
-    """
-
-
-def dispatch(backend: str, op: str, function: str, *args: Any) -> Optional[Any]:
-    """Call ``function`` of fused op ``op`` when ``backend`` resolves to Triton.
-
-    Returns ``None`` when the pure-torch reference must run instead: ``"torch"``
-    chosen, ``"auto"`` on non-CUDA tensors, or, under ``"auto"``, a Triton kernel that
-    fails to compile or launch (reported once, and Triton is not tried again in this
-    process). Under ``"triton"`` every error propagates.
-    """
-    global _triton_error
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if resolve_backend(backend, *tensors) == "torch":
-        return None
-    if backend == "triton":
-        return getattr(op_module(op), function)(*args)
-    try:
-        return getattr(op_module(op), function)(*args)
-    except FusedUnsupported:
-        return None
-    except (ValueError, TypeError):
-        raise
-    except Exception as exc:  # a Triton compile or launch failure under "auto"
-        _triton_error = f"{type(exc).__name__}: {exc}"
-        _warn_fallback(_triton_error)
-        return None
-
-
-class _SecondDerivativeError(torch.autograd.Function):
-    """Identity on a fused op's gradient whose own backward raises: no silent second derivative."""
-
-    @staticmethod
-    def forward(ctx, op_name: str, grad: torch.Tensor, *dependencies: torch.Tensor) -> torch.Tensor:
-        ctx.op_name = op_name
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"the fused Triton op `{ctx.op_name}` is differentiable once: a second derivative through it "
-            "(create_graph=True, then differentiating the gradient) is not implemented; "
-            "use backend='torch' for higher-order gradients"
-        )
-
-
-def guard_second_order(op_name: str, grad: Optional[torch.Tensor], *dependencies: Any) -> Optional[torch.Tensor]:
-    """Return ``grad``, tied (under ``create_graph=True``) to a node that raises if differentiated.
-
-    The kernels build no autograd graph, so without this a gradient computed with
-    ``create_graph=True`` would silently act as a constant in a second derivative.
-    ``dependencies`` are the op's inputs and upstream gradients that may require grad.
-    """
-    tensors = [d for d in dependencies if isinstance(d, torch.Tensor)]
-    if grad is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
-        return grad
-    return _SecondDerivativeError.apply(op_name, grad, *tensors)
-
-
-#: fused op name -> module holding its autograd Function and public entry point.
-OPS: Dict[str, str] = {
-    "saliency_cut": "harmonizer_fast.ops.saliency_cut",
-    "pyramid": "harmonizer_fast.ops.pyramid",
-    "alignment_loss": "harmonizer_fast.ops.alignment_loss",
-}
-
-
-def op_module(name: str):
-    """Import a fused op's module lazily (Triton is imported only when a kernel is needed)."""
-    return importlib.import_module(OPS[name])
-
+# Triton is a pinned dependency but can be missing or broken on a platform: then the op
+# modules do not import, every "auto" call runs the reference and "triton" says why.
+try:
+    from harmonizer_fast.ops import alignment_loss, pyramid, saliency_cut
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    alignment_loss = pyramid = saliency_cut = None
+    _dispatch._op_import_error = f"{type(exc).__name__}: {exc}"
 
 __all__ = [
-    "BACKENDS", "FUSED_DTYPES", "OPS", "FusedUnsupported", "dispatch", "guard_second_order", "interpreter_enabled",
-    "op_module",
-    "resolve_backend", "triton_error",
+    "BACKENDS", "FUSED_DTYPES", "FusedUnsupported", "alignment_loss", "guard_second_order", "interpreter_enabled",
+    "pyramid", "resolve_backend", "route", "saliency_cut", "triton_error",
 ]

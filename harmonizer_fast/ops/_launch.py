@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import triton
 
-from harmonizer_fast.ops import interpreter_enabled
+from harmonizer_fast.ops._dispatch import interpreter_enabled
 
 #: Elements per program on a GPU: small enough for many programs per map (the reductions
 #: are split across programs and combined from partials), large enough for wide loads.

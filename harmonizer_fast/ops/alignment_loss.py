@@ -38,12 +38,19 @@ import torch
 import triton
 import triton.language as tl
 
-from harmonizer_fast._validation import check_rank, check_tensor, shape_of
-from harmonizer_fast.ops import FusedUnsupported, guard_second_order
+from harmonizer_fast.spec import (
+    SALIENCY_MAX_EPSILON,
+    STANDARDIZE_EPSILON,
+    check_maps_and_tokens,
+    check_nb_levels,
+    check_rank,
+    check_tensor,
+    shape_of,
+)
+from harmonizer_fast.ops._dispatch import FusedUnsupported, guard_second_order
 from harmonizer_fast.ops._launch import block_size, num_warps, partials_block
 from harmonizer_fast.ops.pyramid import downsample, downsample_adjoint
-from harmonizer_fast.ops.saliency_cut import STANDARDIZE_EPSILON, _combine_moments, cut_backward, map_moments
-from harmonizer_fast.training.loss import SALIENCY_MAX_EPSILON, _check_maps_and_tokens
+from harmonizer_fast.ops.saliency_cut import _combine_moments, cut_backward, map_moments
 
 
 @triton.jit
@@ -200,11 +207,6 @@ class PyramidalMSEFunction(torch.autograd.Function):
         )
 
 
-def _check_nb_levels(nb_levels: int) -> None:
-    if not isinstance(nb_levels, int) or nb_levels < 1:
-        raise ValueError(f"`nb_levels` must be a positive int, got {nb_levels!r}")
-
-
 def _check_no_grad(tensor: torch.Tensor, name: str) -> None:
     if tensor.requires_grad:
         raise FusedUnsupported(
@@ -233,12 +235,23 @@ def alignment_loss(
     Returns:
         float32 scalar, differentiable (once) with respect to ``saliency``.
     """
-    _check_maps_and_tokens(true_heatmaps, saliency, tokens)
-    _check_nb_levels(nb_levels)
-    _check_no_grad(true_heatmaps, "true_heatmaps")
-    _check_no_grad(tokens, "tokens")
+    check_maps_and_tokens(true_heatmaps, saliency, tokens, predicted_name="saliency")
+    check_nb_levels(nb_levels)
     if saliency_max is not None and tuple(saliency_max.shape) != (saliency.shape[0],):
         raise ValueError(f"`saliency_max` must have shape ({saliency.shape[0]},), got {tuple(saliency_max.shape)}")
+    return fused_alignment_loss(saliency, true_heatmaps, tokens, nb_levels, saliency_max)
+
+
+def fused_alignment_loss(
+    saliency: torch.Tensor,
+    true_heatmaps: torch.Tensor,
+    tokens: torch.Tensor,
+    nb_levels: int = 5,
+    saliency_max: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`alignment_loss` on inputs the caller has validated (declines gradients it lacks)."""
+    _check_no_grad(true_heatmaps, "true_heatmaps")
+    _check_no_grad(tokens, "tokens")
     return AlignmentLossFunction.apply(saliency, true_heatmaps, tokens.to(saliency.device), saliency_max, nb_levels)
 
 
@@ -246,8 +259,15 @@ def pyramidal_mse_with_tokens(
     true_heatmaps: torch.Tensor, predicted_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
 ) -> torch.Tensor:
     """Fused :func:`harmonizer_fast.training.loss.pyramidal_mse_with_tokens` (float32 scalar)."""
-    _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
-    _check_nb_levels(nb_levels)
+    check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
+    check_nb_levels(nb_levels)
+    return fused_pyramidal_mse_with_tokens(true_heatmaps, predicted_heatmaps, tokens, nb_levels)
+
+
+def fused_pyramidal_mse_with_tokens(
+    true_heatmaps: torch.Tensor, predicted_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
+) -> torch.Tensor:
+    """:func:`pyramidal_mse_with_tokens` on inputs the caller has validated."""
     _check_no_grad(tokens, "tokens")
     return PyramidalMSEFunction.apply(true_heatmaps, predicted_heatmaps, tokens.to(true_heatmaps.device), nb_levels)
 
@@ -300,8 +320,15 @@ def harmonization_term(
             f"`true_heatmaps` must have shape (N, H, W) = {(n, h, w)} to match `input_gradient` "
             f"{tuple(input_gradient.shape)}, got {shape_of(true_heatmaps)}"
         )
-    _check_maps_and_tokens(true_heatmaps, true_heatmaps, tokens)
-    _check_nb_levels(nb_levels)
+    check_maps_and_tokens(true_heatmaps, true_heatmaps, tokens)
+    check_nb_levels(nb_levels)
+    return fused_harmonization_term(input_gradient, true_heatmaps, tokens, nb_levels)
+
+
+def fused_harmonization_term(
+    input_gradient: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int = 5
+) -> torch.Tensor:
+    """:func:`harmonization_term` on inputs the caller has validated (declines gradients it lacks)."""
     _check_no_grad(true_heatmaps, "true_heatmaps")
     _check_no_grad(tokens, "tokens")
     return HarmonizationTermFunction.apply(input_gradient, true_heatmaps, tokens.to(input_gradient.device), nb_levels)

@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from harmonizer_fast._validation import check_rank, check_tensor
-from harmonizer_fast.ops import guard_second_order
+from harmonizer_fast.spec import BINOMIAL_1D, PYRAMID_KERNEL_SIZE as KERNEL_SIZE, PYRAMID_STRIDE as STRIDE, check_rank, check_tensor, same_padding
+from harmonizer_fast.ops._dispatch import guard_second_order
 from harmonizer_fast.ops._launch import block_size, num_warps
-from harmonizer_fast.training.pyramid import BINOMIAL_1D, KERNEL_SIZE, STRIDE, same_padding
 
 def _normalized_taps() -> Tuple[float, float, float]:
     """The symmetric 1-D taps ``b / sum(b)`` as (outer, inner, centre); their outer product is the 5x5 kernel."""
@@ -242,6 +241,11 @@ def pyramid(image: torch.Tensor, num_levels: int) -> List[torch.Tensor]:
     check_rank(image, (3, 4), "image", "(N, C, H, W) or (N, H, W)")
     if not isinstance(num_levels, int) or num_levels < 0:
         raise ValueError(f"`num_levels` must be a non-negative int, got {num_levels!r}")
+    return fused_pyramid(image, num_levels)
+
+
+def fused_pyramid(image: torch.Tensor, num_levels: int) -> List[torch.Tensor]:
+    """:func:`pyramid` on inputs the caller has validated (the route of the public function)."""
     lead = image.shape[:-2]
     maps = image.reshape(-1, *image.shape[-2:])
     levels = PyramidFunction.apply(maps, num_levels) if num_levels else ()

@@ -32,12 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from harmonizer_fast._validation import check_rank, check_tensor
-from harmonizer_fast.ops import guard_second_order
+from harmonizer_fast.spec import STANDARDIZE_EPSILON, check_rank, check_tensor
+from harmonizer_fast.ops._dispatch import guard_second_order
 from harmonizer_fast.ops._launch import block_size, num_warps, partials_block
 
 #: epsilon of ``standardize_cut`` (added to the standard deviation).
-STANDARDIZE_EPSILON = 1e-5
 #: per-block partial moments: shift K, sum(m - K), sum((m - K)^2), max(m).
 N_MOMENTS = 4
 
@@ -274,4 +273,11 @@ def saliency_cut(
 
 def saliency_standardize_cut(input_gradient: torch.Tensor) -> torch.Tensor:
     """Fused :func:`harmonizer_fast.training.loss.saliency_standardize_cut`: the saliency only."""
-    return saliency_cut(input_gradient)[0]
+    check_tensor(input_gradient, "input_gradient")
+    check_rank(input_gradient, 4, "input_gradient", "(N, C, H, W)")
+    return fused_saliency_standardize_cut(input_gradient)
+
+
+def fused_saliency_standardize_cut(input_gradient: torch.Tensor) -> torch.Tensor:
+    """:func:`saliency_standardize_cut` on an input the caller has validated."""
+    return SaliencyCutFunction.apply(input_gradient, STANDARDIZE_EPSILON)[0]

@@ -1,7 +1,9 @@
 """The harmonization loss of Fel et al. (2022), pure PyTorch: the reference semantics.
 
 This module is the specification that every fast path (the Triton kernels under
-:mod:`harmonizer_fast.ops`) is tested against.
+:mod:`harmonizer_fast.ops`) is tested against. Each public function validates its inputs
+once, then :func:`harmonizer_fast.ops.route` runs either the fused op or the pure-torch
+``reference_*`` function beside it; the references take validated inputs and never route.
 """
 from __future__ import annotations
 
@@ -13,24 +15,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harmonizer_fast._validation import (
+from harmonizer_fast import ops
+from harmonizer_fast.spec import (
+    DEFAULT_NB_LEVELS,
+    LABEL_SMOOTHING,
+    SALIENCY_MAX_EPSILON,
+    STANDARDIZE_EPSILON,
     check_finite,
+    check_loss_weight,
+    check_maps_and_tokens,
+    check_nb_levels,
+    check_nonnegative,
     check_rank,
-    check_same_shape,
     check_tensor,
     check_tokens,
     compute_dtype,
     shape_of,
 )
-from harmonizer_fast.ops import dispatch
 from harmonizer_fast.training.pyramid import downsample
 
-LABEL_SMOOTHING = 0.1
-SALIENCY_MAX_EPSILON = 1e-6
+# The fused ops, as direct references (None where Triton could not be imported).
+_fused_alignment = ops.alignment_loss
+_fused_saliency = ops.saliency_cut
 
 
 def standardize_cut(
-    heatmaps: torch.Tensor, axes: Sequence[int] = (1, 2), epsilon: float = 1e-5
+    heatmaps: torch.Tensor, axes: Sequence[int] = (1, 2), epsilon: float = STANDARDIZE_EPSILON
 ) -> torch.Tensor:
     """Standardize each map and keep the positive part.
 
@@ -66,22 +76,11 @@ def standardize_cut(
     return F.relu(centered / (std + epsilon)).to(heatmaps.dtype)
 
 
-def _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens) -> None:
-    check_tensor(true_heatmaps, "true_heatmaps")
-    check_tensor(predicted_heatmaps, "predicted_heatmaps")
-    check_rank(true_heatmaps, 3, "true_heatmaps", "(N, H, W)")
-    check_rank(predicted_heatmaps, 3, "predicted_heatmaps", "(N, H, W)")
-    check_same_shape(true_heatmaps, predicted_heatmaps, "true_heatmaps", "predicted_heatmaps")
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
-    check_tokens(tokens, true_heatmaps.shape[0])
-
-
 def pyramidal_mse_with_tokens(
     true_heatmaps: torch.Tensor,
     predicted_heatmaps: torch.Tensor,
     tokens: torch.Tensor,
-    nb_levels: int = 5,
+    nb_levels: int = DEFAULT_NB_LEVELS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Token-weighted mean squared error averaged over Gaussian-pyramid levels.
@@ -106,14 +105,19 @@ def pyramidal_mse_with_tokens(
     Returns:
         float32 (float64 for float64 inputs) scalar.
     """
-    _check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
-    if not isinstance(nb_levels, int) or nb_levels < 1:
-        raise ValueError(f"`nb_levels` must be a positive int, got {nb_levels!r}")
-    fused = dispatch(
-        backend, "alignment_loss", "pyramidal_mse_with_tokens", true_heatmaps, predicted_heatmaps, tokens, nb_levels
+    check_maps_and_tokens(true_heatmaps, predicted_heatmaps, tokens)
+    check_nb_levels(nb_levels)
+    check_nonnegative(tokens, "tokens")
+    fused = _fused_alignment and _fused_alignment.fused_pyramidal_mse_with_tokens
+    return ops.route(
+        backend, fused, reference_pyramidal_mse_with_tokens, true_heatmaps, predicted_heatmaps, tokens, nb_levels
     )
-    if fused is not None:
-        return fused
+
+
+def reference_pyramidal_mse_with_tokens(
+    true_heatmaps: torch.Tensor, predicted_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int
+) -> torch.Tensor:
+    """The pure-torch :func:`pyramidal_mse_with_tokens` (inputs already validated)."""
     dtype = compute_dtype(true_heatmaps)
     diff = true_heatmaps.to(dtype) - predicted_heatmaps.to(dtype)
     weights = tokens.to(device=diff.device, dtype=dtype).view(-1, 1, 1)
@@ -137,9 +141,12 @@ def saliency_standardize_cut(input_gradient: torch.Tensor, backend: str = "auto"
     """
     check_tensor(input_gradient, "input_gradient")
     check_rank(input_gradient, 4, "input_gradient", "(N, C, H, W)")
-    fused = dispatch(backend, "saliency_cut", "saliency_standardize_cut", input_gradient)
-    if fused is not None:
-        return fused
+    fused = _fused_saliency and _fused_saliency.fused_saliency_standardize_cut
+    return ops.route(backend, fused, reference_saliency_standardize_cut, input_gradient)
+
+
+def reference_saliency_standardize_cut(input_gradient: torch.Tensor) -> torch.Tensor:
+    """The pure-torch :func:`saliency_standardize_cut`: channel mean (sign kept), then the cut."""
     return standardize_cut(input_gradient.to(compute_dtype(input_gradient)).mean(dim=1))
 
 
@@ -147,7 +154,7 @@ def alignment_loss(
     saliency: torch.Tensor,
     true_heatmaps: torch.Tensor,
     tokens: torch.Tensor,
-    nb_levels: int = 5,
+    nb_levels: int = DEFAULT_NB_LEVELS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Harmonization term between standardized saliency and raw human maps (steps 3-5).
@@ -163,17 +170,31 @@ def alignment_loss(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`harmonizer_fast.ops`); the
             fused op gives no gradient to ``true_heatmaps``/``tokens`` ("auto" uses torch then).
     """
-    _check_maps_and_tokens(true_heatmaps, saliency, tokens)
-    fused = dispatch(backend, "alignment_loss", "alignment_loss", saliency, true_heatmaps, tokens, nb_levels)
-    if fused is not None:
-        return fused
+    check_maps_and_tokens(true_heatmaps, saliency, tokens, predicted_name="saliency")
+    check_nb_levels(nb_levels)
+    check_nonnegative(tokens, "tokens")
+    fused = _fused_alignment and _fused_alignment.fused_alignment_loss
+    return ops.route(backend, fused, reference_alignment_loss, saliency, true_heatmaps, tokens, nb_levels)
+
+
+def reference_alignment_loss(
+    saliency: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int
+) -> torch.Tensor:
+    """The pure-torch :func:`alignment_loss` (inputs already validated)."""
     dtype = compute_dtype(saliency)
     saliency = saliency.to(dtype)
     human = standardize_cut(true_heatmaps.to(dtype))
     human_max = human.amax(dim=(1, 2), keepdim=True)
     saliency_max = saliency.detach().amax(dim=(1, 2), keepdim=True)
     human = human / (human_max + SALIENCY_MAX_EPSILON) * (saliency_max + SALIENCY_MAX_EPSILON)
-    return pyramidal_mse_with_tokens(saliency, human, tokens, nb_levels)
+    return reference_pyramidal_mse_with_tokens(saliency, human, tokens, nb_levels)
+
+
+def reference_harmonization_term(
+    input_gradient: torch.Tensor, true_heatmaps: torch.Tensor, tokens: torch.Tensor, nb_levels: int
+) -> torch.Tensor:
+    """Steps 2-5 in pure torch: :func:`reference_saliency_standardize_cut`, then the alignment loss."""
+    return reference_alignment_loss(reference_saliency_standardize_cut(input_gradient), true_heatmaps, tokens, nb_levels)
 
 
 # --------------------------------------------------------------------------- weight decay
@@ -275,11 +296,39 @@ def _check_loss_inputs(images, tokens, labels, true_heatmaps) -> None:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
     check_tokens(tokens, n)
-    # One fused reduction instead of four: non-finite inputs would otherwise surface as a
-    # NaN loss steps later, far from their cause.
-    if not bool(torch.stack([torch.isfinite(t).all() for t in (images, true_heatmaps, labels, tokens)]).all()):
+    if n == 0:
+        raise ValueError(f"`images` is an empty batch (shape {shape_of(images)}): the loss needs N >= 1 images")
+    # One fused reduction instead of six: non-finite or negative inputs would otherwise
+    # surface as a NaN or a sign-flipped loss steps later, far from their cause.
+    checks = [torch.isfinite(t).all() for t in (images, true_heatmaps, labels, tokens)]
+    checks += [(labels >= 0).all(), (tokens >= 0).all()]
+    if not bool(torch.stack(checks).all()):
         for tensor, name in ((images, "images"), (true_heatmaps, "true_heatmaps"), (labels, "labels"), (tokens, "tokens")):
             check_finite(tensor, name)
+        check_nonnegative(labels, "labels")
+        check_nonnegative(tokens, "tokens")
+
+
+def _check_model(model: object, images: torch.Tensor) -> None:
+    """A module with trainable parameters whose dtype matches the images'."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be a torch.nn.Module (its trainable parameters are what the loss differentiates), "
+            f"got {type(model).__name__}"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no trainable parameters (none with requires_grad=True): "
+            "there is nothing for the harmonizer loss to train"
+        )
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if dtypes and images.dtype not in dtypes:
+        raise TypeError(
+            f"`images` are {images.dtype} but the model's parameters are {sorted(map(str, dtypes))}: convert one "
+            f"to the other (e.g. images.to({next(iter(dtypes))}) or model.to({images.dtype})); under autocast keep "
+            "the images in the parameters' dtype"
+        )
 
 
 def input_saliency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -294,10 +343,22 @@ def input_saliency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     # call scaled_dot_product_attention) must run in the math kernel here.
     with sdpa_kernel([SDPBackend.MATH]):
         logits = model(images)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"`model` must return a (N, K) logits tensor, got {type(logits).__name__}: wrap it so that it returns "
+            "the logits only (an nn.Module whose forward returns, say, output[0])"
+        )
     if logits.ndim != 2 or logits.shape != labels.shape:
         raise ValueError(f"model output {shape_of(logits)} does not match `labels` {shape_of(labels)}")
     score = (logits * labels.to(logits.dtype)).sum()
-    (gradient,) = torch.autograd.grad(score, images, create_graph=True)
+    gradient = None
+    if score.requires_grad:
+        (gradient,) = torch.autograd.grad(score, images, create_graph=True, allow_unused=True)
+    if gradient is None:
+        raise ValueError(
+            f"the output of `model` ({type(model).__name__}) does not depend on `images` {shape_of(images)}: "
+            "its saliency is undefined (is the forward detached, or run under torch.no_grad()?)"
+        )
     return logits, gradient
 
 
@@ -321,6 +382,11 @@ def harmonizer_loss_components(
     saliency/alignment steps (see :mod:`harmonizer_fast.ops`).
     """
     _check_loss_inputs(images, tokens, labels, true_heatmaps)
+    _check_model(model, images)
+    lambda_weights = check_loss_weight(lambda_weights, "lambda_weights")
+    lambda_harmonization = check_loss_weight(lambda_harmonization, "lambda_harmonization")
+    if cross_entropy is not None and not callable(cross_entropy):
+        raise TypeError(f"`cross_entropy` must be a callable f(labels, logits), got {type(cross_entropy).__name__}")
     was_training = model.training
     model.train()
     try:
@@ -328,10 +394,10 @@ def harmonizer_loss_components(
     finally:
         model.train(was_training)
     tokens = tokens.to(gradient.device)
-    harmonization = dispatch(backend, "alignment_loss", "harmonization_term", gradient, true_heatmaps, tokens)
-    if harmonization is None:
-        saliency = saliency_standardize_cut(gradient, backend=backend)
-        harmonization = alignment_loss(saliency, true_heatmaps, tokens, backend=backend)
+    fused = _fused_alignment and _fused_alignment.fused_harmonization_term
+    harmonization = ops.route(
+        backend, fused, reference_harmonization_term, gradient, true_heatmaps, tokens, DEFAULT_NB_LEVELS
+    )
     ce_fn = cross_entropy if cross_entropy is not None else smoothed_cross_entropy
     cce = ce_fn(labels, logits).float().mean()
     decay = weight_decay_loss(model).to(cce.device)

@@ -13,19 +13,13 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from harmonizer_fast._validation import check_rank, check_tensor, compute_dtype
-from harmonizer_fast.ops import dispatch
+from harmonizer_fast import ops
+from harmonizer_fast.spec import BINOMIAL_1D, check_rank, check_tensor, compute_dtype, same_padding
+from harmonizer_fast.spec import PYRAMID_KERNEL_SIZE as KERNEL_SIZE
+from harmonizer_fast.spec import PYRAMID_STRIDE as STRIDE
 
-BINOMIAL_1D = (1.0, 4.0, 6.0, 4.0, 1.0)
-KERNEL_SIZE = 5
-STRIDE = 2
-
-
-def same_padding(size: int, kernel_size: int = KERNEL_SIZE, stride: int = STRIDE) -> Tuple[int, int]:
-    """(before, after) zero padding of TensorFlow's 'SAME' rule for one side of length ``size``."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel_size - size, 0)
-    return total // 2, total - total // 2
+__all__ = ["BINOMIAL_1D", "KERNEL_SIZE", "STRIDE", "binomial_kernel", "downsample", "pyramid_level_shapes",
+           "pyramidal_representation", "reference_pyramid", "same_padding"]
 
 
 def binomial_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -70,9 +64,11 @@ def pyramidal_representation(image: torch.Tensor, num_levels: int, backend: str 
     check_rank(image, (3, 4), "image", "(N, C, H, W) or (N, H, W)")
     if not isinstance(num_levels, int) or num_levels < 0:
         raise ValueError(f"`num_levels` must be a non-negative int, got {num_levels!r}")
-    fused = dispatch(backend, "pyramid", "pyramid", image, num_levels)
-    if fused is not None:
-        return fused
+    return ops.route(backend, ops.pyramid and ops.pyramid.fused_pyramid, reference_pyramid, image, num_levels)
+
+
+def reference_pyramid(image: torch.Tensor, num_levels: int) -> List[torch.Tensor]:
+    """The pure-torch pyramid of :func:`pyramidal_representation` (inputs already validated)."""
     out_dtype = image.dtype
     lead = image.shape[:-2]
     current = image.to(compute_dtype(image)).reshape(-1, *image.shape[-2:])
