@@ -72,7 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--eval-every", type=int, default=0, help="steps between alignment evaluations (0: at the end)")
     data.add_argument("--eval-batches", type=int, default=0, help="limit the evaluation to this many batches (0: all)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
-                        help="continue from <output-dir>/last.pt, or from the given checkpoint")
+                        help="continue from <output-dir>/last.pt, or from the given checkpoint. The run's options must "
+                             "equal the checkpoint's, except --steps (train longer), --output-dir, --checkpoint-every, "
+                             "--keep-checkpoints, --log-every and --no-progress; any other change is refused with the "
+                             "list of differing options")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start at step 0 even if --output-dir holds a run (its checkpoint and logs are replaced); "
+                             "without it (and without --resume) such a run is refused, never overwritten silently")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     add_config_arguments(parser)
 
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from harmonizer_fast.training.data_mix import build_train_stream
-    from harmonizer_fast.training.trainer import Trainer, init_distributed_from_env
+    from harmonizer_fast.training.trainer import Trainer, TrainingDiverged, init_distributed_from_env
 
     if args.output_dir is None:
         raise SystemExit("train: --output-dir is required (checkpoints and logs go there)")
@@ -129,7 +135,12 @@ def run(args: argparse.Namespace) -> int:
         return {"imagenet": preprocess_input, "model": model_preprocess(model), "none": None}[config.preprocess]
 
     trainer = Trainer(args.model, config, train_data=stream, eval_fn=_eval_fn(args, preprocess_for), eval_every=args.eval_every)
-    rows = trainer.fit(resume=args.resume)
+    if args.resume and args.overwrite:
+        raise SystemExit("train: --resume and --overwrite contradict each other: choose one")
+    try:
+        rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    except (TrainingDiverged, FileExistsError, ValueError) as err:
+        raise SystemExit(f"train: {err}") from err
     if trainer.is_main and rows:
         last = rows[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f} (CE {last['cross_entropy']:.4f}, harmonization "

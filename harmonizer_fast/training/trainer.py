@@ -16,373 +16,63 @@ naming the op and the module that calls it.
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import inspect
-import json
-import math
 import os
-import random
-import re
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.layers import freeze_batch_norm_2d
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
-from harmonizer_fast._io import atomic_write_text
+from harmonizer_fast.models import create_model, model_preprocess, preprocess_input
 
 from harmonizer_fast.training import checkpoint as ckpt
+from harmonizer_fast.training.config import (
+    OPTIMIZERS,
+    RESUMABLE_CHANGES,
+    SCHEDULES,
+    TrainerConfig,
+    lr_multiplier,
+    resume_differences,
+)
 from harmonizer_fast.training.data_mix import Batch
+from harmonizer_fast.training.distributed import init_distributed_from_env, resolve_device, seed_everything
 from harmonizer_fast.training.double_backward import fast_double_backward
 from harmonizer_fast.training.loss import harmonizer_loss_components
+from harmonizer_fast.training.metrics_log import MetricsLogger
+from harmonizer_fast.training.second_order import (
+    DoubleBackwardError,
+    locate_op,
+    missing_derivative_op,
+    unfused_attention,
+)
 
-# --------------------------------------------------------------------------- configuration
+__all__ = [
+    "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
+    "TrainingDiverged", "init_distributed_from_env", "lr_multiplier", "seed_everything", "unfused_attention",
+]
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or a gradient became non-finite: training stopped before the step was applied.
 
-@dataclass
-class TrainerConfig:
-    """Everything a harmonized training run depends on (plain values, saved in checkpoints).
-
-    Model: ``model`` is a timm name or a reference name (``ResNet50``); ``weights`` a local
-    file; ``pretrained`` loads packaged weights (efficientnet_lite0/1/2 only).
-
-    Loss (the reference's defaults): ``lambda_weights=1e-5``, ``lambda_harmonization=1.0``;
-    ``loss_backend`` is passed to the loss when it accepts one (``"torch"``, ``"triton"``).
-
-    Optimisation: ``optimizer`` ``"sgd"`` (momentum, nesterov) or ``"adamw"`` (betas);
-    ``optimizer_weight_decay`` is the optimizer's own (decoupled) decay, 0 by default since
-    the loss already holds the reference's L2 term. ``schedule`` is ``"cosine"`` (to
-    ``min_lr_ratio * lr`` at ``steps``), ``"step"`` (times ``gamma`` every ``step_size``
-    steps) or ``"constant"``, after ``warmup_steps`` of linear warm-up. One optimizer step
-    uses ``grad_accum_steps`` micro-batches of ``batch_size`` images (global, over all ranks).
-
-    Numerics: ``amp`` None means bf16 autocast on CUDA and off on CPU; ``channels_last``
-    converts model and images. ``preprocess``: ``"imagenet"`` (the reference's
-    ``preprocess_input``), ``"model"`` (the model's ``pretrained_cfg`` mean/std) or
-    ``"none"`` (images already normalised).
-
-    Second order: ``unfuse_attention`` switches timm's fused attention off while training;
-    ``fast_double_backward`` records 2-D convolutions, training-mode batch norms and layer norms so that their
-    double backward uses the backend's own kernels instead of PyTorch's generic formulas (for
-    convolutions: a convolution with the output gradient as kernel and a per-group loop for
-    depthwise layers; :mod:`harmonizer_fast.training.double_backward`); same gradients, on by
-    default.
-
-    ``freeze_bn`` turns BatchNorm layers into frozen ones (running statistics, affine
-    parameters not trained; ``timm.layers.freeze_batch_norm_2d``): for fine-tuning on small
-    or correlated batches, whose batch statistics are unrepresentative.
-
-    Bookkeeping: ``output_dir`` receives ``last.pt`` every ``checkpoint_every`` steps and at
-    the end (plus ``step_XXXXXXX.pt`` files with ``keep_checkpoints``) and the metric logs,
-    written every ``log_every`` steps.
+    The last checkpoint written (if any) is the last good state; it is never overwritten by a
+    non-finite one.
     """
 
-    model: str = "resnet50"
-    weights: Optional[str] = None
-    pretrained: bool = False
-    num_classes: int = 1000
-    batch_size: int = 32
-    steps: int = 1000
-    grad_accum_steps: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: Tuple[float, float] = (0.9, 0.999)
-    optimizer_weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    step_size: int = 1000
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0
-    max_grad_norm: Optional[float] = None
-    lambda_weights: float = 1e-5
-    lambda_harmonization: float = 1.0
-    loss_backend: Optional[str] = None
-    folder_fraction: float = 0.0
-    device: str = "auto"
-    amp: Optional[bool] = None
-    channels_last: bool = False
-    preprocess: str = "imagenet"
-    seed: int = 0
-    output_dir: Optional[str] = None
-    checkpoint_every: int = 0
-    keep_checkpoints: bool = False
-    log_every: int = 1
-    progress: bool = True
-    unfuse_attention: bool = True
-    fast_double_backward: bool = True
-    freeze_bn: bool = False
 
-    def __post_init__(self) -> None:
-        positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum_steps": self.grad_accum_steps,
-                    "log_every": self.log_every, "step_size": self.step_size}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be a non-negative int, got {getattr(self, name)!r}")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "preprocess": ("imagenet", "model", "none")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"`lr` must be positive, got {self.lr!r}")
-        self.betas = tuple(self.betas)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+def _stale_temporaries(directory: Path) -> List[Path]:
+    """Temporary files an interrupted atomic write of this run's files left in ``directory``."""
+    names = ("last.pt", "step_*.pt", "metrics.csv", "metrics.jsonl")
+    return sorted({p for name in names for p in directory.glob(f".{name}.*.tmp") if p.is_file()})
 
 
-# --------------------------------------------------------------------------- optimizers and schedules
-
-
-def _sgd(params, config: TrainerConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                           weight_decay=config.optimizer_weight_decay)
-
-
-def _adamw(params, config: TrainerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.optimizer_weight_decay)
-
-
-#: optimizer name -> factory(params, config).
-OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
-
-
-def _cosine(step: int, config: TrainerConfig) -> float:
-    span = max(config.steps - config.warmup_steps, 1)
-    progress = min(max(step - config.warmup_steps, 0) / span, 1.0)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _step_decay(step: int, config: TrainerConfig) -> float:
-    return config.gamma ** (max(step - config.warmup_steps, 0) // config.step_size)
-
-
-#: schedule name -> multiplier of ``lr`` after warm-up, as a function of the optimizer step.
-SCHEDULES: Dict[str, Callable[[int, TrainerConfig], float]] = {
-    "cosine": _cosine,
-    "step": _step_decay,
-    "constant": lambda step, config: 1.0,
-}
-
-
-def lr_multiplier(step: int, config: TrainerConfig) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, then the schedule.
-
-    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``.
-    """
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    return SCHEDULES[config.schedule](step, config)
-
-
-# --------------------------------------------------------------------------- attention and double backward
-
-
-@contextlib.contextmanager
-def unfused_attention(model: nn.Module) -> Iterator[int]:
-    """Turn fused attention off in ``model`` (and timm's global default) and restore both after.
-
-    timm modules read ``timm.layers.use_fused_attn()`` once, at construction, into a
-    ``fused_attn`` attribute; the fused kernels have no double backward, which the
-    harmonization loss needs. Yields the number of modules switched.
-    """
-    switched = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-    # timm's global default matters only to timm models built meanwhile; a model from
-    # timm means timm is imported already, so importing it here would only cost time.
-    timm_config = sys.modules.get("timm.layers.config")
-    previous_global = getattr(timm_config, "_USE_FUSED_ATTN", None)
-    if previous_global is None:
-        timm_config = None
-    else:
-        timm_config.set_fused_attn(False)
-    for module, _ in switched:
-        module.fused_attn = False
-    try:
-        yield len(switched)
-    finally:
-        for module, value in switched:
-            module.fused_attn = value
-        if timm_config is not None:
-            timm_config._USE_FUSED_ATTN = previous_global
-
-
-_MISSING_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
-
-
-class DoubleBackwardError(RuntimeError):
-    """A model op has no double backward, so its saliency cannot be trained (harmonized)."""
-
-    def __init__(self, message: str, op: str, module: Optional[str]) -> None:
-        super().__init__(message)
-        self.op = op
-        self.module = module
-
-
-def missing_derivative_op(error: BaseException) -> Optional[str]:
-    """The op named by autograd's "derivative for X is not implemented", or None."""
-    match = _MISSING_DERIVATIVE.search(str(error))
-    return match.group(1) if match else None
-
-
-def _float_leaves(values) -> Tuple[list, list]:
-    """Detached, grad-requiring copies of the float tensors in ``values`` (other values kept)."""
-    copies, leaves = [], []
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = value.detach().requires_grad_(True)
-            leaves.append(value)
-        copies.append(value)
-    return copies, leaves
-
-
-def _double_backward_fails(module: nn.Module, args: tuple, kwargs: dict, op: str) -> bool:
-    """Whether differentiating ``module``'s input gradient again raises the missing-``op`` error."""
-    args, leaves = _float_leaves(args)
-    if not leaves:
-        return False
-    try:
-        out = module(*args, **kwargs)
-        outputs = out if isinstance(out, (tuple, list)) else [out]
-        score = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad)
-        if not isinstance(score, torch.Tensor):
-            return False
-        grads = torch.autograd.grad(score, leaves, create_graph=True, allow_unused=True)
-        second = sum(g.square().sum() for g in grads if g is not None and g.requires_grad)
-        if not isinstance(second, torch.Tensor):
-            return False
-        targets = leaves + [p for p in module.parameters() if p.requires_grad]
-        torch.autograd.grad(second, targets, allow_unused=True)
-    except RuntimeError as err:
-        return missing_derivative_op(err) == op
-    return False
-
-
-def locate_op(model: nn.Module, images: torch.Tensor, op: str) -> Optional[str]:
-    """Qualified name of the deepest submodule whose double backward raises the missing-``op`` error.
-
-    Records every submodule's inputs in one forward pass, then differentiates each module
-    alone twice, deepest first. Parameters and buffers are restored afterwards.
-    """
-    captured: Dict[str, Tuple[tuple, dict]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name:
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, a, k, name=name: captured.setdefault(name, (a, k)) and None, with_kwargs=True))
-    buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        with torch.no_grad():
-            model(images[:2])
-    except Exception:  # the forward alone may fail for unrelated reasons; then nothing to locate
-        return None
-    finally:
-        for hook in hooks:
-            hook.remove()
-    modules = dict(model.named_modules())
-    try:
-        for name in sorted(captured, key=lambda n: -n.count(".")):
-            args, kwargs = captured[name]
-            if _double_backward_fails(modules[name], args, kwargs, op):
-                return name
-    finally:
-        model.load_state_dict(buffers)
-    return None
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class MetricsLogger:
-    """Append per-step metrics to ``metrics.csv`` and ``metrics.jsonl`` under ``directory``.
-
-    On resume, rows after the resumed step (written by the interrupted run) are dropped
-    first, so the logs read as one uninterrupted run.
-    """
-
-    FIELDS = ("step", "lr", "loss", "cross_entropy", "weight_decay", "harmonization", "images_per_s", "time_s")
-
-    def __init__(self, directory: Union[str, os.PathLike], resume_step: int = 0) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.directory / "metrics.csv"
-        self.jsonl_path = self.directory / "metrics.jsonl"
-        self._truncate(resume_step)
-
-    def _truncate(self, resume_step: int) -> None:
-        rows = []
-        if self.jsonl_path.exists():
-            with open(self.jsonl_path) as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
-        rows = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step else []
-        extra = sorted({k for r in rows for k in r} - set(self.FIELDS))
-        self.fields = list(self.FIELDS) + extra
-        atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(self.csv_path, self._csv_text(rows))
-
-    def _csv_text(self, rows: List[Dict[str, Any]]) -> str:
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
-
-    def log(self, row: Dict[str, Any]) -> None:
-        new_fields = [k for k in row if k not in self.fields]
-        with open(self.jsonl_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if new_fields:  # a new metric (e.g. an evaluation score): rewrite the CSV with the wider header
-            self.fields += new_fields
-            with open(self.jsonl_path) as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
-            atomic_write_text(self.csv_path, self._csv_text(rows))
-            return
-        with open(self.csv_path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow(row)
-
-
-# --------------------------------------------------------------------------- the trainer
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def init_distributed_from_env() -> bool:
-    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on GPU); False when single-process."""
-    if not dist.is_available():
-        return False
-    if dist.is_initialized():
-        return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
-    return True
+def _all_finite(tensors) -> bool:
+    tensors = [t for t in tensors if t is not None and t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class Trainer:
@@ -426,18 +116,14 @@ class Trainer:
         self.distributed = init_distributed_from_env()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         if isinstance(model, str):
-            from harmonizer_fast.models import create_model
-
             cfg.model = model
             model = create_model(model, weights=cfg.weights, num_classes=cfg.num_classes, pretrained=cfg.pretrained)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a model name or an nn.Module, got {type(model).__name__}")
         if cfg.freeze_bn:
-            from timm.layers import freeze_batch_norm_2d
-
             model = freeze_batch_norm_2d(model)
         model = model.to(self.device)
         if cfg.channels_last:
@@ -445,8 +131,6 @@ class Trainer:
         self.model = model
         self.train_model: nn.Module = model
         if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # The saliency forward runs autograd.grad (create_graph) before loss.backward();
             # only the final backward reaches the parameters' gradient hooks, so each
@@ -466,11 +150,7 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, Any]] = []
         self._preprocess = self._make_preprocess()
-        self._loss_kwargs = {}
-        if cfg.loss_backend is not None:
-            if "backend" not in inspect.signature(harmonizer_loss_components).parameters:
-                raise ValueError(f"`loss_backend`={cfg.loss_backend!r}: this loss has no backends")
-            self._loss_kwargs["backend"] = cfg.loss_backend
+        self._loss_backend = cfg.loss_backend if cfg.loss_backend is not None else "auto"
 
     # ------------------------------------------------------------------ pieces
 
@@ -478,11 +158,7 @@ class Trainer:
         if self.config.preprocess == "none":
             return lambda images: images
         if self.config.preprocess == "model":
-            from harmonizer_fast.models import model_preprocess
-
             return model_preprocess(self.model)
-        from harmonizer_fast.models import preprocess_input
-
         return preprocess_input
 
     @property
@@ -519,7 +195,7 @@ class Trainer:
                         self.train_model, batch.images, batch.tokens, batch.labels, batch.heatmaps,
                         lambda_weights=self.config.lambda_weights,
                         lambda_harmonization=self.config.lambda_harmonization,
-                        **self._loss_kwargs,
+                        backend=self._loss_backend,
                     )
                 (out.loss * scale).backward()
             except RuntimeError as err:
@@ -551,9 +227,10 @@ class Trainer:
             out = self._micro_step(batch, 1.0 / cfg.grad_accum_steps, sync=micro == cfg.grad_accum_steps - 1)
             totals += torch.stack([t.detach().double().cpu() for t in out])
             images += batch.images.shape[0] * self.world_size
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._check_finite_step(totals, lr)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -569,15 +246,32 @@ class Trainer:
         return {"step": self.step, "lr": lr, "loss": loss, "cross_entropy": ce, "weight_decay": wd,
                 "harmonization": harm, "images_per_s": images / elapsed, "time_s": elapsed}
 
+    def _check_finite_step(self, totals: torch.Tensor, lr: float) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (one fused check)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if bool(torch.isfinite(totals).all()) and _all_finite(grads):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        names = ("loss", "cross_entropy", "weight_decay", "harmonization")
+        bad = [name for name, value in zip(names, totals.tolist()) if not torch.isfinite(torch.tensor(value))]
+        bad_grads = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        what = f"non-finite {', '.join(bad)}" if bad else f"non-finite gradients in {bad_grads[:3]}"
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1} (lr {lr:.3g}): {what}. The step was not applied"
+            + (f"; the last good checkpoint is {self.output_dir / 'last.pt'}" if self.output_dir else "")
+            + ". Lower --lr, add --max-grad-norm or warm-up steps, and resume or start again."
+        )
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> Dict[str, Any]:
+        """The training state under the keys a checkpoint file uses (plus ``rng`` there)."""
         return {
-            "model_state": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "data_state": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else {},
+            "data": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else {},
             "config": self.config.to_dict(),
         }
 
@@ -589,16 +283,40 @@ class Trainer:
             path = self.output_dir / "last.pt"
         written = None
         if self.is_main:
-            written = ckpt.save_checkpoint(path, **self.state_dict())
+            state = self.state_dict()
+            if not _all_finite(list(state["model"].values())):
+                raise TrainingDiverged(
+                    f"refusing to write checkpoint {str(path)!r} at step {self.step}: the model holds non-finite "
+                    "weights or buffers (the previous checkpoint, if any, is kept)"
+                )
+            written = ckpt.save_checkpoint(
+                path, model_state=state["model"], optimizer_state=state["optimizer"],
+                scheduler_state=state["scheduler"], step=state["step"], data_state=state["data"], config=state["config"],
+            )
             if self.config.keep_checkpoints and Path(path).name == "last.pt":
                 ckpt.atomic_torch_save(ckpt.load_checkpoint(path), Path(path).parent / f"step_{self.step:07d}.pt")
         if self.distributed:
             dist.barrier()
         return written
 
-    def load_checkpoint(self, path: Union[str, os.PathLike]) -> int:
-        """Restore model, optimizer, scheduler, step, data position and RNG states; returns the step."""
+    def load_checkpoint(self, path: Union[str, os.PathLike], check_config: bool = True) -> int:
+        """Restore model, optimizer, scheduler, step, data position and RNG states; returns the step.
+
+        With ``check_config`` the checkpoint's configuration must equal this run's except for
+        :data:`~harmonizer_fast.training.config.RESUMABLE_CHANGES` (``steps``, bookkeeping):
+        any other change (learning rate, batch size, lambdas, optimizer ...) would not
+        continue the same run, and raises :class:`ValueError` listing the keys.
+        """
         state = ckpt.load_checkpoint(path, map_location="cpu")
+        if check_config and state.get("config"):
+            differences = resume_differences(state["config"], self.config.to_dict())
+            if differences:
+                raise ValueError(
+                    f"cannot resume from {str(path)!r}: its configuration differs from this run's in "
+                    f"{len(differences)} key(s) that change the training itself: {'; '.join(differences)}. "
+                    f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run (another "
+                    "--output-dir, or --overwrite) to train with other settings"
+                )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") is not None:
@@ -621,30 +339,59 @@ class Trainer:
                 stack.enter_context(unfused_attention(self.model))
             yield
 
-    def fit(self, steps: Optional[int] = None, resume: Union[bool, str, os.PathLike, None] = None) -> List[Dict[str, Any]]:
+    def _existing_run(self) -> List[str]:
+        """Files of an earlier run in ``output_dir`` (a checkpoint, or metric rows)."""
+        found = [p.name for p in [self.output_dir / "last.pt", *sorted(self.output_dir.glob("step_*.pt"))] if p.is_file()]
+        log = self.output_dir / "metrics.jsonl"
+        if log.is_file() and log.stat().st_size > 0:
+            found.append(log.name)
+        return found
+
+    def fit(
+        self,
+        steps: Optional[int] = None,
+        resume: Union[bool, str, os.PathLike, None] = None,
+        overwrite: bool = False,
+    ) -> List[Dict[str, Any]]:
         """Train until ``config.steps`` optimizer steps are done (or ``steps`` more).
 
         Args:
             steps: train this many more steps only (still bounded by ``config.steps``).
             resume: a checkpoint path, or True for ``output_dir/last.pt`` when it exists.
+            overwrite: start at step 0 even though ``output_dir`` holds an earlier run
+                (its checkpoint and logs are replaced); without it such a run raises
+                :class:`FileExistsError` instead of being overwritten silently.
+
+        Raises:
+            TrainingDiverged: a non-finite loss or gradient (the step is not applied, no
+                checkpoint is written).
 
         Returns:
             the logged metric rows of this call.
         """
         cfg = self.config
+        if self.output_dir and self.is_main:
+            for stale in _stale_temporaries(self.output_dir):
+                stale.unlink()  # left by a write killed mid-way (kill -9); the real files are intact
         if resume:
             path = (self.output_dir / "last.pt") if resume is True and self.output_dir else resume
             if resume is True and (path is None or not Path(path).is_file()):
                 path = None  # nothing to resume yet: start fresh
             if path is not None:
                 self.load_checkpoint(path)
+        elif self.step == 0 and self.output_dir and not overwrite:
+            existing = self._existing_run()
+            if existing:
+                raise FileExistsError(
+                    f"{str(self.output_dir)!r} already holds a training run ({', '.join(existing)}): pass "
+                    "resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start again and "
+                    "replace it"
+                )
         target = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         logger = MetricsLogger(self.output_dir, self.step) if (self.output_dir and self.is_main) else None
         rows: List[Dict[str, Any]] = []
         progress = None
         if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=target, initial=self.step, desc="harmonized training", unit="step", dynamic_ncols=True)
         try:
             with self.harmonizing():

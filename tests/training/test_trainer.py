@@ -261,10 +261,14 @@ class _NormNet(nn.Module):
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_fast_double_backward_trains_like_native_autograd(tmp_path, amp):
+    # Under bf16 autocast the reference is native autograd in float32: the exact arithmetic that
+    # both bf16 runs round. Native autograd's own bf16 double backward of a convolution (the
+    # output gradient as a bf16 kernel) is the less accurate of the two on CPUs with AMX-BF16
+    # (conv.weight 3.8e-3 from float32 there, the fast path 1.4e-4), so it is no yardstick.
     runs = {}
     for fast in (True, False):
         torch.manual_seed(0)
-        trainer = Trainer(_NormNet(), _config(tmp_path / str(fast), steps=2, amp=amp, fast_double_backward=fast),
+        trainer = Trainer(_NormNet(), _config(tmp_path / str(fast), steps=2, amp=amp and fast, fast_double_backward=fast),
                           train_data=make_stream())
         rows = trainer.fit()
         assert all(math.isfinite(r["loss"]) for r in rows)
