@@ -10,9 +10,9 @@ Each model NAME gives ``NAME.h5`` (``model.save`` for VGG16, ResNet50 and Effici
 the reference's ``tf.keras.models.load_model`` reads them; ``save_weights`` for the others, as
 their ``load_weights`` reads them) and ``NAME.npz`` with ``images`` (N, H, W, 3, 0..255),
 ``logits`` (pre-softmax Keras outputs of ``preprocess_input(images)``) and ``config`` (the
-shrunk architecture, JSON). ``--size shrunk`` adds layout variants: ``ResNet50_weights.h5``
-(``save_weights``), ``ResNet50_optimizer.h5`` (``model.save`` with Adam state) and
-``ViT_B16_model.h5`` (``model.save`` of a ``load_weights`` model).
+shrunk architecture, JSON). With ``--size shrunk`` the ResNet50 file is ``ResNet50_optimizer.h5``
+(``model.save`` with Adam state, after one training step) and ``ViT_B16_model.h5`` (``model.save``
+of a ``load_weights`` model) is added, so that every layout is covered.
 
 Every tensor is random: BatchNorm moving statistics and layer-scale gains too, since their
 default values (0, 1, 1e-6) would hide a mapping error.
@@ -142,10 +142,19 @@ def _narrow_vgg16(cfg: dict) -> keras.Model:
 
 
 def randomize(model: keras.Model, rng: np.random.Generator) -> None:
-    """Random values for every variable, scaled so that activations stay of order one."""
+    """Random values for every variable, scaled so that activations stay of order one.
+
+    Norm scales that the library initialises to zero (kecam's ``zero_gamma`` at the end of a
+    residual branch) get small values, as a trained network has: order-one gains there would
+    compound over the blocks (LeViT128's logits reach ~1e3).
+    """
+    zero_init = {id(layer.gamma) for layer in model.layers
+                 if isinstance(getattr(layer, "gamma_initializer", None), keras.initializers.Zeros)}
     for weight in model.weights:
         name, shape = weight.name, tuple(weight.shape)
-        if "moving_variance" in name:
+        if id(weight) in zero_init:
+            value = rng.uniform(0.05, 0.25, shape)
+        elif "moving_variance" in name:
             value = rng.uniform(0.5, 1.5, shape)
         elif "moving_mean" in name:
             value = rng.normal(0.0, 0.2, shape)
@@ -202,18 +211,13 @@ def main() -> None:
         randomize(model, rng)
         images = rng.integers(0, 256, (args.batch, cfg["image_size"], cfg["image_size"], 3), dtype=np.uint8)
         logits = logits_of(model, images.astype(np.float32))
-        path = os.path.join(args.out, f"{name}.h5")
+        path = os.path.join(args.out, f"{name}_optimizer.h5" if with_optimizer else f"{name}.h5")
         if name in SAVED_WHOLE:
-            model.save(path, include_optimizer=False)
+            model.save(path, include_optimizer=with_optimizer)
         else:
             model.save_weights(path)
-        if args.size == "shrunk":
-            if name == "ResNet50":
-                model.save_weights(os.path.join(args.out, "ResNet50_weights.h5"))
-            if name == "ViT_B16":
-                model.save(os.path.join(args.out, "ViT_B16_model.h5"), include_optimizer=False)
-            if with_optimizer:
-                model.save(os.path.join(args.out, f"{name}_optimizer.h5"), include_optimizer=True)
+        if args.size == "shrunk" and name == "ViT_B16":
+            model.save(os.path.join(args.out, "ViT_B16_model.h5"), include_optimizer=False)
         np.savez_compressed(os.path.join(args.out, f"{name}.npz"), images=images, logits=logits, config=json.dumps(cfg))
         print(f"{name}: {model.count_params()} parameters, logits std {logits.std():.3g}, saved {path}", flush=True)
 
