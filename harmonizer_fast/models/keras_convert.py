@@ -35,7 +35,7 @@ preprocessing ``x / 255`` then ImageNet mean/std in their ``pretrained_cfg``) ar
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import timm
@@ -43,13 +43,12 @@ import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
+from harmonizer_fast.common.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from harmonizer_fast.models import resnetv2_keras  # noqa: F401  (registers resnet50v2_keras with timm)
 from harmonizer_fast.models.keras_h5 import KerasLayer, KerasWeights, PathLike, read_keras_h5
 
 #: Version written into converted files' metadata; bump when a mapping rule changes.
 CONVERTER_VERSION = "1"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
     "CONVERTER_VERSION", "KERAS_ARCHITECTURES", "KerasArchitecture", "convert_keras_file", "convert_keras_weights",

@@ -22,10 +22,10 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from harmonizer_fast.common.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
 #: BatchNorm epsilon of ``tf.keras.applications`` ResNets.
 KERAS_RESNET_BN_EPSILON = 1.001e-5
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = ["KerasPreactBottleneck", "KerasResNetV2", "KERAS_RESNET_BN_EPSILON"]
 

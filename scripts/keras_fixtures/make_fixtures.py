@@ -41,7 +41,6 @@ sys.modules.setdefault("keras.src.engine", _engine)
 sys.modules.setdefault("keras.src.engine.keras_tensor", _keras_tensor)
 
 import efficientnet.tfkeras as efficientnet_tfkeras  # noqa: E402
-from efficientnet.model import BlockArgs  # noqa: E402
 from keras_cv_attention_models import convnext, levit, maxvit  # noqa: E402
 from tf_keras.src.applications import resnet as keras_resnet  # noqa: E402
 from vit_keras import vit  # noqa: E402

@@ -63,7 +63,6 @@ def shrunk_model(name: str, cfg: dict) -> torch.nn.Module:
             layers += [width] * convs + ["M"]
         return VGG(layers, num_classes=cfg["classes"], mlp_ratio=cfg["fc1"] / cfg["fc2"])
     if name == "EfficientNetB0":  # the B0 stages with fewer repeats, narrower
-        from timm.layers import BatchNormAct2d  # noqa: F401  (timm builds BN+act from norm_layer)
         from timm.models._efficientnet_builder import BN_EPS_TF_DEFAULT, decode_arch_def, round_channels
         from timm.models.efficientnet import EfficientNet
 
