@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from harmonizer_fast.models.keras_convert import KERAS_ARCHITECTURES, keras_to_timm
 from harmonizer_fast.models.efficientnet_lite import (
     LITE_BN_EPSILON,
     LITE_MEAN,
@@ -28,16 +29,10 @@ from harmonizer_fast.spec import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: reference model name -> timm architecture.
-MODEL_REGISTRY: Dict[str, str] = {
-    "ResNet50": "resnet50",
-    "ViT_B16": "vit_base_patch16_224",
-    "VGG16": "vgg16",
-    "EfficientNetB0": "efficientnet_b0",
-    "tiny_ConvNeXT": "convnext_tiny",
-    "tiny_MaxViT": "maxvit_tiny_tf_224",
-    "LeViT_small": "levit_128s",
-}
+#: reference model name -> timm architecture: the exact PyTorch twin of the reference's Keras
+#: model (registered by :mod:`~harmonizer_fast.models.keras_convert`, whose pretrained config
+#: carries the reference preprocessing x / 255 then ImageNet mean/std).
+MODEL_REGISTRY: Dict[str, str] = {name: arch.timm_name for name, arch in KERAS_ARCHITECTURES.items()}
 
 
 
@@ -143,13 +138,16 @@ def _make_loader(reference_name: str) -> Callable[..., nn.Module]:
     arch = MODEL_REGISTRY[reference_name]
 
     def loader(weights: Optional[PathLike] = None, num_classes: int = 1000, **timm_kwargs) -> nn.Module:
+        if weights is not None and Path(weights).suffix.lower() == ".h5":  # the published Keras file
+            return keras_to_timm(reference_name, weights, num_classes=num_classes, **timm_kwargs)
         return create_model(arch, weights=weights, num_classes=num_classes, **timm_kwargs)
 
     loader.__name__ = f"load_{reference_name}"
     loader.__qualname__ = loader.__name__
     loader.__doc__ = (
-        f"timm ``{arch}`` in place of the reference's ``load_{reference_name}``.\n\n"
-        "Args:\n    weights: local weights file (None: random initialisation; nothing is downloaded).\n"
+        f"timm ``{arch}``, the PyTorch twin of the reference's ``load_{reference_name}``.\n\n"
+        "Args:\n    weights: local weights file (None: random initialisation; nothing is downloaded); a\n"
+        "        Keras ``.h5`` file (the published one) is converted on the fly, in eval mode.\n"
         "    num_classes: classifier size.\n    **timm_kwargs: passed to ``timm.create_model``.\n"
     )
     return loader

@@ -20,8 +20,8 @@ def test_registry_names_are_timm_architectures():
 
 
 def test_loader_builds_the_architecture_without_downloading():
-    model = models.load_ResNet50(num_classes=7)
-    assert type(model).__name__ == "ResNet" and model.fc.out_features == 7
+    model = models.load_ResNet50(num_classes=7)  # the reference's ResNet50 is Keras ResNet50V2
+    assert type(model).__name__ == "KerasResNetV2" and model.head.fc.out_features == 7
     with pytest.raises(ValueError, match="pretrained=True"):
         create_model("resnet18", pretrained=True)
 
