@@ -15,7 +15,7 @@ is 1 if they do not. Times: Brain-Score's metric and ceiling (one run each: minu
 against the package's median of ``--repeats`` runs. Target: the package >= 20x faster at
 3,200 images x 168 neuroids x 2,048 features (the default size)::
 
-    python -m benchmarks.compare_brainscore --brainscore-python /work/scratch/bscore/venv/bin/python
+    python -m benchmarks.compare_brainscore --brainscore-python "$HOME/brainscore-venv/bin/python"
 
 A quick check: ``--images 320 --neuroids 16 --features 128 --repetitions 4-7``. Both sides use
 the machine's default BLAS threads; set ``OMP_NUM_THREADS`` to compare at a fixed count.
