@@ -1,6 +1,6 @@
 """IT-cortex scoring (port of ``neural_harmonizer``): the spatial Arcaro benchmark, image-level
-scoring with Brain-Score's protocol, files and stimulus pipeline, memory-bounded layer features, a simulator with a known ceiling, and
-the PLS / ridge readouts."""
+scoring with Brain-Score's protocol, files and stimulus pipeline, memory-bounded layer features,
+a simulator with a known ceiling, and the PLS / ridge readouts."""
 from harmonizer_fast.neural.assemblies import NeuralAssembly, load_netcdf_assembly
 from harmonizer_fast.neural.data import Neural_dataset, download_arcaro2020
 from harmonizer_fast.neural.features import (
