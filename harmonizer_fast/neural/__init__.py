@@ -1,6 +1,6 @@
 """IT-cortex scoring (port of ``neural_harmonizer``): the spatial Arcaro benchmark, image-level
-Brain-Score style scoring, memory-bounded layer features, a simulator with a known ceiling, and
-the PLS / ridge readouts."""
+scoring with Brain-Score's protocol, files and stimulus pipeline, memory-bounded layer features,
+a simulator with a known ceiling, and the PLS / ridge readouts."""
 from harmonizer_fast.neural.assemblies import NeuralAssembly, load_netcdf_assembly
 from harmonizer_fast.neural.data import Neural_dataset, download_arcaro2020
 from harmonizer_fast.neural.features import (
@@ -35,6 +35,13 @@ from harmonizer_fast.neural.neural_benchmark import (
 from harmonizer_fast.neural.pls import PLSRegression
 from harmonizer_fast.neural.ridge import RidgeCV, pearson_per_target
 from harmonizer_fast.neural.simulate import simulate_image_level, simulate_spatial_dataset
+from harmonizer_fast.neural.stimuli import (
+    StimulusSet,
+    brainscore_preprocess,
+    load_stimulus_set,
+    place_on_screen,
+    preprocessing_from_data_config,
+)
 
 __all__ = [
     "PLSRegression",
@@ -67,4 +74,9 @@ __all__ = [
     "score_model",
     "simulate_image_level",
     "simulate_spatial_dataset",
+    "StimulusSet",
+    "load_stimulus_set",
+    "place_on_screen",
+    "brainscore_preprocess",
+    "preprocessing_from_data_config",
 ]

@@ -93,6 +93,24 @@ def download_arcaro2020(data_root: Union[str, Path, None] = None, url: str = BUC
     return root
 
 
+def _stimulus_path(image_dir: Path, recorded: str, mat_path: Path) -> Path:
+    """The file in ``image_dir`` that a ``UniqueNames`` entry names.
+
+    Entries are the recording machine's paths (Windows, e.g. ``C:\\...\\natural_test\\img.jpg``):
+    only the file name is used, so an absolute path or ``..`` never leads outside ``image_dir``;
+    an entry without a file name (``..``, ``.``, empty) or one whose file resolves outside
+    (a symbolic link) raises ``ValueError``.
+    """
+    name = recorded.replace("\\", "/").rstrip("/").split("/")[-1]
+    if name in ("", ".", ".."):
+        raise ValueError(f"{mat_path}: UniqueNames entry {recorded!r} names no stimulus file")
+    path = image_dir / name
+    root = image_dir.resolve()
+    if path.exists() and root not in path.resolve().parents:
+        raise ValueError(f"{mat_path}: UniqueNames entry {recorded!r} resolves to {path.resolve()}, outside {root}")
+    return path
+
+
 def _load_image(path: Path) -> torch.Tensor:
     """RGB image resized (bilinear, half-pixel centres, no antialias, like cv2.INTER_LINEAR) to 224x224,
     as a (3, 224, 224) uint8 tensor."""
@@ -128,7 +146,12 @@ class Neural_dataset:
         if monkey in self._recordings:
             return
         spec = _MONKEYS[monkey]
-        mat = scipy.io.loadmat(self._require(self.data_root / spec.mat))
+        mat_path = self._require(self.data_root / spec.mat)
+        try:
+            mat = scipy.io.loadmat(mat_path)
+        except (OSError, ValueError, IndexError, EOFError, scipy.io.matlab.MatReadError) as err:
+            # scipy reports a cut-off file as "could not read bytes", an IndexError or MatReadError.
+            raise ValueError(f"{mat_path} is not a readable MATLAB file (truncated or corrupt?): {err}") from err
         for key in ("imageRF", "UniqueNames"):
             if key not in mat:
                 raise KeyError(f"{self.data_root / spec.mat} has no variable {key!r} (found {sorted(k for k in mat if not k.startswith('__'))})")
@@ -140,11 +163,11 @@ class Neural_dataset:
             raise ValueError(f"UniqueNames has {names.size} entries for {image_rf.shape[-1]} images")
         # Images first: (image, x, y, time, channel).
         self._recordings[monkey] = np.transpose(image_rf, (4, 0, 1, 2, 3))
-        files = []
-        for i in range(image_rf.shape[-1]):
-            windows_path = str(np.asarray(names[i]).ravel()[0])
-            files.append(self._require(self.data_root / spec.image_dir / windows_path.split("\\")[-1]))
-        self._files[monkey] = files
+        image_dir = self.data_root / spec.image_dir
+        self._files[monkey] = [
+            self._require(_stimulus_path(image_dir, str(np.asarray(names[i]).ravel()[0]), mat_path))
+            for i in range(image_rf.shape[-1])
+        ]
 
     def raw_recordings(self, stimuli: str = "george_central_it") -> np.ndarray:
         """The (images, x, y, time, channels) recordings of one stimulus set (no flip, no time mean)."""

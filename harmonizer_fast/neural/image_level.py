@@ -1,38 +1,51 @@
 r"""Image-level neural predictivity (Brain-Score style): each image is one sample.
 
-For model features ``X`` (images x features) and an assembly (images x neuroids x repetitions):
+By default this is brainscore-vision 2.4.2's neural benchmark protocol (``MajajHong2015public.IT-pls``
+and its siblings), so the same assembly and features give Brain-Score's numbers. For model
+features ``X`` (images x features) and an assembly (images x neuroids x repetitions):
 
-1. the target is the mean response over repetitions, ``Y`` (images x neuroids);
-2. ``n_splits`` splits put ``test_size`` of the images of **each object** in the test set
-   (stratified by object label, seeded);
-3. a readout (:data:`READOUTS`: PLS with 25 components, ``RidgeCV`` or dual ridge on a Gram
-   matrix) is fitted on the train images and predicts the test images;
-4. Pearson ``r`` per neuroid over the test images, median over neuroids, then the mean over splits
-   with its standard error ``std(ddof=1) / sqrt(n_splits)``.
+1. the target ``Y`` (images x neuroids) is the mean of each image's repetitions (all it has);
+2. the images are put in Brain-Score's order (sorted by stimulus id, the order its repetition
+   averaging leaves them) and split by scikit-learn's
+   ``StratifiedShuffleSplit(n_splits=10, train_size=0.9, random_state=1)`` stratified on the
+   object label (:func:`stratified_splits`);
+3. a readout (:data:`READOUTS`; default PLS with 25 components, ``scale=False``, scikit-learn's
+   ``tol=1e-6`` and ``max_iter=500``) is fitted on the train images and predicts the test images;
+4. Pearson ``r`` per neuroid over the test images, median over neuroids (NaN skipped), then the mean
+   over splits; the error is Brain-Score's: ``std(ddof=0) / sqrt(n_splits)`` of the split medians.
 
-The ceiling is the split-half consistency of the repetitions: for each of ``n_ceiling_splits``
-random halvings of the repetitions, Pearson ``r_h`` per neuroid between the two half means
-(over images), Spearman-Brown corrected to the full number of repetitions,
-:math:`c = 2 r_h / (1 + r_h)`, averaged over halvings, median over neuroids.
+The ceiling (:func:`split_half_ceiling`) is Brain-Score's internal consistency: scikit-learn's
+``ShuffleSplit(n_splits=10, train_size=0.5, random_state=1)`` over the distinct repetitions (an odd
+count gives halves of ``floor(R/2)`` and ``ceil(R/2)``; none is dropped), the mean of each half for
+every image (of the repetitions it has), Pearson :math:`r_h` per neuroid over images,
+Spearman-Brown :math:`c = 2 r_h / (1 + r_h)`, the median over neuroids for each halving, then the
+mean over halvings.
 
 :math:`c` estimates the reliability of the repetition-averaged response: the fraction of its
 variance that is stimulus-driven. A perfect model (the noiseless response) therefore reaches
-:math:`r = \sqrt{c}`, not :math:`c`. The ceiled score is chosen with ``ceiling_convention``
+:math:`r = \sqrt{c}`. The ceiled score is chosen with ``ceiling_convention``
 (:data:`CEILING_CONVENTIONS`):
 
-* ``'r/c'`` (default, Brain-Score's): :math:`r / c` (a perfect model scores :math:`1/\sqrt{c} \ge 1`);
-* ``'(r/c)^2'``: its square;
-* ``'r^2/c'``: explained variance over explainable variance (a perfect model scores 1).
+* ``'r^2/c'`` (default; alias ``'r**2/c'``): explained over explainable variance, a perfect model
+  scores 1. Brain-Score's since early 2026 (2.4.x, ``benchmark_helpers/neural_common.py``,
+  ``explained_variance``), which carries the raw error over unchanged;
+* ``'(r/c)^2'`` (alias ``'(r/c)**2'``): Brain-Score's from mid-2019 until early 2026, the one in
+  force when Linsley, Rodriguez et al. (2023) was written;
+* ``'r/c'``: Brain-Score's before mid-2019, and the division neural_harmonizer's spatial benchmark
+  uses (a perfect model scores :math:`1/\sqrt{c} \ge 1`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 from tqdm.auto import tqdm
 
 from harmonizer_fast.neural.assemblies import NeuralAssembly
+from harmonizer_fast.neural.pls import PLSRegression
+from harmonizer_fast.neural.ridge import RidgeCV, pearson_per_target
 
 __all__ = [
     "stratified_splits",
@@ -41,30 +54,36 @@ __all__ = [
     "ImageLevelScore",
     "READOUTS",
     "CEILING_CONVENTIONS",
+    "BRAINSCORE_SEED",
+    "PLS_COMPONENTS",
     "register_readout",
 ]
 
-#: A readout fits on ``features[train]`` and predicts ``features[test]``.
+#: Readout fits on ``features[train]`` and predicts ``features[test]``.
 Readout = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 RIDGE_ALPHAS = np.logspace(-3, 7, 11)
+#: ``random_state`` of Brain-Score's cross-validation and split-half ceiling.
+BRAINSCORE_SEED = 1
+#: Brain-Score's PLS readout: 25 components, no scaling, scikit-learn's tolerance and iterations.
+PLS_COMPONENTS = 25
+PLS_TOL = 1e-6
+PLS_MAX_ITER = 500
 
 
 def _pls_readout(features: np.ndarray, targets: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    from harmonizer_fast.neural.pls import PLSRegression
-
-    n_components = min(25, features.shape[1], len(train) - 1)
-    pls = PLSRegression(n_components, scale=False, tol=1e-4).fit(features[train], targets[train])
-    return np.asarray(pls.predict(features[test]))
+    # Fewer components only where 25 cannot be fitted (tiny data; Brain-Score would fail there).
+    n_components = min(PLS_COMPONENTS, features.shape[1], len(train) - 1)
+    pls = PLSRegression(n_components, scale=False, tol=PLS_TOL, max_iter=PLS_MAX_ITER)
+    return np.asarray(pls.fit(features[train], targets[train]).predict(features[test]))
 
 
 def _ridge_readout(features: np.ndarray, targets: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    from harmonizer_fast.neural.ridge import RidgeCV
-
     ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(features[train], targets[train])
     return np.asarray(ridge.predict(features[test]))
 
 
 def _gram_ridge_readout(gram: np.ndarray, targets: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    # features.py imports torch model hooks: loaded only for this readout.
     from harmonizer_fast.neural.features import gram_ridge_predict
 
     return gram_ridge_predict(gram, targets, train, test, alphas=RIDGE_ALPHAS)
@@ -84,84 +103,142 @@ def register_readout(name: str, readout: Readout) -> None:
     READOUTS[name] = readout
 
 
-#: Ceiled score from the raw score ``r`` and the ceiling ``c``.
+#: Ceiled score from the raw score ``r`` and the ceiling ``c`` (history in the module docstring).
 CEILING_CONVENTIONS: Dict[str, Callable[[float, float], float]] = {
-    "r/c": lambda r, c: r / c,
-    "(r/c)^2": lambda r, c: (r / c) ** 2,
     "r^2/c": lambda r, c: r * r / c,
+    "(r/c)^2": lambda r, c: (r / c) ** 2,
+    "r/c": lambda r, c: r / c,
 }
+_CONVENTION_ALIASES = {"r**2/c": "r^2/c", "(r/c)**2": "(r/c)^2"}
+
+
+def _convention(name: str) -> str:
+    name = _CONVENTION_ALIASES.get(name, name)
+    if name not in CEILING_CONVENTIONS:
+        raise ValueError(
+            f"`ceiling_convention` must be one of {sorted(CEILING_CONVENTIONS) + sorted(_CONVENTION_ALIASES)}, got {name!r}"
+        )
+    return name
 
 
 def stratified_splits(
-    labels: Sequence, n_splits: int = 10, test_size: float = 0.1, seed: int = 0
+    labels: Sequence, n_splits: int = 10, test_size: float = 0.1, seed: int = BRAINSCORE_SEED
 ) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """``n_splits`` random (train, test) index splits with ``round(test_size * n_k)`` of each class
-    ``k`` in test (at least one image of every class with two or more images), seeded."""
+    """Brain-Score's cross-validation splits of images with object ``labels`` (in the given order).
+
+    scikit-learn's ``StratifiedShuffleSplit(n_splits, train_size=1 - test_size,
+    random_state=seed)``, as Brain-Score's ``Split`` builds it (``train_size=0.9``, test the
+    rest). Returns sorted (train, test) index arrays. Every object needs at least two images.
+    """
     labels = np.asarray(labels)
     if not 0 < test_size < 1:
         raise ValueError(f"`test_size` must be in (0, 1), got {test_size}")
-    if n_splits < 1:
-        raise ValueError(f"`n_splits` must be >= 1, got {n_splits}")
-    rng = np.random.default_rng(seed)
-    classes = [np.flatnonzero(labels == k) for k in np.unique(labels)]
-    splits = []
-    for _ in range(n_splits):
-        test = []
-        for members in classes:
-            n_test = min(max(int(round(test_size * len(members))), 1 if len(members) > 1 else 0), len(members) - 1)
-            test.append(rng.permutation(members)[:n_test])
-        test_idx = np.sort(np.concatenate(test))
-        if len(test_idx) < 2:
-            raise ValueError(f"test_size={test_size} of {len(labels)} images leaves fewer than 2 test images")
-        splits.append((np.setdiff1d(np.arange(len(labels)), test_idx), test_idx))
-    return splits
+    if not isinstance(n_splits, (int, np.integer)) or n_splits < 1:
+        raise ValueError(f"`n_splits` must be an int >= 1, got {n_splits!r}")
+    classes, counts = np.unique(labels.astype(str), return_counts=True)
+    if (counts < 2).any():
+        raise ValueError(f"every object needs >= 2 images for stratified splits; {classes[counts < 2][:5].tolist()} have 1")
+    n_train = int(np.floor((1 - test_size) * len(labels)))
+    if n_train < len(classes) or len(labels) - n_train < len(classes):
+        raise ValueError(
+            f"test_size={test_size} of {len(labels)} images cannot hold every one of the {len(classes)} objects "
+            "in both train and test"
+        )
+    splitter = StratifiedShuffleSplit(n_splits=n_splits, train_size=1 - test_size, random_state=seed)
+    return [(np.sort(train), np.sort(test)) for train, test in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def _pearson_columns(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    from harmonizer_fast.neural.ridge import pearson_per_target
+def _half_means(responses: np.ndarray, halves: np.ndarray) -> np.ndarray:
+    """(halves, images, neuroids) mean of each image's repetitions in each half.
 
-    return np.asarray(pearson_per_target(truth, pred), dtype=np.float64)
+    ``halves``: (n_halves, repetitions) 0/1 membership. One matrix product over all halvings: the
+    sums of present repetitions, divided by their counts.
+    """
+    present = ~np.isnan(responses[:, 0, :])  # (images, repetitions)
+    filled = np.where(np.isnan(responses), 0.0, responses)
+    n_images, n_neuroids, n_rep = responses.shape
+    sums = filled.reshape(n_images * n_neuroids, n_rep) @ halves.T  # (images * neuroids, halves)
+    counts = present.astype(np.float64) @ halves.T  # (images, halves)
+    if (counts == 0).any():
+        image, half = np.argwhere(counts == 0)[0]
+        raise ValueError(
+            f"image {image} has no repetition in half {half} of the split-half ceiling "
+            f"(it has {int(present[image].sum())} of {n_rep} repetition slots); Brain-Score cannot halve it either"
+        )
+    return (sums.reshape(n_images, n_neuroids, -1) / counts[:, None, :]).transpose(2, 0, 1)
+
+
+def _halving_consistencies(responses: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """(n_splits, neuroids) Spearman-Brown corrected split-half correlations."""
+    n_rep = responses.shape[2]
+    halvings = list(ShuffleSplit(n_splits=n_splits, train_size=0.5, random_state=seed).split(np.zeros(n_rep)))
+    membership = np.zeros((2 * n_splits, n_rep))
+    for k, (first, second) in enumerate(halvings):
+        membership[2 * k, first] = 1.0
+        membership[2 * k + 1, second] = 1.0
+    means = _half_means(responses, membership)
+    r = np.stack([np.asarray(pearson_per_target(means[2 * k], means[2 * k + 1]), dtype=np.float64)
+                  for k in range(n_splits)])
+    return 2 * r / (1 + r)
 
 
 def split_half_ceiling(
-    responses: np.ndarray, n_splits: int = 10, seed: int = 0
+    responses: np.ndarray, n_splits: int = 10, seed: int = BRAINSCORE_SEED
 ) -> Tuple[float, np.ndarray]:
-    """Spearman-Brown corrected split-half reliability of (images, neuroids, repetitions) responses.
+    """Brain-Score's split-half ceiling of (images, neuroids, repetitions) responses (NaN: missing
+    repetitions, see :class:`~harmonizer_fast.neural.assemblies.NeuralAssembly`).
 
-    Returns the median over neuroids and the per-neuroid values (mean over ``n_splits`` random
-    halvings of the repetitions; with an odd count the extra repetition is left out of that halving).
+    Returns the mean over ``n_splits`` halvings of the median over neuroids, and the per-neuroid
+    mean over halvings (procedure in the module docstring).
     """
+    ceiling, per_neuroid, _ = _ceiling(responses, n_splits, seed)
+    return ceiling, per_neuroid
+
+
+def _ceiling(responses: np.ndarray, n_splits: int, seed: int) -> Tuple[float, np.ndarray, np.ndarray]:
     responses = np.asarray(responses, dtype=np.float64)
     if responses.ndim != 3 or responses.shape[2] < 2:
         raise ValueError(f"`responses` must be (images, neuroids, repetitions >= 2), got shape {responses.shape}")
-    rng = np.random.default_rng(seed)
-    n_rep = responses.shape[2]
-    half = n_rep // 2
-    corrected = []
-    for _ in range(n_splits):
-        order = rng.permutation(n_rep)
-        a = responses[:, :, order[:half]].mean(2)
-        b = responses[:, :, order[half : 2 * half]].mean(2)
-        r = _pearson_columns(a, b)
-        corrected.append(2 * r / (1 + r))
-    per_neuroid = np.mean(corrected, axis=0)
-    return float(np.nanmedian(per_neuroid)), per_neuroid
+    if not isinstance(n_splits, (int, np.integer)) or n_splits < 1:
+        raise ValueError(f"`n_splits` must be an int >= 1, got {n_splits!r}")
+    corrected = _halving_consistencies(responses, n_splits, seed)
+    with np.errstate(invalid="ignore"):
+        per_halving = np.array([np.nanmedian(c) if np.isfinite(c).any() else np.nan for c in corrected])
+    if np.isnan(per_halving).all():
+        raise ValueError("every neuroid's split-half correlation is undefined (constant responses)")
+    finite = corrected[:, np.isfinite(corrected).any(0)]
+    per_neuroid = np.full(corrected.shape[1], np.nan)
+    per_neuroid[np.isfinite(corrected).any(0)] = np.nanmean(finite, axis=0)
+    return float(np.nanmean(per_halving)), per_neuroid, per_halving
+
+
+def _brainscore_error(values: np.ndarray) -> float:
+    """Brain-Score's ``standard_error_of_the_mean``: xarray's std (ddof=0, NaN skipped) / sqrt(n)."""
+    return float(np.nanstd(values) / np.sqrt(len(values)))
 
 
 @dataclass
 class ImageLevelScore:
     """Result of :func:`score_image_level`."""
 
-    score: float  # mean over splits of the median-over-neuroids Pearson r
-    score_sem: float  # its standard error over splits
+    score: float  # mean over splits of the median-over-neuroids Pearson r (Brain-Score's raw score)
+    score_sem: float  # Brain-Score's error of it: std(ddof=0) over splits / sqrt(n_splits)
     split_scores: np.ndarray  # (n_splits,)
     per_neuroid: np.ndarray  # (neuroids,) mean r over splits
     ceiling: float
     ceiling_per_neuroid: np.ndarray
     ceiled_score: float
-    ceiled_score_sem: float  # the sem propagated through the convention (first order)
+    ceiled_score_sem: float  # the error propagated through the convention (first order); Brain-Score reports score_sem
     ceiling_convention: str
     readout: str
+    ceiling_sem: float = float("nan")  # Brain-Score's error of the ceiling (over halvings)
+    ceiling_splits: np.ndarray = field(default_factory=lambda: np.empty(0))  # (n_ceiling_splits,) per-halving medians
+
+
+def _brainscore_order(assembly: NeuralAssembly) -> np.ndarray:
+    """Positions of the images sorted by id: the order Brain-Score's repetition averaging leaves."""
+    ids = assembly.image_ids
+    return np.argsort(ids.astype(str) if ids.dtype == object else ids, kind="stable")
 
 
 def score_image_level(
@@ -170,8 +247,8 @@ def score_image_level(
     readout: str = "pls",
     n_splits: int = 10,
     test_size: float = 0.1,
-    seed: int = 0,
-    ceiling_convention: str = "r/c",
+    seed: int = BRAINSCORE_SEED,
+    ceiling_convention: str = "r^2/c",
     n_ceiling_splits: int = 10,
     object_labels: Optional[Sequence] = None,
     progress: bool = False,
@@ -180,13 +257,14 @@ def score_image_level(
 
     ``features``: (images, features) array or tensor, or for ``readout='gram_ridge'`` an
     (images, images) Gram matrix. ``assembly``: a :class:`NeuralAssembly` or an
-    (images, neuroids, repetitions) array (then pass ``object_labels``, else splits are not
-    stratified). See the module docstring for the procedure and the ceiling conventions.
+    (images, neuroids, repetitions) array (then pass ``object_labels``, else all images are one
+    object). The defaults are Brain-Score 2.4.2's protocol (module docstring); the result does
+    not depend on the order the images come in. ``seed`` is the ``random_state`` of both the
+    splits and the halvings (Brain-Score: 1).
     """
     if readout not in READOUTS:
         raise ValueError(f"`readout` must be one of {sorted(READOUTS)}, got {readout!r}")
-    if ceiling_convention not in CEILING_CONVENTIONS:
-        raise ValueError(f"`ceiling_convention` must be one of {sorted(CEILING_CONVENTIONS)}, got {ceiling_convention!r}")
+    ceiling_convention = _convention(ceiling_convention)
     if not isinstance(assembly, NeuralAssembly):
         assembly = NeuralAssembly.from_arrays(assembly, object_labels=object_labels)
     x = features.detach().cpu().numpy() if hasattr(features, "detach") else np.asarray(features)
@@ -196,36 +274,44 @@ def score_image_level(
         )
     if readout == "gram_ridge" and x.shape[1] != x.shape[0]:
         raise ValueError(f"readout 'gram_ridge' needs a square (images, images) Gram matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"`features` {x.shape} contains {int((~np.isfinite(x)).sum())} NaN or inf values")
     targets = assembly.mean_responses()
+    order = _brainscore_order(assembly)
     fit_predict = READOUTS[readout]
     split_scores, per_split = [], []
     for train, test in tqdm(
-        stratified_splits(assembly.object_labels, n_splits, test_size, seed), desc=f"{readout} splits",
+        stratified_splits(assembly.object_labels[order], n_splits, test_size, seed), desc=f"{readout} splits",
         disable=not progress, leave=False,
     ):
-        r = _pearson_columns(targets[test], fit_predict(x, targets, train, test))
+        train, test = order[train], order[test]
+        r = np.asarray(pearson_per_target(targets[test], fit_predict(x, targets, train, test)), dtype=np.float64)
         if np.isnan(r).all():
             raise ValueError("every neuroid's test correlation is undefined (constant predictions or responses)")
         split_scores.append(float(np.nanmedian(r)))
         per_split.append(r)
     split_scores = np.array(split_scores)
     score = float(split_scores.mean())
-    sem = float(split_scores.std(ddof=1) / np.sqrt(len(split_scores))) if len(split_scores) > 1 else float("nan")
-    ceiling, ceiling_per_neuroid = split_half_ceiling(assembly.responses, n_ceiling_splits, seed)
+    sem = _brainscore_error(split_scores)
+    ceiling, ceiling_per_neuroid, ceiling_splits = _ceiling(assembly.responses, n_ceiling_splits, seed)
     ceil_fn = CEILING_CONVENTIONS[ceiling_convention]
     ceiled = ceil_fn(score, ceiling)
     # First-order propagation: d(ceiled)/dr * sem.
     step = 1e-6
     slope = (ceil_fn(score + step, ceiling) - ceil_fn(score - step, ceiling)) / (2 * step)
+    with np.errstate(invalid="ignore"):
+        per_neuroid = np.nanmean(per_split, axis=0)
     return ImageLevelScore(
         score=score,
         score_sem=sem,
         split_scores=split_scores,
-        per_neuroid=np.nanmean(per_split, axis=0),
+        per_neuroid=per_neuroid,
         ceiling=ceiling,
         ceiling_per_neuroid=ceiling_per_neuroid,
         ceiled_score=float(ceiled),
         ceiled_score_sem=float(abs(slope) * sem),
         ceiling_convention=ceiling_convention,
         readout=readout,
+        ceiling_sem=_brainscore_error(ceiling_splits),
+        ceiling_splits=ceiling_splits,
     )

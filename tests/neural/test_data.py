@@ -93,3 +93,34 @@ def test_neural_benchmark_score_end_to_end(arcaro_root):
     acts = extract_activations(model, x_pre, ["3"])
     (expected, _), _ = score_model(acts["3"], y, grid_size=8)
     assert result.layer_scores["3"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_truncated_mat_names_the_file(arcaro_root):
+    root = arcaro_root[0]
+    mat = root / "Red" / "red_062419_data.mat"
+    data = mat.read_bytes()
+    for size in (len(data) // 2, 100, 10):
+        mat.write_bytes(data[:size])
+        with pytest.raises(ValueError, match="red_062419_data.mat is not a readable MATLAB file"):
+            Neural_dataset(root).load_data("red_central_it")
+
+
+@pytest.mark.parametrize("entry", ["absolute", "dotdot", "parent"])
+def test_unique_names_stay_inside_data_root(tmp_path, rng, entry):
+    root = tmp_path / "data"
+    _write_monkey(root, "Red", "red_062419_data.mat", "red_naturalface", rng.normal(size=(5, 5, 10, 3, 2)), rng)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside / "secret.png")
+    names = np.empty((1, 2), dtype=object)
+    names[0, 0] = "C:\\Users\\lab\\red_naturalface\\stim_0.png"
+    names[0, 1] = {"absolute": str(outside / "secret.png"), "dotdot": "../../../outside/secret.png",
+                   "parent": "C:\\Users\\lab\\.."}[entry]
+    mat = root / "Red" / "red_062419_data.mat"
+    scipy.io.savemat(mat, {"imageRF": rng.normal(size=(5, 5, 10, 3, 2)), "UniqueNames": names})
+    if entry == "parent":
+        with pytest.raises(ValueError, match="names no stimulus file"):
+            Neural_dataset(root).load_data("red_central_it")
+    else:  # only the file name counts: looked for in the monkey's image folder, never outside
+        with pytest.raises(FileNotFoundError, match="red_naturalface/secret.png"):
+            Neural_dataset(root).load_data("red_central_it")
