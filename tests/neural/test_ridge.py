@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 from sklearn.linear_model import Ridge as SkRidge
 from sklearn.linear_model import RidgeCV as SkRidgeCV
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import KFold
 
 from harmonizer_fast.neural import _backend
@@ -189,7 +190,7 @@ def test_bad_inputs_raise_helpful_errors():
         RidgeCV(alphas=(1.0, 0.0)).fit(X, Y)
     with pytest.raises(ValueError, match="scoring must be None or one of"):
         RidgeCV(scoring="accuracy").fit(X, Y)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):  # scikit-learn's error (issue 13), was RuntimeError
         RidgeCV().predict(X)
     model = RidgeCV().fit(X, Y)
     with pytest.raises(ValueError, match="has 11 features"):
