@@ -16,8 +16,8 @@ import warnings
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
-
 import scipy.sparse
+from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from harmonizer_fast._ext import extension
 from harmonizer_fast._validation import shape_of
@@ -28,6 +28,8 @@ __all__ = [
     "check_features",
     "check_targets",
     "check_gram",
+    "centre_gram",
+    "centre_cross_gram",
     "single_blas_thread",
 ]
 
@@ -40,7 +42,7 @@ def single_blas_thread() -> Iterator[None]:
     products of a small ridge path lose more to thread start-up and spin-waiting than they
     gain: PLSRegression(25) on 3200 x 2048 x 168 took 1.5-1.8 s on one OpenBLAS thread and
     5.9-7.7 s on two (shared 2-core machine). Large products and the decompositions outside
-    this context keep all threads. No-op without ``threadpoolctl``.
+    this context keep all threads.
 
     Reproducibility: OpenBLAS results depend, in the last bits, on its thread count (the
     blocked sums are split differently). The thread count used here is fixed (one) and every
@@ -50,11 +52,6 @@ def single_blas_thread() -> Iterator[None]:
     ``threadpoolctl.threadpool_limits(1)``): OpenBLAS's threaded ``eigh`` spin-waits when the
     cores are busy (2048 x 2048: 27-33 s on two threads at load ~8, 5.1-5.7 s on one).
     """
-    try:
-        from threadpoolctl import threadpool_limits  # optional: ships with scikit-learn
-    except ImportError:  # pragma: no cover
-        yield
-        return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
@@ -142,6 +139,22 @@ def check_gram(K: object, name: str = "K") -> np.ndarray:
             "train x train Gram matrix X @ X.T"
         )
     return (arr + arr.T) / 2.0
+
+
+def centre_gram(K: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
+    r"""Centred Gram :math:`J K J` (:math:`J = I - \tfrac1n 1 1^\top`): the inner products of
+    the features centred by their mean. Also returns the column means of ``K`` and its grand
+    mean, with which :func:`centre_cross_gram` centres a test x train cross-Gram the same way."""
+    col_mean = K.mean(axis=0)
+    grand = float(col_mean.mean())
+    return K - col_mean[:, None] - col_mean[None, :] + grand, col_mean, grand
+
+
+def centre_cross_gram(K_cross: np.ndarray, col_mean: np.ndarray, grand: float) -> np.ndarray:
+    r"""Inner products of test and train features both centred by the *train* mean:
+    :math:`K^{\times} - \bar k^{\times} 1^\top - 1 \bar k^\top + \bar{\bar k}` (row means of the
+    cross-Gram, column means and grand mean of the train Gram from :func:`centre_gram`)."""
+    return K_cross - K_cross.mean(axis=1, keepdims=True) - col_mean[None, :] + grand
 
 
 def check_targets(Y: object, n_samples: int, x_shape: Tuple[int, ...], name: str = "Y") -> Tuple[np.ndarray, bool]:

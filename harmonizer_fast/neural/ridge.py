@@ -65,6 +65,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from harmonizer_fast._validation import shape_of
 from harmonizer_fast.neural._backend import (
+    centre_cross_gram,
+    centre_gram,
     check_features,
     check_gram,
     check_targets,
@@ -301,14 +303,6 @@ def _check_no_overflow(G: np.ndarray, X: np.ndarray, what: str) -> None:
         )
 
 
-def _centre_gram(K: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
-    r""":math:`J K J` with :math:`J = I - \tfrac1n 1 1^\top`, plus the column means of ``K`` and
-    its grand mean (needed to centre cross-Grams the same way)."""
-    col_mean = K.mean(axis=0)
-    grand = float(col_mean.mean())
-    return K - col_mean[:, None] - col_mean[None, :] + grand, col_mean, grand
-
-
 def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -> np.ndarray:
     r"""Columns :math:`(G + \alpha_t I)^{-1} R_{:,t}` for a PSD ``G``.
 
@@ -524,7 +518,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         intercept = bool(self.fit_intercept)
         y_mean, Yc = self._centred_targets(Y2, intercept)
         if intercept:
-            Kc, self._gram_col_mean, self._gram_grand_mean = _centre_gram(K)
+            Kc, self._gram_col_mean, self._gram_grand_mean = centre_gram(K)
         else:
             Kc, self._gram_col_mean, self._gram_grand_mean = K, None, None
         splits = None if self.cv is None else self._splits(Kc, Y2)
@@ -643,7 +637,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             raise ValueError("this RidgeCV was fitted on features (fit): predict with predict")
         Kx = check_features(K_cross, "K_cross", self.n_train_samples_, type(self).__name__).astype(np.float64)
         if self._gram_col_mean is not None:
-            Kx = Kx - Kx.mean(axis=1, keepdims=True) - self._gram_col_mean[None, :] + self._gram_grand_mean
+            Kx = centre_cross_gram(Kx, self._gram_col_mean, self._gram_grand_mean)
         C = self.dual_coef_.reshape(self.n_train_samples_, -1)
         pred = Kx @ C + self._y_mean
         return pred[:, 0] if self._one_d else pred
