@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import scipy.sparse
-from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from harmonizer_fast._ext import extension
 from harmonizer_fast._validation import shape_of
@@ -52,8 +52,20 @@ def single_blas_thread() -> Iterator[None]:
     ``threadpoolctl.threadpool_limits(1)``): OpenBLAS's threaded ``eigh`` spin-waits when the
     cores are busy (2048 x 2048: 27-33 s on two threads at load ~8, 5.1-5.7 s on one).
     """
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
+
+
+_CONTROLLER: Optional[ThreadpoolController] = None
+
+
+def _blas_controller() -> ThreadpoolController:
+    """One controller for the process: ``threadpool_limits`` rescans the loaded libraries at
+    every call (2-5 ms, as long as a whole small PLS fit); NumPy's BLAS is loaded by now."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
 
 
 def _to_numpy(x: object, name: str) -> np.ndarray:

@@ -177,10 +177,14 @@ class PLSRegression(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Regressor
     def _start_column(self, Yk: np.ndarray, cross: np.ndarray, k: int) -> Optional[int]:
         """Zero the (numerically) constant columns of the deflated Y and of its cross-product
         ``cross`` (S or Z); the first non-constant column starts NIPALS (None: all constant)."""
-        constant_cols = np.all(np.abs(Yk) < 10 * _EPS, axis=0)
-        Yk[:, constant_cols] = 0.0
-        cross[:, constant_cols] = 0.0
-        nonconstant = np.flatnonzero(np.any(np.abs(Yk) > _EPS, axis=0))
+        # largest |entry| per column from two reductions, without an (n, t) temporary
+        largest = np.maximum(Yk.max(axis=0), -Yk.min(axis=0))
+        constant_cols = largest < 10 * _EPS
+        if constant_cols.any():
+            Yk[:, constant_cols] = 0.0
+            cross[:, constant_cols] = 0.0
+            largest[constant_cols] = 0.0
+        nonconstant = np.flatnonzero(largest > _EPS)
         if nonconstant.size == 0:
             warnings.warn(f"y residual is constant at iteration {k}", RuntimeWarning, stacklevel=4)
             return None

@@ -89,6 +89,11 @@ __all__ = [
 _FEATURE_BLOCK = 4096
 #: Multiply-adds below which a product runs on one BLAS thread.
 _SMALL_PRODUCT = 50_000_000
+#: Order below which a decomposition runs on one BLAS thread: threading a small ``eigh`` or
+#: Cholesky costs more than it saves, and far more on a busy machine (a 39 x 39 ``eigh`` took
+#: 37 ms on two OpenBLAS threads at load 6, 0.3 ms on one). A rule on the size only, so the
+#: result bits never depend on the load.
+_SMALL_DECOMPOSITION = 512
 
 
 # --------------------------------------------------------------------------- scoring
@@ -223,9 +228,14 @@ def _path_stats(moments: np.ndarray, Y: np.ndarray) -> _PathStats:
 # --------------------------------------------------------------------------- decompositions
 
 
+def _decomposition_threads(order: int) -> "contextlib.AbstractContextManager[None]":
+    return single_blas_thread() if order < _SMALL_DECOMPOSITION else contextlib.nullcontext()
+
+
 def _eigh(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Eigendecomposition of a symmetric PSD matrix; round-off negatives are clipped to 0."""
-    lam, vecs = np.linalg.eigh(G)
+    with _decomposition_threads(G.shape[0]):
+        lam, vecs = np.linalg.eigh(G)
     return np.maximum(lam, 0.0), vecs
 
 
@@ -313,8 +323,9 @@ def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -
     if len(distinct) <= 8:
         for a in distinct:
             cols = alpha_per_column == a
-            factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
-            out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
+            with _decomposition_threads(G.shape[0]):
+                factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
+                out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
         return out
     lam, vecs = _eigh(G)
     return vecs @ ((vecs.T @ R) / (lam[:, None] + alpha_per_column[None, :]))
