@@ -166,9 +166,7 @@ def compare(quick: bool) -> Tuple[str, List[Comparison]]:
 
 #: (n samples, p features, t targets) of the grid: both routes of the ridge (p < n primal,
 #: p >= n dual), the issue's weak shapes (ridge 1600 x 1000 -> 80, PLS 1500 x 400 -> 40) and
-#: the corners of n 500..5000, p 200..50,000, t 10..500 that a 2-core machine runs in minutes
-#: (scikit-learn's PLS needs ~100 NIPALS passes over X per component on these data, so its
-#: widest shapes stay at p <= 10,000).
+#: the corners of n 500..5000, p 200..50,000, t 10..500 that a 2-core machine runs in minutes.
 RIDGE_GRID: Tuple[Tuple[int, int, int], ...] = (
     (500, 200, 10),
     (1600, 1000, 80),
@@ -178,13 +176,17 @@ RIDGE_GRID: Tuple[Tuple[int, int, int], ...] = (
     (500, 50000, 100),
     (2000, 10000, 500),
 )
+#: scikit-learn's PLS makes ~100 NIPALS passes over X and Y per component on these data (tol
+#: 1e-6), so its wide or many-target shapes take minutes per fit (5000 x 200 -> 500: 250 s,
+#: 500 x 10,000 -> 50: 93 s on the loaded 2-core machine): those are in PLS_WIDE_GRID (--wide).
 PLS_GRID: Tuple[Tuple[int, int, int], ...] = (
     (500, 200, 10),
     (1500, 400, 40),
-    (5000, 200, 500),
-    (2000, 2000, 200),
-    (500, 10000, 50),
+    (5000, 200, 50),
+    (1000, 2000, 100),
+    (500, 5000, 20),
 )
+PLS_WIDE_GRID: Tuple[Tuple[int, int, int], ...] = ((5000, 200, 500), (500, 10000, 50), (500, 50000, 100))
 TINY_GRID: Tuple[Tuple[int, int, int], ...] = ((60, 30, 3), (40, 90, 4))
 
 
@@ -304,6 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="IT readouts against scikit-learn")
     parser.add_argument("--grid", action="store_true", help="ratio table over the shape grid")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (checks that the script runs)")
+    parser.add_argument("--wide", action="store_true", help="add PLS shapes where scikit-learn takes minutes")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per shape and side (grid)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="seconds per shape before repeats stop")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (without --grid)")
@@ -311,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 1 or args.budget_s <= 0:
         parser.error(f"--repeats must be >= 1 and --budget-s > 0, got {args.repeats} and {args.budget_s}")
     if args.grid:
-        grids = (TINY_GRID, TINY_GRID) if args.tiny else (RIDGE_GRID, PLS_GRID)
+        grids = (TINY_GRID, TINY_GRID) if args.tiny else (RIDGE_GRID, PLS_GRID + (PLS_WIDE_GRID if args.wide else ()))
         start = time.perf_counter()
         rows = run_grid(*grids, repeats=args.repeats, budget_s=args.budget_s)
         print(f"### IT readouts vs scikit-learn, shape grid ({len(ALPHAS)} alphas, PLS tol 1e-6)\n")
