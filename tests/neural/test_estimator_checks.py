@@ -1,4 +1,10 @@
-"""RidgeCV and PLSRegression as scikit-learn estimators: scikit-learn's own estimator checks."""
+"""RidgeCV and PLSRegression as scikit-learn estimators: scikit-learn's own estimator checks.
+
+``parametrize_with_checks`` runs every check ``check_estimator`` runs (the multi-output
+regressor ones included, from the ``MultiOutputMixin`` tag; the transformer ones for PLS), one
+test each. PLS is checked with ``n_components=1``: the checks' data have as few as 1-2
+features, below the default 25 components (scikit-learn's own PLS is checked at 1-2 too).
+"""
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
