@@ -43,7 +43,9 @@ features only through the centred Gram :math:`K_c = X_c X_c^\top`. Since
   :math:`\hat Y = X^{\times}_c W (P^\top W)^{+} L^\top + \bar y = K^{\times}_c\, A\,(D^{-1}\Xi^\top K_c A)^{+} L^\top + \bar y`.
 
 Same start vector, same power iteration, same stopping iteration, so the same predictions
-as the feature-space fit to rounding. Only the component signs are not fixed (the
+as the feature-space fit to rounding. :meth:`PLSRegression.fit` itself takes this route when
+``p >= 4 n`` (then forms :math:`W = X_c^\top A` and :math:`P = X_c^\top \Xi D^{-1}` and sets the
+signs at the end), so a wide layer costs one Gram instead of 50 passes over :math:`X`. Only the component signs are not fixed (the
 largest-|u| rule needs :math:`u` in feature space); flipping a component leaves the
 predictions unchanged.
 """
@@ -51,7 +53,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import scipy.linalg
@@ -78,6 +80,10 @@ from harmonizer_fast.neural._backend import (
 __all__ = ["PLSRegression", "power_iteration_numpy"]
 
 _EPS = np.finfo(np.float64).eps
+#: fit() runs kernel NIPALS on X X^T when p >= this ratio times n: the Gram (one dsyrk,
+#: n^2 p / 2 multiply-adds on every thread) then replaces two memory-bound passes over X and a
+#: p t^2 product per component (500 x 50,000 -> 100: 25 x 400 MB of reads).
+_KERNEL_ROUTE_RATIO = 4
 
 
 def power_iteration_numpy(M: np.ndarray, start: int, tol: float, max_iter: int, eps: float) -> Tuple[np.ndarray, int]:
@@ -251,24 +257,10 @@ class PLSRegression(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Regressor
         T = np.zeros((n, n_comp))  # x scores
         P = np.zeros((p, n_comp))  # x loadings
         L = np.zeros((q, n_comp))  # y loadings
-        S = X0.T @ Yk  # cross-covariance of the deflated matrices, kept up to date
-        self.n_iter_: List[int] = []
-        with single_blas_thread():  # only matrix-vector and t x t work from here
-            for k in range(n_comp):
-                start = self._start_column(Yk, S, k)
-                if start is None:
-                    break
-                v, scale = self._target_direction(S.T @ S, start)
-                u = scale * (S @ v)
-                u *= np.sign(u[np.argmax(np.abs(u))])  # sign: largest |u| entry positive
-                xi = X0 @ u - T[:, :k] @ (P[:, :k].T @ u)
-                ss = float(xi @ xi)
-                self._check_score(ss, k, "X", Xv.shape)
-                delta = (Yk.T @ xi) / ss  # y weights = y loadings under regression deflation
-                gamma = (X0.T @ xi - P[:, :k] @ (T[:, :k].T @ xi)) / ss
-                Yk -= np.outer(xi, delta)
-                S -= ss * np.outer(gamma, delta)
-                W[:, k], C[:, k], T[:, k], P[:, k], L[:, k] = u, delta, xi, gamma, delta
+        if p >= _KERNEL_ROUTE_RATIO * n:
+            self._kernel_route(X0, Yk, W, C, T, P, L, Xv.shape)
+        else:
+            self._feature_route(X0, Yk, W, C, T, P, L, Xv.shape)
         self.x_weights_, self.y_weights_, self.x_loadings_, self.y_loadings_ = W, C, P, L
         self._x_scores = T
         self.x_rotations_ = W @ scipy.linalg.pinv(P.T @ W, check_finite=False)
@@ -281,7 +273,73 @@ class PLSRegression(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Regressor
         self.__dict__.pop("dual_coef_", None)
         return self
 
+    def _feature_route(self, X0, Yk, W, C, T, P, L, shape) -> None:
+        """NIPALS in feature space (module docstring), filling W, C, T, P, L in place."""
+        S = X0.T @ Yk  # cross-covariance of the deflated matrices, kept up to date
+        self.n_iter_ = []
+        with single_blas_thread():  # only matrix-vector and t x t work from here
+            for k in range(W.shape[1]):
+                start = self._start_column(Yk, S, k)
+                if start is None:
+                    break
+                v, scale = self._target_direction(S.T @ S, start)
+                u = scale * (S @ v)
+                u *= np.sign(u[np.argmax(np.abs(u))])  # sign: largest |u| entry positive
+                xi = X0 @ u - T[:, :k] @ (P[:, :k].T @ u)
+                ss = float(xi @ xi)
+                self._check_score(ss, k, "X", shape)
+                delta = (Yk.T @ xi) / ss  # y weights = y loadings under regression deflation
+                gamma = (X0.T @ xi - P[:, :k] @ (T[:, :k].T @ xi)) / ss
+                Yk -= np.outer(xi, delta)
+                S -= ss * np.outer(gamma, delta)
+                W[:, k], C[:, k], T[:, k], P[:, k], L[:, k] = u, delta, xi, gamma, delta
+
+    def _kernel_route(self, X0, Yk, W, C, T, P, L, shape) -> None:
+        """The same components from the n x n Gram when p >> n: one dsyrk of X, then only
+        n-sized work per component, and W = X^T A, P = X^T T / diag(T^T T) at the end; the
+        signs are set afterwards (flipping a component changes no later one)."""
+        A, T[:], L[:] = self._kernel_components(X0 @ X0.T, Yk, W.shape[1], "X", shape)
+        ss = np.einsum("ij,ij->j", T, T)
+        W[:] = X0.T @ A
+        P[:] = (X0.T @ T) / np.where(ss > 0, ss, 1.0)
+        signs = np.sign(W[np.argmax(np.abs(W), axis=0), np.arange(W.shape[1])])
+        signs[signs == 0] = 1.0
+        for M in (W, T, P, L):
+            M *= signs
+        C[:] = L
+
     # ---------------------------------------------------------------- kernel form
+
+    def _kernel_components(
+        self, Kc: np.ndarray, Yk: np.ndarray, n_comp: int, name: str, shape: Tuple[int, ...]
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Kernel NIPALS (module docstring) on a centred Gram; deflates ``Yk`` in place.
+
+        Returns ``(A, T, L)``, (n, n_comp), (n, n_comp), (t, n_comp), zero past the components
+        extracted (``len(self.n_iter_)``): the weights are ``X_c^T A``."""
+        n = Kc.shape[0]
+        A = np.zeros((n, n_comp))
+        T = np.zeros((n, n_comp))
+        L = np.zeros((Yk.shape[1], n_comp))
+        Z = Kc @ Yk  # = X_c S_k, kept up to date
+        self.n_iter_ = []
+        with single_blas_thread():
+            for k in range(n_comp):
+                start = self._start_column(Yk, Z, k)
+                if start is None:
+                    break
+                M = Yk.T @ Z
+                v, scale = self._target_direction((M + M.T) / 2.0, start)
+                a = scale * (Yk @ v)
+                Ka = Kc @ a
+                xi = Ka - T[:, :k] @ ((T[:, :k].T @ Ka) / np.einsum("ij,ij->j", T[:, :k], T[:, :k]))
+                ss = float(xi @ xi)
+                self._check_score(ss, k, name, shape)
+                delta = (Yk.T @ xi) / ss
+                Yk -= np.outer(xi, delta)
+                Z -= np.outer(Kc @ xi, delta)
+                A[:, k], T[:, k], L[:, k] = a, xi, delta
+        return A, T, L
 
     def fit_gram(self, K: object, Y: object) -> "PLSRegression":
         r"""Fit from the train Gram matrix :math:`K_{ij} = \langle x_i, x_j \rangle` (n x n).
@@ -306,29 +364,8 @@ class PLSRegression(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Regressor
             )
         self._y_mean = Y2.mean(axis=0)
         Yk = Y2 - self._y_mean
-        A = np.zeros((n, n_comp))  # feature weights u_k = X_c^T a_k
-        T = np.zeros((n, n_comp))  # scores
-        L = np.zeros((Y2.shape[1], n_comp))  # y loadings
-        Z = Kc @ Yk  # = X_c S_k, kept up to date
-        self.n_iter_ = []
-        n_done = 0
-        with single_blas_thread():
-            for k in range(n_comp):
-                start = self._start_column(Yk, Z, k)
-                if start is None:
-                    break
-                M = Yk.T @ Z
-                v, scale = self._target_direction((M + M.T) / 2.0, start)
-                a = scale * (Yk @ v)
-                Ka = Kc @ a
-                xi = Ka - T[:, :k] @ ((T[:, :k].T @ Ka) / np.einsum("ij,ij->j", T[:, :k], T[:, :k]))
-                ss = float(xi @ xi)
-                self._check_score(ss, k, "K", K.shape)
-                delta = (Yk.T @ xi) / ss
-                Yk -= np.outer(xi, delta)
-                Z -= np.outer(Kc @ xi, delta)
-                A[:, k], T[:, k], L[:, k] = a, xi, delta
-                n_done = k + 1
+        A, T, L = self._kernel_components(Kc, Yk, n_comp, "K", K.shape)
+        n_done = len(self.n_iter_)
         A, T, L = A[:, :n_done], T[:, :n_done], L[:, :n_done]
         ss_all = np.einsum("ij,ij->j", T, T)
         PtW = (T.T @ (Kc @ A)) / ss_all[:, None]

@@ -16,6 +16,8 @@ CASES = [  # n, p, targets, components, scale, tol
     (60, 100, 12, 10, False, 1e-4),
     (50, 20, 1, 8, False, 1e-6),
     (120, 40, 25, 25, False, 1e-6),
+    (30, 200, 6, 8, False, 1e-6),  # p >= 4 n: fit runs kernel NIPALS on X X^T
+    (25, 150, 4, 5, True, 1e-6),
 ]
 
 
