@@ -3,13 +3,26 @@
 Brain-Score-sized problem: 3,200 images, 168 IT sites, 20 alphas (``np.logspace(-3, 6, 20)``);
 features p=2,048 (primal route) and p=50,000 (dual route, float32 storage). Every case checks
 that the candidates agree with the baseline before its timing is reported.
+
+``python -m benchmarks.compare_readouts --grid`` times RidgeCV leave-one-out and PLS-25
+against scikit-learn on a grid of shapes (n samples x p features -> t targets), repeats
+interleaved (scikit-learn, ours, scikit-learn, ...), and prints one row per shape: medians,
+spreads (min-max), the ratio, and for ridge the *floor*: the time of the work scikit-learn and
+this package both must do (the dual Gram and its eigendecomposition when p >= n, and in
+every case the per-alpha products F diag(w) B), so that ``bound = sklearn / floor`` is the
+largest ratio any implementation sharing that work could reach, and ``reached = ratio /
+bound``. PLS has no shared decomposition (scikit-learn iterates on the full data). A
+per-shape time budget caps the repeats of slow shapes (at least one run of each side).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import statistics
 import sys
 import time
 import warnings
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -148,3 +161,180 @@ def compare(quick: bool) -> Tuple[str, List[Comparison]]:
         # progress on stderr: a long full run leaves its finished rows behind
         print(format_table(comparisons[-1:]), file=sys.stderr, flush=True)
     return f"IT readouts ({len(ALPHAS)} alphas)", comparisons
+
+
+# --------------------------------------------------------------------------- shape grid
+
+#: (n samples, p features, t targets) of the grid: both routes of the ridge (p < n primal,
+#: p >= n dual), the issue's weak shapes (ridge 1600 x 1000 -> 80, PLS 1500 x 400 -> 40) and
+#: the corners of n 500..5000, p 200..50,000, t 10..500 that a 2-core machine runs in minutes.
+RIDGE_GRID: Tuple[Tuple[int, int, int], ...] = (
+    (500, 200, 10),
+    (1600, 1000, 80),
+    (5000, 200, 500),
+    (5000, 1000, 50),
+    (1000, 5000, 10),
+    (500, 50000, 100),
+    (2000, 10000, 500),
+)
+#: scikit-learn's PLS makes ~100 NIPALS passes over X and Y per component on these data (tol
+#: 1e-6), so its wide or many-target shapes take minutes per fit (5000 x 200 -> 500: 250 s,
+#: 500 x 10,000 -> 50: 93 s on the loaded 2-core machine): those are in PLS_WIDE_GRID (--wide).
+PLS_GRID: Tuple[Tuple[int, int, int], ...] = (
+    (500, 200, 10),
+    (1500, 400, 40),
+    (5000, 200, 50),
+    (1000, 2000, 100),
+    (500, 5000, 20),
+)
+PLS_WIDE_GRID: Tuple[Tuple[int, int, int], ...] = ((5000, 200, 500), (500, 10000, 50), (500, 50000, 100))
+TINY_GRID: Tuple[Tuple[int, int, int], ...] = ((60, 30, 3), (40, 90, 4))
+
+
+def _time(fn: Callable[[], object]) -> Tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _ridge_floor(X: np.ndarray, Y: np.ndarray, n_alphas: int) -> float:
+    """Seconds of the work both RidgeCV implementations share on this shape, run under the
+    package's thread rules (small decompositions and products on one BLAS thread)."""
+    from harmonizer_fast.neural._backend import single_blas_thread
+    from harmonizer_fast.neural.ridge import _SMALL_PRODUCT, _eigh
+
+    n, p = X.shape
+    Xc = np.asarray(X, np.float64) - X.mean(axis=0, dtype=np.float64)
+    Yc = np.asarray(Y, np.float64) - Y.mean(axis=0)
+    start = time.perf_counter()
+    k = min(n, p)
+    if p >= n:  # scikit-learn's 'eigen' mode: eigendecomposition of X X^T, as the dual route
+        _eigh(Xc @ Xc.T)
+    F = np.ascontiguousarray(Xc[:, :k])
+    B = np.ones((k, Y.shape[1]))
+    out = np.empty_like(Yc)
+    small = n * k * Y.shape[1] < _SMALL_PRODUCT
+    with single_blas_thread() if small else contextlib.nullcontext():
+        for _ in range(n_alphas):  # the per-alpha products, (n x k) @ (k x t)
+            np.matmul(F, B, out=out)
+    return time.perf_counter() - start
+
+
+def _grid_row(kind: str, shape: Tuple[int, int, int], repeats: int, budget_s: float) -> dict:
+    from sklearn.cross_decomposition import PLSRegression as SkPLS
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    from harmonizer_fast.neural.pls import PLSRegression
+    from harmonizer_fast.neural.ridge import RidgeCV
+
+    n, p, t = shape
+    X, Y = make_problem(n, p, t)
+    if kind == "ridge":
+        sk_fit = lambda: SkRidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)  # noqa: E731
+        our_fit = lambda: RidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)  # noqa: E731
+    else:
+        sk_fit = lambda: SkPLS(25, scale=False).fit(X, Y)  # noqa: E731
+        our_fit = lambda: PLSRegression(25).fit(X, Y)  # noqa: E731
+    start = time.perf_counter()
+    our_fit()  # warm-up (imports, first-touch of the BLAS buffers); also checked below
+    ref, sk_first = _time(sk_fit)
+    ours, our_first = _time(our_fit)
+    if kind == "ridge":
+        np.testing.assert_array_equal(ours.alpha_, ref.alpha_)
+        _assert_predictions(ours.predict(X), ref.predict(X).astype(np.float64), 1e-5, f"ridge {shape}")
+    else:
+        if ours.n_iter_ != ref.n_iter_:
+            raise AssertionError(f"PLS {shape}: NIPALS iteration counts differ")
+        _assert_predictions(ours.predict(X), ref.predict(X).astype(np.float64), 1e-4, f"PLS {shape}")
+    sk_times, our_times = [sk_first], [our_first]
+    while len(sk_times) < repeats and time.perf_counter() - start + sk_times[-1] + our_times[-1] < budget_s:
+        sk_times.append(_time(sk_fit)[1])  # interleaved: a load change hits both sides
+        our_times.append(_time(our_fit)[1])
+    row = dict(
+        kind=kind,
+        shape=shape,
+        sklearn=statistics.median(sk_times),
+        sklearn_spread=(min(sk_times), max(sk_times)),
+        ours=statistics.median(our_times),
+        ours_spread=(min(our_times), max(our_times)),
+        repeats=len(sk_times),
+    )
+    row["ratio"] = row["sklearn"] / row["ours"]
+    if kind == "ridge":
+        floors = [_ridge_floor(X, Y, len(ALPHAS))]
+        while len(floors) < min(3, len(sk_times)) and time.perf_counter() - start + floors[-1] < budget_s:
+            floors.append(_ridge_floor(X, Y, len(ALPHAS)))
+        floor = statistics.median(floors)
+        row["floor"] = floor
+        row["bound"] = row["sklearn"] / floor
+    return row
+
+
+def format_grid(rows: Sequence[dict]) -> str:
+    """Markdown table of :func:`run_grid`'s rows."""
+    lines = [
+        "| readout | n x p -> t | scikit-learn median (min-max) | ours median (min-max) | ratio | "
+        "floor | bound | reached | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n, p, t = r["shape"]
+        sk_lo, sk_hi = r["sklearn_spread"]
+        o_lo, o_hi = r["ours_spread"]
+        bound = f"{r['bound']:.1f}x" if "bound" in r else "-"
+        reached = f"{r['ratio'] / r['bound']:.0%}" if "bound" in r else "-"
+        floor = _fmt_s(r["floor"]) if "floor" in r else "-"
+        label = "RidgeCV LOO" if r["kind"] == "ridge" else "PLS-25"
+        lines.append(
+            f"| {label} | {n} x {p} -> {t} | {_fmt_s(r['sklearn'])} ({_fmt_s(sk_lo)}-{_fmt_s(sk_hi)}) | "
+            f"{_fmt_s(r['ours'])} ({_fmt_s(o_lo)}-{_fmt_s(o_hi)}) | {r['ratio']:.1f}x | {floor} | {bound} | "
+            f"{reached} | {r['repeats']} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def run_grid(
+    ridge_grid: Sequence[Tuple[int, int, int]] = RIDGE_GRID,
+    pls_grid: Sequence[Tuple[int, int, int]] = PLS_GRID,
+    repeats: int = 5,
+    budget_s: float = 25.0,
+) -> List[dict]:
+    """Time every shape of both grids (see the module docstring); rows also go to stderr."""
+    rows = []
+    jobs = [("ridge", s) for s in ridge_grid] + [("pls", s) for s in pls_grid]
+    for kind, shape in jobs:
+        rows.append(_grid_row(kind, shape, repeats, budget_s))
+        print(format_grid(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="IT readouts against scikit-learn")
+    parser.add_argument("--grid", action="store_true", help="ratio table over the shape grid")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (checks that the script runs)")
+    parser.add_argument("--wide", action="store_true", help="add PLS shapes where scikit-learn takes minutes")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per shape and side (grid)")
+    parser.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape before repeats stop")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (without --grid)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.budget_s <= 0:
+        parser.error(f"--repeats must be >= 1 and --budget-s > 0, got {args.repeats} and {args.budget_s}")
+    if args.grid:
+        grids = (TINY_GRID, TINY_GRID) if args.tiny else (RIDGE_GRID, PLS_GRID + (PLS_WIDE_GRID if args.wide else ()))
+        start = time.perf_counter()
+        rows = run_grid(*grids, repeats=args.repeats, budget_s=args.budget_s)
+        print(f"### IT readouts vs scikit-learn, shape grid ({len(ALPHAS)} alphas, PLS tol 1e-6)\n")
+        print(format_grid(rows))
+        print(f"\n(total {time.perf_counter() - start:.0f} s)")
+        return 0
+    title, comparisons = compare(args.quick)
+    print(format_table(comparisons, title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

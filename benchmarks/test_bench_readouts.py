@@ -43,3 +43,12 @@ def test_pls25(benchmark, variant):
     model = benchmark(lambda: (SkPLS(25, scale=False) if variant == "sklearn" else PLSRegression(25)).fit(X, Y))
     ref = PLSRegression(25).fit(X, Y)
     np.testing.assert_allclose(model.predict(X), ref.predict(X), rtol=1e-4, atol=1e-4 * np.abs(ref.predict(X)).max())
+
+
+def test_grid_runs_at_tiny_sizes(capsys):
+    from benchmarks.compare_readouts import TINY_GRID, format_grid, run_grid
+
+    rows = run_grid(TINY_GRID[:1], TINY_GRID[:1], repeats=2, budget_s=5.0)
+    table = format_grid(rows)
+    assert [r["kind"] for r in rows] == ["ridge", "pls"] and all(r["ratio"] > 0 for r in rows)
+    assert "RidgeCV LOO | 60 x 30 -> 3" in table and "PLS-25 | 60 x 30 -> 3" in table

@@ -11,6 +11,7 @@ namespace py = pybind11;
 void register_crc32c(py::module_& m);
 void register_metrics(py::module_& m);
 void register_ridge(py::module_& m);
+void register_pls(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
   register_crc32c(m);
   register_metrics(m);
   register_ridge(m);
+  register_pls(m);
 }

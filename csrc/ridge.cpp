@@ -4,7 +4,7 @@
 // harmonizer_fast/neural/_backend.py for the measurements). What BLAS cannot do is the
 // epilogue of each alpha: residuals r = (Y - M) / d reduced per target. NumPy needs several
 // passes and an (n, t) temporary for it; the loops below do one pass with no temporary, row
-// blocks per thread and a per-thread accumulator (rows are contiguous in t, so the inner
+// blocks of fixed size, one accumulator per block (rows are contiguous in t, so the inner
 // loop vectorises): 0.3-0.6 ms instead of 1.1-18 ms at 3200 x 168.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -44,32 +44,39 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// Calls body(i, acc) for every row i in parallel, each thread adding into its own
-// accumulator of `width` doubles; returns the accumulators summed over threads.
+// Rows per accumulation block: a function of n only (at least 512 rows, at most 256 blocks),
+// so the order of the floating-point sums, hence every result bit, is the same whatever
+// the number of threads (OMP_NUM_THREADS, OMP_DYNAMIC, the machine's load).
+int64_t rows_per_block(int64_t n) { return std::max<int64_t>(512, (n + 255) / 256); }
+
+// Calls body(i, acc) for every row i, rows grouped in fixed blocks that each add into their own
+// accumulator of `width` doubles (blocks run in parallel); returns the block accumulators
+// summed in block order.
 template <typename Body>
 std::vector<double> reduce_rows(int64_t n, int64_t width, int nt, Body body) {
-  std::vector<double> acc((size_t)nt * width, 0.0);
+  const int64_t block = rows_per_block(n);
+  const int64_t n_blocks = std::max<int64_t>(1, (n + block - 1) / block);
+  std::vector<double> acc((size_t)n_blocks * width, 0.0);
 #ifdef HF_HAVE_OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-#ifdef HF_HAVE_OPENMP
-    double* local = acc.data() + (size_t)omp_get_thread_num() * width;
-#pragma omp for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(nt)
 #else
-    double* local = acc.data();
+  (void)nt;
 #endif
-    for (int64_t i = 0; i < n; ++i) body(i, local);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    double* local = acc.data() + (size_t)b * width;
+    const int64_t stop = std::min(n, (b + 1) * block);
+    for (int64_t i = b * block; i < stop; ++i) body(i, local);
   }
-  std::vector<double> total(width, 0.0);
-  for (int th = 0; th < nt; ++th)
-    for (int64_t k = 0; k < width; ++k) total[k] += acc[(size_t)th * width + k];
+  std::vector<double> total(acc.begin(), acc.begin() + width);
+  for (int64_t b = 1; b < n_blocks; ++b)
+    for (int64_t k = 0; k < width; ++k) total[k] += acc[(size_t)b * width + k];
   return total;
 }
 
 // out[0, j] = sum_i r_ij, out[1, j] = sum_i r_ij^2, out[2, j] = sum_i y_ij r_ij,
-// with r_ij = (y_ij - m_ij) / d_i (d = 1 when absent).
-py::array_t<double> residual_moments(f64_array y, f64_array m, py::object d_obj) {
+// with r_ij = (y_ij - m_ij) / d_i (d = 1 when absent), or r_ij = m_ij / d_i when
+// m_is_residual (the caller formed the residual without the cancellation of y - m).
+py::array_t<double> residual_moments(f64_array y, f64_array m, py::object d_obj, bool m_is_residual) {
   if (y.ndim() != 2 || m.ndim() != 2 || y.shape(0) != m.shape(0) || y.shape(1) != m.shape(1))
     throw std::invalid_argument("residual_moments: Y and M must be 2-D of the same shape, got " +
                                 shape_str(y) + " and " + shape_str(m));
@@ -96,12 +103,22 @@ py::array_t<double> residual_moments(f64_array y, f64_array m, py::object d_obj)
       double* s1 = acc;
       double* s2 = acc + t;
       double* s3 = acc + 2 * t;
+      if (m_is_residual) {
 #pragma omp simd
-      for (int64_t j = 0; j < t; ++j) {
-        const double r = (yr[j] - mr[j]) * inv;
-        s1[j] += r;
-        s2[j] += r * r;
-        s3[j] += yr[j] * r;
+        for (int64_t j = 0; j < t; ++j) {
+          const double r = mr[j] * inv;
+          s1[j] += r;
+          s2[j] += r * r;
+          s3[j] += yr[j] * r;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < t; ++j) {
+          const double r = (yr[j] - mr[j]) * inv;
+          s1[j] += r;
+          s2[j] += r * r;
+          s3[j] += yr[j] * r;
+        }
       }
     });
     std::copy(sums.begin(), sums.end(), op);
@@ -176,7 +193,9 @@ py::array_t<double> pearson_per_target(py::array a, py::array b) {
 
 void register_ridge(py::module_& m) {
   m.def("ridge_residual_moments", &residual_moments, py::arg("Y"), py::arg("M"), py::arg("d") = py::none(),
-        "Per-column sums of r, r^2 and Y*r for r = (Y - M) / d[:, None] (float64, (3, n_targets)).");
+        py::arg("m_is_residual") = false,
+        "Per-column sums of r, r^2 and Y*r for r = (Y - M) / d[:, None], or r = M / d[:, None] when "
+        "m_is_residual (float64, (3, n_targets)). Bitwise identical whatever the thread count.");
   m.def("pearson_per_target", &pearson_per_target, py::arg("Y_true"), py::arg("Y_pred"),
         "Pearson correlation of each column pair of two (n_samples, n_targets) arrays (NaN where a "
         "column is constant).");

@@ -12,11 +12,12 @@ epilogues run in C++, one pass without temporaries: at 3200 x 168, residual mome
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
+import scipy.sparse
+from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from harmonizer_fast._ext import extension
 from harmonizer_fast._validation import shape_of
@@ -26,66 +27,68 @@ __all__ = [
     "residual_moments",
     "check_features",
     "check_targets",
+    "check_gram",
+    "centre_gram",
+    "centre_cross_gram",
     "single_blas_thread",
-    "decomposition_threads",
 ]
 
 
 @contextlib.contextmanager
 def single_blas_thread() -> Iterator[None]:
-    """Run the enclosed small products (and, on a busy machine, decompositions) on one BLAS thread.
+    """Run the enclosed small products on one BLAS thread.
 
-    Measured on the shared 2-core machine (load ~8): ``eigh`` of a 2048 x 2048 Gram took
-    5.1-5.7 s on one OpenBLAS thread and 27-33 s on two (its threaded tridiagonal reduction
-    spin-waits when the cores are busy); 640 x 640: 0.26 s vs 3.9 s. On an idle machine two
-    threads win (2048: 1.24 s vs 1.97 s), hence :func:`decomposition_threads`. The same holds for the
-    many small products of a PLS component (matrix-vector, t x t): PLSRegression(25) on
-    3200 x 2048 x 168 took 1.5-1.8 s on one thread, 5.9-7.7 s on two. Large matrix products
-    outside this context keep all threads. No-op without ``threadpoolctl``.
+    The many small products of a PLS component (matrix-vector, t x t) and the per-alpha
+    products of a small ridge path lose more to thread start-up and spin-waiting than they
+    gain: PLSRegression(25) on 3200 x 2048 x 168 took 1.5-1.8 s on one OpenBLAS thread and
+    5.9-7.7 s on two (shared 2-core machine). Large products and the decompositions outside
+    this context keep all threads.
+
+    Reproducibility: OpenBLAS results depend, in the last bits, on its thread count (the
+    blocked sums are split differently). The thread count used here is fixed (one) and every
+    other product runs on the process's configured count, never on a count derived from the
+    machine's load, so a fit is bitwise reproducible for a given BLAS configuration. On an
+    oversubscribed machine, limit the threads yourself (``OPENBLAS_NUM_THREADS=1`` or
+    ``threadpoolctl.threadpool_limits(1)``): OpenBLAS's threaded ``eigh`` spin-waits when the
+    cores are busy (2048 x 2048: 27-33 s on two threads at load ~8, 5.1-5.7 s on one).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
 
 
-def cores_are_busy() -> bool:
-    """True when the 1-minute load average exceeds the number of CPUs by more than half a core
-    (other processes compete for the cores; this process's own BLAS threads count at most one
-    core each, so an idle machine running this fit stays below the bound)."""
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # pragma: no cover - platforms without getloadavg
-        return False
-    return load > (os.cpu_count() or 1) + 0.5
+_CONTROLLER: Optional[ThreadpoolController] = None
 
 
-@contextlib.contextmanager
-def decomposition_threads() -> Iterator[None]:
-    """BLAS threads for a LAPACK decomposition (``eigh``, Cholesky): all of them on an idle
-    machine, one when the cores are busy (see :func:`single_blas_thread` for why).
-
-    Measured on the 2-core machine: ``eigh`` of a 2048 x 2048 Gram takes 1.45 s on two threads
-    and 1.95 s on one when idle; 27-33 s on two and 5.1-5.7 s on one at load ~8.
-    """
-    if cores_are_busy():
-        with single_blas_thread():
-            yield
-    else:
-        yield
+def _blas_controller() -> ThreadpoolController:
+    """One controller for the process: ``threadpool_limits`` rescans the loaded libraries at
+    every call (2-5 ms, as long as a whole small PLS fit); NumPy's BLAS is loaded by now."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
 
 
 def _to_numpy(x: object, name: str) -> np.ndarray:
+    """Any array-like (NumPy, torch, lists, object arrays of numbers) as a real NumPy array."""
+    if scipy.sparse.issparse(x):
+        raise TypeError(
+            f"`{name}` is a sparse {type(x).__name__} of shape {x.shape}, but dense data is required: "
+            "convert it with .toarray()"
+        )
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor without importing torch
         x = x.detach().cpu().numpy()
     try:
         arr = np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
         raise TypeError(f"`{name}` must be array-like, got {type(x).__name__}") from exc
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if np.iscomplexobj(arr):
+        raise ValueError(f"Complex data not supported: `{name}` has dtype {arr.dtype} (shape {shape_of(arr)})")
+    if arr.dtype == object:
+        try:  # object arrays of numbers (as pandas gives) convert; anything else names its element
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"`{name}` must hold numbers (shape {shape_of(arr)}): {exc}") from exc
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise TypeError(f"`{name}` must hold numbers, got dtype {arr.dtype} (shape {shape_of(arr)})")
     return arr
 
@@ -104,26 +107,72 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
         )
 
 
-def check_features(X: object, name: str = "X", n_features: Optional[int] = None) -> np.ndarray:
-    """Validate a (n_samples, n_features) design matrix; returns float32/float64 C-ordered."""
+def check_features(
+    X: object, name: str = "X", n_features: Optional[int] = None, estimator: str = "the estimator"
+) -> np.ndarray:
+    """Validate a (n_samples, n_features) design matrix; returns float32/float64 C-ordered.
+
+    At least one sample and one feature; ``n_features`` (the fitted width) is checked with
+    scikit-learn's wording, naming ``estimator``."""
     arr = _to_numpy(X, name)
     if arr.ndim != 2:
         raise ValueError(
-            f"`{name}` must be 2-D (n_samples, n_features), got shape {shape_of(arr)}; "
-            "reshape a single sample with X.reshape(1, -1) or a single feature with X.reshape(-1, 1)"
+            f"`{name}` must be 2-D (n_samples, n_features), got shape {shape_of(arr)}. Reshape your data: "
+            f"a single sample with {name}.reshape(1, -1), a single feature with {name}.reshape(-1, 1)"
         )
+    if arr.shape[0] == 0:
+        raise ValueError(f"`{name}` has 0 sample(s) (shape={shape_of(arr)}) while a minimum of 1 is required")
+    if arr.shape[1] == 0:
+        raise ValueError(f"`{name}` has 0 feature(s) (shape={shape_of(arr)}) while a minimum of 1 is required.")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(
-            f"`{name}` has {arr.shape[1]} features (shape {shape_of(arr)}) but the estimator was "
-            f"fitted with {n_features}"
+            f"{name} has {arr.shape[1]} features, but {estimator} is expecting {n_features} features as "
+            f"input (got shape {shape_of(arr)})"
         )
     arr = np.ascontiguousarray(arr, dtype=_float_dtype(arr))
     _check_finite(arr, name)
     return arr
 
 
+def check_gram(K: object, name: str = "K") -> np.ndarray:
+    """Validate a train Gram matrix: square (n, n), finite, symmetric to 1e-6 of its largest
+    entry; returns it in float64, exactly symmetrised."""
+    arr = _to_numpy(K, name)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"`{name}` must be a square (n_samples, n_samples) Gram matrix, got shape {shape_of(arr)}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"`{name}` has 0 sample(s) (shape={shape_of(arr)}) while a minimum of 1 is required")
+    arr = np.asarray(arr, dtype=np.float64)
+    _check_finite(arr, name)
+    asym = float(np.max(np.abs(arr - arr.T)))
+    if asym > 1e-6 * max(float(np.max(np.abs(arr))), np.finfo(float).tiny):
+        raise ValueError(
+            f"`{name}` (shape {shape_of(arr)}) is not symmetric (largest |K - K.T| = {asym:.3g}): pass the "
+            "train x train Gram matrix X @ X.T"
+        )
+    return (arr + arr.T) / 2.0
+
+
+def centre_gram(K: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
+    r"""Centred Gram :math:`J K J` (:math:`J = I - \tfrac1n 1 1^\top`): the inner products of
+    the features centred by their mean. Also returns the column means of ``K`` and its grand
+    mean, with which :func:`centre_cross_gram` centres a test x train cross-Gram the same way."""
+    col_mean = K.mean(axis=0)
+    grand = float(col_mean.mean())
+    return K - col_mean[:, None] - col_mean[None, :] + grand, col_mean, grand
+
+
+def centre_cross_gram(K_cross: np.ndarray, col_mean: np.ndarray, grand: float) -> np.ndarray:
+    r"""Inner products of test and train features both centred by the *train* mean:
+    :math:`K^{\times} - \bar k^{\times} 1^\top - 1 \bar k^\top + \bar{\bar k}` (row means of the
+    cross-Gram, column means and grand mean of the train Gram from :func:`centre_gram`)."""
+    return K_cross - K_cross.mean(axis=1, keepdims=True) - col_mean[None, :] + grand
+
+
 def check_targets(Y: object, n_samples: int, x_shape: Tuple[int, ...], name: str = "Y") -> Tuple[np.ndarray, bool]:
     """Validate targets against ``n_samples``; returns a 2-D float64 array and whether Y was 1-D."""
+    if Y is None:
+        raise ValueError(f"`{name}` is None: this estimator requires y to be passed, but the target y is None")
     arr = _to_numpy(Y, name)
     if arr.ndim not in (1, 2):
         raise ValueError(f"`{name}` must be 1-D (n_samples,) or 2-D (n_samples, n_targets), got shape {shape_of(arr)}")
@@ -143,16 +192,20 @@ def check_targets(Y: object, n_samples: int, x_shape: Tuple[int, ...], name: str
 # --------------------------------------------------------------------------- reductions
 
 
-def residual_moments_numpy(Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = None) -> np.ndarray:
+def residual_moments_numpy(
+    Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = None, m_is_residual: bool = False
+) -> np.ndarray:
     """Reference of :func:`residual_moments` in plain NumPy."""
-    R = Y - M  # the only (n, t) temporary
+    R = M.copy() if m_is_residual else Y - M  # the only (n, t) temporary
     if d is not None:
         R /= d[:, None]
     return np.stack([R.sum(axis=0), np.einsum("ij,ij->j", R, R), np.einsum("ij,ij->j", Y, R)])
 
 
-def residual_moments(Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = None) -> np.ndarray:
-    r"""Per-target sums of the residuals :math:`r = (Y - M) / d` in one pass.
+def residual_moments(
+    Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = None, m_is_residual: bool = False
+) -> np.ndarray:
+    r"""Per-target sums of the residuals :math:`r = (Y - M) / d` (or :math:`M / d`) in one pass.
 
     .. math::
 
@@ -166,15 +219,19 @@ def residual_moments(Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = Non
     ----------
     Y, M : float64 arrays of shape (n_samples, n_targets)
     d : float64 array of shape (n_samples,), optional (1 when absent)
+    m_is_residual : bool
+        ``M`` already holds :math:`Y - \hat Y` (computed without cancellation by the caller):
+        :math:`r = M / d`.
 
     Returns
     -------
-    float64 array of shape (3, n_targets)
+    float64 array of shape (3, n_targets). The C++ kernel sums rows in fixed blocks, so the
+    result is bitwise the same whatever the number of OpenMP threads.
     """
     ext = extension()
     if ext is None:
-        return residual_moments_numpy(Y, M, d)
-    return ext.ridge_residual_moments(Y, M, d)
+        return residual_moments_numpy(Y, M, d, m_is_residual)
+    return ext.ridge_residual_moments(Y, M, d, m_is_residual)
 
 
 def pearson_per_target_numpy(Y_true: np.ndarray, Y_pred: np.ndarray) -> np.ndarray:

@@ -26,7 +26,21 @@ for all targets) the alpha with the best validation score. It matches scikit-lea
                             {1 - [H_\alpha]_{ii} - \tfrac{1}{n}\,[\text{intercept}]}
 
   is the error on sample :math:`i` of the model fitted without it (the :math:`1/n` is the
-  hat value of the intercept, as in scikit-learn's GCV).
+  hat value of the intercept, as in scikit-learn's GCV). In the dual, where :math:`p \ge n`
+  and a small alpha nearly interpolates, :math:`H_\alpha \to I - \tfrac1n 1 1^\top`: numerator and
+  denominator are then tiny differences of O(1) terms, and forming them as differences lost
+  up to 8 digits (a relative error of 6e-9 in the LOO MSE at 30 x 70, alpha 0.01, which
+  changed with the BLAS kernels of the machine). The dual route therefore never subtracts:
+  :math:`Q` is an orthonormal basis of the whole sample space (of the complement of
+  :math:`1`, with an intercept, see :func:`eigh_orthogonal_to_ones`), so
+  :math:`I - H_\alpha - \tfrac1n 1 1^\top = Q\,\mathrm{diag}(\alpha/(\lambda+\alpha))\,Q^\top`
+  and both are sums of non-negative weights: numerator :math:`[Q\,\mathrm{diag}(\alpha/(\lambda+\alpha)) B]_{it}`,
+  denominator :math:`\sum_k Q_{ik}^2\, \alpha/(\lambda_k+\alpha)`.
+* Kernel form: the dual route needs the features only through the Gram matrix
+  :math:`K = X X^\top`, so :meth:`RidgeCV.fit_gram` fits from a precomputed train Gram and
+  :meth:`RidgeCV.predict_gram` predicts from the test x train cross-Gram, with the same
+  predictions as :meth:`RidgeCV.fit` / :meth:`RidgeCV.predict` on the features (for layers
+  whose features do not fit in memory: accumulate :math:`K` over feature blocks).
 * K-fold (``cv=int`` or a splitter) decomposes each training fold (the primal Gram of a
   fold is a downdate of the full one) and predicts its validation fold for all alphas.
 * Each alpha is scored from three per-target sums of its residuals (one C++ pass, see
@@ -34,7 +48,8 @@ for all targets) the alpha with the best validation score. It matches scikit-lea
   ``(n_alphas, n_samples, n_targets)`` array: see :func:`alpha_path_moments`.
 
 All arithmetic is float64 (as scikit-learn >= 1.5 does for this estimator); float32 inputs
-give float32 ``coef_``/``intercept_``/predictions.
+give float32 ``coef_``/``intercept_``/predictions. The estimator is a scikit-learn estimator
+(``clone``, ``get_params``/``set_params``, grid search, ``NotFittedError``, R^2 ``score``).
 """
 from __future__ import annotations
 
@@ -45,24 +60,40 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 import scipy.linalg
+from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
 
 from harmonizer_fast._validation import shape_of
 from harmonizer_fast.neural._backend import (
+    centre_cross_gram,
+    centre_gram,
     check_features,
+    check_gram,
     check_targets,
-    decomposition_threads,
     single_blas_thread,
     pearson_per_target,
     residual_moments,
 )
 
-__all__ = ["RidgeCV", "alpha_path_moments", "kfold_indices", "pearson_per_target", "SCORERS"]
+__all__ = [
+    "RidgeCV",
+    "alpha_path_moments",
+    "eigh_orthogonal_to_ones",
+    "kfold_indices",
+    "pearson_per_target",
+    "SCORERS",
+]
 
 #: Feature blocks used when the dual Gram is accumulated from a float32/float64 design
 #: (bounds the float64 copy to n x _FEATURE_BLOCK values).
 _FEATURE_BLOCK = 4096
 #: Multiply-adds below which a product runs on one BLAS thread.
 _SMALL_PRODUCT = 50_000_000
+#: Order below which a decomposition runs on one BLAS thread: threading a small ``eigh`` or
+#: Cholesky costs more than it saves, and far more on a busy machine (a 39 x 39 ``eigh`` took
+#: 37 ms on two OpenBLAS threads at load 6, 0.3 ms on one). A rule on the size only, so the
+#: result bits never depend on the load.
+_SMALL_DECOMPOSITION = 512
 
 
 # --------------------------------------------------------------------------- scoring
@@ -136,6 +167,7 @@ def alpha_path_moments(
     B: np.ndarray,
     Y: np.ndarray,
     D: Optional[np.ndarray] = None,
+    residual: bool = False,
 ) -> np.ndarray:
     r"""Residual sums of a family of spectral ridge solutions, one alpha at a time.
 
@@ -144,6 +176,9 @@ def alpha_path_moments(
     .. math::
 
         r^{(a)} = \bigl(Y - F\,\mathrm{diag}(W_a)\,B\bigr) / D_a[:, \text{None}]
+
+    or, with ``residual=True`` (``W`` holds the complementary weights, so the product is the
+    residual itself, formed without subtracting), :math:`r^{(a)} = F\,\mathrm{diag}(W_a)\,B / D_a`
 
     and the result holds, per alpha and target, :math:`\sum_i r`, :math:`\sum_i r^2` and
     :math:`\sum_i Y r` (see :func:`~harmonizer_fast.neural._backend.residual_moments`).
@@ -160,6 +195,7 @@ def alpha_path_moments(
     B : (k, n_targets) float64 projections of the training targets
     Y : (n_samples, n_targets) float64 targets, centred by the training offset
     D : (n_alphas, n_samples) float64 leave-one-out denominators, or None (K-fold)
+    residual : whether ``F diag(W_a) B`` is the residual rather than the prediction
 
     Returns
     -------
@@ -174,7 +210,7 @@ def alpha_path_moments(
     with single_blas_thread() if small else contextlib.nullcontext():
         for a in range(n_alphas):
             np.matmul(F, W[a][:, None] * B, out=prediction)
-            out[a] = residual_moments(Y, prediction, None if D is None else D[a])
+            out[a] = residual_moments(Y, prediction, None if D is None else D[a], residual)
     return out
 
 
@@ -192,11 +228,55 @@ def _path_stats(moments: np.ndarray, Y: np.ndarray) -> _PathStats:
 # --------------------------------------------------------------------------- decompositions
 
 
+def _decomposition_threads(order: int) -> "contextlib.AbstractContextManager[None]":
+    return single_blas_thread() if order < _SMALL_DECOMPOSITION else contextlib.nullcontext()
+
+
 def _eigh(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Eigendecomposition of a symmetric PSD matrix; round-off negatives are clipped to 0."""
-    with decomposition_threads():
+    with _decomposition_threads(G.shape[0]):
         lam, vecs = np.linalg.eigh(G)
     return np.maximum(lam, 0.0), vecs
+
+
+def eigh_orthogonal_to_ones(K: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    r"""Eigenpairs of a centred Gram matrix on the complement of the constant vector.
+
+    A centred Gram :math:`K = J K_0 J` (:math:`J = I - \tfrac1n 1 1^\top`) has :math:`1` in its
+    null space. The Householder reflector :math:`H = I - 2 w w^\top / w^\top w`,
+    :math:`w = 1/\sqrt n + e_1`, maps :math:`1/\sqrt n` to :math:`-e_1`, so the last
+    :math:`n - 1` columns of :math:`H` are an orthonormal basis :math:`P` of :math:`1^\perp`.
+    With :math:`P^\top K P = Q' \Lambda Q'^\top` (an :math:`(n-1)`-square problem),
+    :math:`F = P Q'` satisfies :math:`K = F \Lambda F^\top`, :math:`F^\top F = I`,
+    :math:`F^\top 1 = 0` exactly: the intercept's direction is removed by construction instead
+    of being an eigenvalue ~1e-13 that round-off places among the genuine null directions.
+    :math:`H K H = K - b w^\top - w b^\top` with :math:`b = \tfrac{2}{c} K w - \tfrac{2 w^\top K w}{c^2} w`,
+    :math:`c = w^\top w`, and :math:`F = P Q' = E Q' - \tfrac2c w (w_{1:}^\top Q')` (:math:`E`
+    embeds rows 1..n-1): :math:`O(n^2)` beyond the eigendecomposition.
+
+    Returns
+    -------
+    (lam, F): (n - 1,) eigenvalues >= 0 and the (n, n - 1) orthonormal basis.
+    """
+    n = K.shape[0]
+    w = np.full(n, 1.0 / np.sqrt(n))
+    w[0] += 1.0
+    c = w @ w
+    Kw = K @ w
+    b = (2.0 / c) * Kw - (2.0 * (w @ Kw) / c**2) * w
+    reflected = K[1:, 1:] - np.outer(b[1:], w[1:]) - np.outer(w[1:], b[1:])
+    lam, Q = _eigh(reflected)
+    F = np.empty((n, n - 1))
+    F[0] = 0.0
+    F[1:] = Q
+    F -= np.outer((2.0 / c) * w, w[1:] @ Q)
+    return lam, F
+
+
+def _dual_basis(K: np.ndarray, intercept: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of a (centred, with an intercept) Gram: a full orthonormal basis of the
+    sample space (of the complement of the constant vector with an intercept)."""
+    return eigh_orthogonal_to_ones(K) if intercept and K.shape[0] > 1 else _eigh(K)
 
 
 def _sample_gram(X: np.ndarray, x_mean: Optional[np.ndarray]) -> np.ndarray:
@@ -224,6 +304,15 @@ def _features_times(X: np.ndarray, x_mean: Optional[np.ndarray], C: np.ndarray) 
     return out
 
 
+def _check_no_overflow(G: np.ndarray, X: np.ndarray, what: str) -> None:
+    """A finite ``X`` whose products overflow float64 gives an inf/NaN Gram: say so, naming ``X``."""
+    if not np.isfinite(G).all():
+        raise ValueError(
+            f"`X` (shape {shape_of(X)}, largest |value| {float(np.max(np.abs(X))):.3g}) is finite but "
+            f"overflows float64 in {what}; rescale X (for example divide it by its largest absolute value)"
+        )
+
+
 def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -> np.ndarray:
     r"""Columns :math:`(G + \alpha_t I)^{-1} R_{:,t}` for a PSD ``G``.
 
@@ -234,7 +323,7 @@ def _solve_shifted(G: np.ndarray, R: np.ndarray, alpha_per_column: np.ndarray) -
     if len(distinct) <= 8:
         for a in distinct:
             cols = alpha_per_column == a
-            with decomposition_threads():
+            with _decomposition_threads(G.shape[0]):
                 factor = scipy.linalg.cho_factor(G + a * np.eye(G.shape[0]), lower=False, check_finite=False)
                 out[:, cols] = scipy.linalg.cho_solve(factor, R[:, cols], check_finite=False)
         return out
@@ -266,10 +355,15 @@ def kfold_indices(n_samples: int, n_splits: int) -> List[Tuple[np.ndarray, np.nd
 
 
 CVLike = Union[None, int, Iterable[Tuple[np.ndarray, np.ndarray]], object]
+Refit = Callable[[np.ndarray], np.ndarray]
 
 
-class RidgeCV:
+class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     r"""Ridge regression over a grid of alphas, chosen by leave-one-out or K-fold CV.
+
+    A scikit-learn estimator: ``clone``-able, ``get_params``/``set_params``, usable in
+    ``GridSearchCV``/pipelines, ``NotFittedError`` before ``fit``, ``score`` is the mean R^2
+    over targets (``RegressorMixin``).
 
     Parameters
     ----------
@@ -294,9 +388,10 @@ class RidgeCV:
     alpha_ : float, or (n_targets,) array when ``alpha_per_target`` and several targets
     best_score_ : float or (n_targets,) array, the chosen alpha's validation score
     cv_scores_ : (n_alphas, n_targets) array, validation score of every alpha and target
-    coef_ : (n_targets, n_features) array, or (n_features,) for 1-D ``Y``
-    intercept_ : (n_targets,) array, or float for 1-D ``Y``
-    solver_ : 'primal' (eigendecomposition of X^T X, p < n) or 'dual' (of X X^T)
+    coef_ : (n_targets, n_features) array, or (n_features,) for 1-D ``Y`` (not after ``fit_gram``)
+    intercept_ : (n_targets,) array, or float for 1-D ``Y`` (not after ``fit_gram``)
+    dual_coef_ : (n_samples, n_targets) array, only after ``fit_gram``
+    solver_ : 'primal' (eigendecomposition of X^T X, p < n), 'dual' (of X X^T) or 'gram'
     """
 
     def __init__(
@@ -327,8 +422,12 @@ class RidgeCV:
             raise ValueError(f"scoring must be None or one of {sorted(SCORERS)}, got {self.scoring!r}")
         return alphas, scoring
 
-    def _splits(self, X: np.ndarray, Y: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
-        n = X.shape[0]
+    def _check_n_samples(self, n: int, shape: Tuple[int, ...], name: str) -> None:
+        if self.cv is None and n < 2:
+            raise ValueError(f"leave-one-out needs at least 2 samples, got n_samples={n} (`{name}` shape {shape})")
+
+    def _splits(self, X: object, Y: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
+        n = Y.shape[0]
         if isinstance(self.cv, numbers.Integral) and not isinstance(self.cv, bool):
             return kfold_indices(n, int(self.cv))
         raw = self.cv.split(X, Y) if hasattr(self.cv, "split") else self.cv
@@ -346,6 +445,17 @@ class RidgeCV:
                 raise ValueError(f"every split needs train and test samples, got sizes {tr.size} and {te.size}")
         return splits
 
+    @staticmethod
+    def _centred_targets(Y2: np.ndarray, intercept: bool) -> Tuple[np.ndarray, np.ndarray]:
+        y_mean = Y2.mean(axis=0) if intercept else np.zeros(Y2.shape[1])
+        Yc = Y2 - y_mean
+        if not np.isfinite(np.einsum("ij,ij->j", Yc, Yc)).all():
+            raise ValueError(
+                f"`Y` (shape {shape_of(Y2)}, largest |value| {float(np.max(np.abs(Y2))):.3g}) is finite but its "
+                "sums of squares overflow float64; rescale Y"
+            )
+        return y_mean, Yc
+
     # ---------------------------------------------------------------- fitting
 
     def fit(self, X: object, Y: object) -> "RidgeCV":
@@ -354,32 +464,85 @@ class RidgeCV:
         X = check_features(X, "X")
         Y2, one_d = check_targets(Y, X.shape[0], X.shape, "Y")
         n, p = X.shape
-        if self.cv is None and n < 2:
-            raise ValueError(f"leave-one-out needs at least 2 samples, got X shape {shape_of(X)}")
-        self.solver_ = "primal" if p < n else "dual"
-        x_mean = X.mean(axis=0, dtype=np.float64) if self.fit_intercept else None
-        y_mean = Y2.mean(axis=0) if self.fit_intercept else np.zeros(Y2.shape[1])
-        Yc = Y2 - y_mean
-
-        if self.cv is None:
-            scores, refit = self._loo_scores(X, x_mean, Yc, alphas, scoring)
+        self._check_n_samples(n, X.shape, "X")
+        intercept = bool(self.fit_intercept)
+        y_mean, Yc = self._centred_targets(Y2, intercept)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_no_overflow
+            x_mean = X.mean(axis=0, dtype=np.float64) if intercept else None
+        splits = None if self.cv is None else self._splits(X, Y2)
+        if p < n:
+            self.solver_ = "primal"
+            with np.errstate(over="ignore", invalid="ignore"):
+                Xc = X - x_mean if x_mean is not None else X.astype(np.float64)
+                G = Xc.T @ Xc
+            _check_no_overflow(G, X, "X^T X")
+            if splits is None:
+                scores, refit = self._primal_loo(Xc, G, Yc, alphas, scoring, intercept)
+            else:
+                scores, refit = self._primal_kfold(Xc, G, Y2, Yc, alphas, scoring, intercept, splits)
+            coef_t = refit(self._select(scores, alphas))
         else:
-            scores, refit = self._kfold_scores(X, x_mean, Y2, alphas, scoring, self._splits(X, Y2))
-        chosen = self._select(scores, alphas)
-        coef_t = refit(chosen)  # (p, t) float64
+            self.solver_ = "dual"
+            with np.errstate(over="ignore", invalid="ignore"):
+                K = _sample_gram(X, x_mean)
+            _check_no_overflow(K, X, "X X^T")
+            scores, refit = self._dual_scores(K, Y2, Yc, alphas, scoring, intercept, splits)
+            coef_t = _features_times(X, x_mean, refit(self._select(scores, alphas)))
 
-        intercept = y_mean - (x_mean @ coef_t if x_mean is not None else 0.0)
-        dtype = X.dtype
+        intercept_ = y_mean - (x_mean @ coef_t if x_mean is not None else 0.0)
         self.cv_scores_ = scores
         self.n_features_in_ = p
         self._one_d = one_d
         self._coef64 = np.ascontiguousarray(coef_t.T)
-        self._intercept64 = np.asarray(intercept, dtype=np.float64).reshape(-1)
-        self.coef_ = self._coef64.astype(dtype)
-        self.intercept_ = self._intercept64.astype(dtype)
+        self._intercept64 = np.asarray(intercept_, dtype=np.float64).reshape(-1)
+        self.coef_ = self._coef64.astype(X.dtype)
+        self.intercept_ = self._intercept64.astype(X.dtype)
         if one_d:
             self.coef_ = self.coef_[0]
             self.intercept_ = float(self.intercept_[0])
+        for stale in ("dual_coef_", "_gram_col_mean", "_gram_grand_mean", "_y_mean"):
+            self.__dict__.pop(stale, None)
+        return self
+
+    def fit_gram(self, K: object, Y: object) -> "RidgeCV":
+        r"""Fit from the train Gram matrix :math:`K_{ij} = \langle x_i, x_j \rangle` (n x n).
+
+        Same alphas, scores and predictions as :meth:`fit` on features ``X`` with
+        ``K = X @ X.T``, whatever ``p``: the dual route (see the module docstring) needs ``X``
+        only through ``K``. With ``fit_intercept`` the Gram is centred here,
+        :math:`K_c = J K J`, so a Gram of raw or of centred features gives the same model
+        (centre the features first when their mean is large against their spread: the
+        centring of ``K`` cancels in float64). The dual coefficients are
+        :math:`C = (K_c + \alpha I)^{-1} Y_c` (one alpha per target or for all), and
+        :meth:`predict_gram` returns :math:`K^{\times}_c C + \bar y`.
+
+        Parameters
+        ----------
+        K : (n_samples, n_samples) symmetric PSD array (a linear kernel of the features)
+        Y : (n_samples,) or (n_samples, n_targets)
+        """
+        alphas, scoring = self._check_params()
+        K = check_gram(K, "K")
+        Y2, one_d = check_targets(Y, K.shape[0], K.shape, "Y")
+        n = K.shape[0]
+        self._check_n_samples(n, K.shape, "K")
+        intercept = bool(self.fit_intercept)
+        y_mean, Yc = self._centred_targets(Y2, intercept)
+        if intercept:
+            Kc, self._gram_col_mean, self._gram_grand_mean = centre_gram(K)
+        else:
+            Kc, self._gram_col_mean, self._gram_grand_mean = K, None, None
+        splits = None if self.cv is None else self._splits(Kc, Y2)
+        self.solver_ = "gram"
+        scores, refit = self._dual_scores(Kc, Y2, Yc, alphas, scoring, intercept, splits)
+        C = refit(self._select(scores, alphas))
+        self.cv_scores_ = scores
+        self.n_train_samples_ = n
+        self.dual_coef_ = C[:, 0] if one_d else C
+        self._y_mean = y_mean
+        self._one_d = one_d
+        for stale in ("coef_", "intercept_", "_coef64", "_intercept64", "n_features_in_"):
+            self.__dict__.pop(stale, None)
         return self
 
     def _select(self, scores: np.ndarray, alphas: np.ndarray) -> np.ndarray:
@@ -397,89 +560,71 @@ class RidgeCV:
         self.best_score_ = float(mean_scores[best])
         return np.full(n_targets, alphas[best])
 
-    def _loo_scores(self, X, x_mean, Yc, alphas, scoring):
-        n, p = X.shape
-        if p < n:
-            Xc = X - x_mean if x_mean is not None else X.astype(np.float64)
-            lam, V = _eigh(Xc.T @ Xc)
-            F = Xc @ V
-            W = 1.0 / (lam[None, :] + alphas[:, None])
-        else:
-            Xc = None
-            lam, F = _eigh(_sample_gram(X, x_mean))
-            W = lam[None, :] / (lam[None, :] + alphas[:, None])
+    @staticmethod
+    def _primal_loo(Xc, G, Yc, alphas, scoring, intercept) -> Tuple[np.ndarray, Refit]:
+        n = Xc.shape[0]
+        lam, V = _eigh(G)
+        F = Xc @ V
+        W = 1.0 / (lam[None, :] + alphas[:, None])
         B = F.T @ Yc
-        # leverage of every sample under every alpha: (n_alphas, n)
-        leverage = W @ (F * F).T
-        D = 1.0 - leverage - (1.0 / n if x_mean is not None else 0.0)
-        moments = alpha_path_moments(F, W, B, Yc, D)
-        scores = SCORERS[scoring](_path_stats(moments, Yc))
+        # leverage of every sample under every alpha: (n_alphas, n); p < n keeps it small
+        D = 1.0 - W @ (F * F).T - (1.0 / n if intercept else 0.0)
+        scores = SCORERS[scoring](_path_stats(alpha_path_moments(F, W, B, Yc, D), Yc))
+        return scores, lambda chosen: V @ (B / (lam[:, None] + chosen[None, :]))
 
-        def refit(chosen: np.ndarray) -> np.ndarray:
-            scaled = B / (lam[:, None] + chosen[None, :])
-            if Xc is not None:
-                return V @ scaled
-            return _features_times(X, x_mean, F @ scaled)
-
-        return scores, refit
-
-    def _kfold_scores(self, X, x_mean, Y, alphas, scoring, splits):
-        n, p = X.shape
-        primal = p < n
-        if primal:
-            Xg = X - x_mean if x_mean is not None else X.astype(np.float64)
-            G = Xg.T @ Xg
-        else:
-            Xg = None
-            G = _sample_gram(X, x_mean)
+    @staticmethod
+    def _primal_kfold(Xc, G, Y, Yc, alphas, scoring, intercept, splits) -> Tuple[np.ndarray, Refit]:
         total = np.zeros((len(alphas), Y.shape[1]))
         for train, test in splits:
-            y_off = Y[train].mean(axis=0) if x_mean is not None else np.zeros(Y.shape[1])
-            Y_tr = Y[train] - y_off
-            Y_te = Y[test] - y_off
-            if primal:
-                X_te = Xg[test]
-                G_tr = G - X_te.T @ X_te
-                if x_mean is not None:
-                    shift = Xg[train].mean(axis=0)
-                    G_tr -= len(train) * np.outer(shift, shift)
-                    X_te = X_te - shift
-                lam, V = _eigh(G_tr)
-                B = V.T @ (Xg[train].T @ Y_tr)
-                F_te = X_te @ V
-            else:
-                K_tr = G[np.ix_(train, train)]
-                K_te = G[np.ix_(test, train)]
-                if x_mean is not None:
-                    row_mean = G[train].mean(axis=0)  # <x_j, mean of training rows>
-                    grand = row_mean[train].mean()
-                    K_tr = K_tr - row_mean[train][:, None] - row_mean[train][None, :] + grand
-                    K_te = K_te - row_mean[test][:, None] - row_mean[train][None, :] + grand
-                lam, Q = _eigh(K_tr)
-                B = Q.T @ Y_tr
-                F_te = K_te @ Q
+            y_off = Y[train].mean(axis=0) if intercept else np.zeros(Y.shape[1])
+            X_te = Xc[test]
+            G_tr = G - X_te.T @ X_te  # the Gram of a fold is a downdate of the full one
+            if intercept:
+                shift = Xc[train].mean(axis=0)
+                G_tr -= len(train) * np.outer(shift, shift)
+                X_te = X_te - shift
+            lam, V = _eigh(G_tr)
+            B = V.T @ (Xc[train].T @ (Y[train] - y_off))
             W = 1.0 / (lam[None, :] + alphas[:, None])
-            moments = alpha_path_moments(F_te, W, B, Y_te)
-            total += SCORERS[scoring](_path_stats(moments, Y_te))
-        scores = total / len(splits)
-        Yc = Y - Y.mean(axis=0) if x_mean is not None else Y
+            Y_te = Y[test] - y_off
+            total += SCORERS[scoring](_path_stats(alpha_path_moments(X_te @ V, W, B, Y_te), Y_te))
+        return total / len(splits), lambda chosen: _solve_shifted(G, Xc.T @ Yc, chosen)
 
-        def refit(chosen: np.ndarray) -> np.ndarray:
-            if primal:
-                return _solve_shifted(G, Xg.T @ Yc, chosen)
-            return _features_times(X, x_mean, _solve_shifted(G, Yc, chosen))
-
-        return scores, refit
+    @staticmethod
+    def _dual_scores(Kc, Y, Yc, alphas, scoring, intercept, splits) -> Tuple[np.ndarray, Refit]:
+        """Scores of every alpha and the refit of dual coefficients from a (centred) Gram."""
+        if splits is None:
+            lam, F = _dual_basis(Kc, intercept)
+            B = F.T @ Yc
+            complement = alphas[:, None] / (lam[None, :] + alphas[:, None])  # 1 - w_alpha
+            D = complement @ (F * F).T
+            moments = alpha_path_moments(F, complement, B, Yc, D, residual=True)
+            scores = SCORERS[scoring](_path_stats(moments, Yc))
+            return scores, lambda chosen: F @ (B / (lam[:, None] + chosen[None, :]))
+        total = np.zeros((len(alphas), Y.shape[1]))
+        for train, test in splits:
+            y_off = Y[train].mean(axis=0) if intercept else np.zeros(Y.shape[1])
+            K_tr = Kc[np.ix_(train, train)]
+            K_te = Kc[np.ix_(test, train)]
+            if intercept:  # centre on the training rows of the fold
+                row_mean = Kc[train].mean(axis=0)  # <x_j, mean of training rows>
+                grand = row_mean[train].mean()
+                K_tr = K_tr - row_mean[train][:, None] - row_mean[train][None, :] + grand
+                K_te = K_te - row_mean[test][:, None] - row_mean[train][None, :] + grand
+            lam, Q = _dual_basis(K_tr, intercept)
+            B = Q.T @ (Y[train] - y_off)
+            W = 1.0 / (lam[None, :] + alphas[:, None])
+            Y_te = Y[test] - y_off
+            total += SCORERS[scoring](_path_stats(alpha_path_moments(K_te @ Q, W, B, Y_te), Y_te))
+        return total / len(splits), lambda chosen: _solve_shifted(Kc, Yc, chosen)
 
     # ---------------------------------------------------------------- inference
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "_coef64"):
-            raise RuntimeError("this RidgeCV is not fitted yet: call fit(X, Y) first")
-
     def _predict64(self, X: object) -> Tuple[np.ndarray, np.dtype]:
-        self._check_fitted()
-        Xv = check_features(X, "X", self.n_features_in_)
+        check_is_fitted(self)
+        if not hasattr(self, "_coef64"):
+            raise ValueError("this RidgeCV was fitted from a Gram matrix (fit_gram): predict with predict_gram")
+        Xv = check_features(X, "X", self.n_features_in_, type(self).__name__)
         return Xv.astype(np.float64, copy=False) @ self._coef64.T + self._intercept64, Xv.dtype
 
     def predict(self, X: object) -> np.ndarray:
@@ -488,21 +633,30 @@ class RidgeCV:
         pred = pred.astype(dtype, copy=False)
         return pred[:, 0] if self._one_d else pred
 
-    def _targets_and_predictions(self, X: object, Y: object) -> Tuple[np.ndarray, np.ndarray]:
+    def predict_gram(self, K_cross: object) -> np.ndarray:
+        r"""Predictions from the cross-Gram :math:`K^{\times}_{ij} = \langle x^{test}_i, x_j \rangle`
+        (n_test x n_train, same features and inner product as the Gram given to :meth:`fit_gram`).
+
+        With an intercept it is centred as the train Gram was,
+        :math:`K^{\times}_c = K^{\times} - \bar k^{\times} 1^\top - 1 \bar k^\top + \bar{\bar k}`
+        (row means of the cross-Gram, column means and grand mean of the train Gram), which
+        equals the inner products of test and train features both centred by the train mean;
+        then :math:`\hat Y = K^{\times}_c C + \bar y` (float64).
+        """
+        check_is_fitted(self)
+        if not hasattr(self, "dual_coef_"):
+            raise ValueError("this RidgeCV was fitted on features (fit): predict with predict")
+        Kx = check_features(K_cross, "K_cross", self.n_train_samples_, type(self).__name__).astype(np.float64)
+        if self._gram_col_mean is not None:
+            Kx = centre_cross_gram(Kx, self._gram_col_mean, self._gram_grand_mean)
+        C = self.dual_coef_.reshape(self.n_train_samples_, -1)
+        pred = Kx @ C + self._y_mean
+        return pred[:, 0] if self._one_d else pred
+
+    def score_pearson(self, X: object, Y: object) -> float:
+        """Mean over targets of the Pearson correlation between predictions and ``Y``."""
         pred, _ = self._predict64(X)
         Y2, _ = check_targets(Y, pred.shape[0], np.shape(X), "Y")
         if Y2.shape[1] != pred.shape[1]:
             raise ValueError(f"`Y` has {Y2.shape[1]} targets but the model predicts {pred.shape[1]}")
-        return Y2, pred
-
-    def score(self, X: object, Y: object) -> float:
-        r"""Mean over targets of :math:`R^2 = 1 - \sum (y - \hat y)^2 / \sum (y - \bar y)^2`
-        (scikit-learn's ``score``)."""
-        Y2, pred = self._targets_and_predictions(X, Y)
-        stats = _path_stats(residual_moments(Y2, pred)[None], Y2)
-        return float(np.mean(_r2(stats)))
-
-    def score_pearson(self, X: object, Y: object) -> float:
-        """Mean over targets of the Pearson correlation between predictions and ``Y``."""
-        Y2, pred = self._targets_and_predictions(X, Y)
         return float(np.mean(pearson_per_target(Y2, pred)))

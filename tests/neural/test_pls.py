@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 from sklearn.cross_decomposition import PLSRegression as SkPLS
+from sklearn.exceptions import NotFittedError
 
 from harmonizer_fast.neural.pls import PLSRegression
 
@@ -15,6 +16,8 @@ CASES = [  # n, p, targets, components, scale, tol
     (60, 100, 12, 10, False, 1e-4),
     (50, 20, 1, 8, False, 1e-6),
     (120, 40, 25, 25, False, 1e-6),
+    (30, 200, 6, 8, False, 1e-6),  # p >= 4 n: fit runs kernel NIPALS on X X^T
+    (25, 150, 4, 5, True, 1e-6),
 ]
 
 
@@ -96,7 +99,59 @@ def test_bad_inputs():
     Xn[0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         PLSRegression(2).fit(Xn, Y)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):  # scikit-learn's error (issue 13), was RuntimeError
         PLSRegression(2).predict(X)
     with pytest.raises(ValueError, match="has 4 features"):
         PLSRegression(2).fit(X, Y).predict(X[:, :4])
+
+
+def test_zero_samples_and_constant_x_name_the_argument():
+    # before: zero samples died in NumPy's reshape, all-zero X gave NaN coefficients silently
+    with pytest.raises(ValueError, match=r"`X` has 0 sample\(s\) \(shape=\(0, 5\)\)"):
+        PLSRegression(2).fit(np.empty((0, 5)), np.empty(0))
+    with pytest.raises(ValueError, match=r"n_samples=1"):
+        PLSRegression(1).fit(np.ones((1, 5)), np.ones(1))
+    X, Y = make_data(20, 5, 2)
+    for constant in (np.zeros_like(X), np.full_like(X, 3.0)):
+        with pytest.raises(ValueError, match=r"`X` \(shape \(20, 5\)\) is constant"):
+            PLSRegression(2).fit(constant, Y)
+        with pytest.raises(ValueError, match=r"`K` .* constant features"):
+            PLSRegression(2).fit_gram(constant @ constant.T, Y)
+
+
+@pytest.mark.parametrize("n,p,q,n_components,scale,tol", [c for c in CASES if not c[4]])
+def test_fit_gram_equals_feature_space_pls(n, p, q, n_components, scale, tol):
+    X, Y = make_data(n, p, q, seed=5)
+    Xt, _ = make_data(n, p, q, seed=6)
+    ours = PLSRegression(n_components, tol=tol).fit(X, Y)
+    gram = PLSRegression(n_components, tol=tol).fit_gram(X @ X.T, Y)
+    assert gram.n_iter_ == ours.n_iter_
+    assert_close(gram.predict_gram(Xt @ X.T), ours.predict(Xt), 1e-6)
+    mean = X.mean(axis=0)  # a Gram of centred features gives the same model
+    centred = PLSRegression(n_components, tol=tol).fit_gram((X - mean) @ (X - mean).T, Y)
+    assert_close(centred.predict_gram((Xt - mean) @ (X - mean).T), ours.predict(Xt), 1e-6)
+
+
+def test_fit_gram_refuses_scale_and_feature_predict():
+    X, Y = make_data(30, 8, 3)
+    with pytest.raises(ValueError, match="scale=False only"):
+        PLSRegression(2, scale=True).fit_gram(X @ X.T, Y)
+    with pytest.raises(ValueError, match="predict with predict_gram"):
+        PLSRegression(2).fit_gram(X @ X.T, Y).predict(X)
+
+
+def test_power_iteration_extension_matches_numpy():
+    from harmonizer_fast._ext import extension
+    from harmonizer_fast.neural.pls import power_iteration_numpy
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("C++ extension not built")
+    rng = np.random.default_rng(7)
+    S = rng.standard_normal((50, 12))
+    M = S.T @ S
+    for tol, max_iter in ((1e-6, 500), (0.0, 7)):
+        v_ref, it_ref = power_iteration_numpy(M, 3, tol, max_iter, np.finfo(float).eps)
+        v, it = ext.pls_power_iteration(M, 3, tol, max_iter, np.finfo(float).eps)
+        assert it == it_ref
+        np.testing.assert_allclose(v, v_ref, rtol=1e-12, atol=1e-14)

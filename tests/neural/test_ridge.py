@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 from sklearn.linear_model import Ridge as SkRidge
 from sklearn.linear_model import RidgeCV as SkRidgeCV
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import KFold
 
 from harmonizer_fast.neural import _backend
@@ -189,7 +190,7 @@ def test_bad_inputs_raise_helpful_errors():
         RidgeCV(alphas=(1.0, 0.0)).fit(X, Y)
     with pytest.raises(ValueError, match="scoring must be None or one of"):
         RidgeCV(scoring="accuracy").fit(X, Y)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):  # scikit-learn's error (issue 13), was RuntimeError
         RidgeCV().predict(X)
     model = RidgeCV().fit(X, Y)
     with pytest.raises(ValueError, match="has 11 features"):
@@ -252,3 +253,60 @@ def test_pearson_per_target_constant_column_warns_and_bad_shapes_raise():
     assert np.isnan(out[1]) and out[0] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"same shape.*\(20, 3\) and \(20, 2\)"):
         pearson_per_target(A, B[:, :2])
+
+
+def test_zero_samples_and_overflow_name_the_argument():
+    # before: zero samples died in NumPy's reshape, a huge finite X in eigh (inf Gram), a huge
+    # Y gave NaN scores
+    for cv in (None, 3):
+        with pytest.raises(ValueError, match=r"`X` has 0 sample\(s\) \(shape=\(0, 5\)\)"):
+            RidgeCV(cv=cv).fit(np.empty((0, 5)), np.empty(0))
+    X, Y = make_data(*SHAPES["primal"], seed=11)
+    with pytest.raises(ValueError, match=r"`X` has 0 sample\(s\)"):
+        RidgeCV().fit(X, Y).predict(np.empty((0, X.shape[1])))
+    for route in sorted(SHAPES):
+        X, Y = make_data(*SHAPES[route], seed=12)
+        for cv in (None, 3):
+            with pytest.raises(ValueError, match=r"`X` \(shape .*largest \|value\| .*e\+1[0-9]{2}\) is finite but overflows"):
+                RidgeCV(cv=cv).fit(X * 1e160, Y)
+            with pytest.raises(ValueError, match=r"`Y` .* overflow"):
+                RidgeCV(cv=cv).fit(X, Y * 1e160)
+
+
+# ----------------------------------------------------------------- kernel (Gram) form
+
+
+@pytest.mark.parametrize("route", sorted(SHAPES))
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("cv", [None, 4], ids=["loo", "kfold"])
+def test_fit_gram_predicts_as_features(route, fit_intercept, cv):
+    X, Y = make_data(*SHAPES[route], seed=13)
+    Xt, _ = make_data(*SHAPES[route], seed=14)
+    kwargs = dict(fit_intercept=fit_intercept, cv=cv, alpha_per_target=True)
+    ours = RidgeCV(ALPHAS, **kwargs).fit(X, Y)
+    gram = RidgeCV(ALPHAS, **kwargs).fit_gram(X @ X.T, Y)
+    assert gram.solver_ == "gram" and gram.dual_coef_.shape == (X.shape[0], Y.shape[1])
+    np.testing.assert_array_equal(gram.alpha_, ours.alpha_)
+    assert_close(gram.cv_scores_, ours.cv_scores_, 1e-7)
+    assert_close(gram.predict_gram(Xt @ X.T), ours.predict(Xt), 1e-7)
+    if fit_intercept:  # a Gram of centred features gives the same model
+        mean = X.mean(axis=0)
+        centred = RidgeCV(ALPHAS, **kwargs).fit_gram((X - mean) @ (X - mean).T, Y)
+        assert_close(centred.predict_gram((Xt - mean) @ (X - mean).T), ours.predict(Xt), 1e-7)
+
+
+def test_fit_gram_bad_inputs():
+    X, Y = make_data(*SHAPES["dual"], seed=15)
+    with pytest.raises(ValueError, match=r"`K` must be a square .* got shape \(30, 70\)"):
+        RidgeCV().fit_gram(X, Y)
+    K = X @ X.T
+    K[0, 1] += 1.0
+    with pytest.raises(ValueError, match="`K` .* is not symmetric"):
+        RidgeCV().fit_gram(K, Y)
+    model = RidgeCV().fit_gram(X @ X.T, Y)
+    with pytest.raises(ValueError, match="K_cross has 29 features, but RidgeCV is expecting 30"):
+        model.predict_gram(X[:5] @ X[:29].T)
+    with pytest.raises(ValueError, match="predict with predict_gram"):
+        model.predict(X)
+    with pytest.raises(ValueError, match="predict with predict$"):
+        RidgeCV().fit(X, Y).predict_gram(X @ X.T)
