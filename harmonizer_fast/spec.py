@@ -154,3 +154,36 @@ def check_maps_and_tokens(
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"`tokens` must be a torch.Tensor, got {type(tokens).__name__}")
     check_tokens(tokens, true_heatmaps.shape[0])
+
+
+# --------------------------------------------------------------------------- resize and labels
+
+def tf_resize_bilinear(maps: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """TensorFlow 2 ``tf.image.resize(..., "bilinear")`` of (N, C, H, W) maps.
+
+    Half-pixel centres, no antialiasing: output sample ``x`` reads the input at
+    ``(x + 0.5) * H_in / H_out - 0.5``, clamped at the border, linearly interpolated
+    (``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``). Each plane
+    is resized as its own (1, 1, H, W) map: PyTorch's multi-channel CPU kernel rounds
+    differently with the thread count and the batch size, the single-plane one gives the
+    same bits either way (so batches do not depend on ``num_workers``).
+    """
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    batch, channels = maps.shape[:2]
+    planes = maps.reshape(batch * channels, 1, *maps.shape[2:])
+    resized = torch.nn.functional.interpolate(
+        planes, size=(height, width), mode="bilinear", align_corners=False, antialias=False
+    )
+    return resized.reshape(batch, channels, height, width)
+
+
+def one_hot(labels: object, num_classes: int, name: str = "labels") -> torch.Tensor:
+    """(N,) integer classes -> (N, num_classes) float32 one-hot rows; out-of-range classes raise."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.ndim != 1:
+        raise ValueError(f"`{name}` must be (N,) integer classes, got {labels.dtype} of shape {shape_of(labels)}")
+    labels = labels.to(torch.int64)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = [(i, int(v)) for i, v in enumerate(labels.tolist()) if not 0 <= v < num_classes][:5]
+        raise ValueError(f"`{name}` out of range [0, {num_classes}): (position, class) {bad}")
+    return torch.nn.functional.one_hot(labels, num_classes).to(torch.float32)

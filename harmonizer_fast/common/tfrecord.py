@@ -33,6 +33,12 @@ BytesLike = Union[bytes, bytearray, memoryview]
 CRC32C_POLYNOMIAL = 0x82F63B78  # Castagnoli, bit-reflected
 MASK_DELTA = 0xA282EAD8
 HEADER_BYTES = 12  # uint64 length + uint32 masked CRC of it
+#: largest record this reader accepts. TensorFlow writes records of any size, but a length
+#: beyond this is a forged or corrupt field: reading it would try to allocate that much.
+MAX_RECORD_BYTES = 1 << 31
+#: reads are made in chunks of at most this size, so a lying length on a stream that cannot
+#: tell its size fails as a truncated record instead of as one huge allocation.
+_READ_CHUNK = 1 << 24
 FOOTER_BYTES = 4  # uint32 masked CRC of the data
 _U32 = 0xFFFFFFFF
 
@@ -115,7 +121,7 @@ def frame_record(data: BytesLike) -> bytes:
 def _read_exactly(stream: BinaryIO, size: int, path: PathLike, index: int, offset: int, what: str) -> bytes:
     chunks, missing = [], size
     while missing:  # network streams may return short reads before the end
-        chunk = stream.read(missing)
+        chunk = stream.read(min(missing, _READ_CHUNK))
         if not chunk:
             break
         chunks.append(chunk)
@@ -135,7 +141,25 @@ def _parse_header(header: bytes, path: PathLike, index: int, offset: int, check_
                 path, index, offset,
                 f"length CRC mismatch (stored 0x{stored:08x}, computed 0x{computed:08x}, length field {length})",
             )
+    if length > MAX_RECORD_BYTES:
+        raise TFRecordError(
+            path, index, offset,
+            f"implausible length field {length} (over {MAX_RECORD_BYTES} bytes): the file is corrupt or forged",
+        )
     return length
+
+
+def _bytes_left(stream: BinaryIO) -> Optional[int]:
+    """Bytes after the current position of a seekable stream; None for one that cannot seek."""
+    try:
+        if not stream.seekable():
+            return None
+        here = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(here)
+        return end - here
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def read_record_header(stream: BinaryIO, path: PathLike, index: int, offset: int, check_crc: bool = True) -> int:
@@ -166,6 +190,12 @@ def read_record(stream: BinaryIO, path: PathLike, index: int, offset: int, check
         return None
     header = first + _read_exactly(stream, HEADER_BYTES - 1, path, index, offset, "header")
     length = _parse_header(header, path, index, offset, check_crc)
+    remaining = _bytes_left(stream)
+    if remaining is not None and remaining < length + FOOTER_BYTES:
+        raise TFRecordError(
+            path, index, offset,
+            f"truncated record: {length} data bytes announced, {max(remaining - FOOTER_BYTES, 0)} left in the file",
+        )
     body = _read_exactly(stream, length + FOOTER_BYTES, path, index, offset, f"record of {length} data bytes")
     data = body[:length]
     if check_crc:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from harmonizer_fast._validation import ArrayLike, check_rank, shape_of
+from harmonizer_fast.spec import ArrayLike, check_rank, one_hot, shape_of
 from harmonizer_fast.evaluation.metrics import HUMAN_SPEARMAN_CEILING, alignment_metrics
 
 __all__ = ["Saliency", "evaluate_clickme"]
@@ -36,7 +36,7 @@ def _one_hot_labels(labels: torch.Tensor, num_classes: int, batch: int) -> torch
     if labels.ndim == 1 and not labels.is_floating_point():
         if labels.shape[0] != batch:
             raise ValueError(f"`labels` has {labels.shape[0]} entries for a batch of {batch} images")
-        return torch.nn.functional.one_hot(labels.long(), num_classes)
+        return one_hot(labels, num_classes)
     if labels.ndim != 2 or tuple(labels.shape) != (batch, num_classes):
         raise ValueError(
             f"`labels` must be one-hot rows of shape ({batch}, {num_classes}) matching the model "

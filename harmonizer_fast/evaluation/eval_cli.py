@@ -21,6 +21,17 @@ from typing import Dict, Iterator, List
 from harmonizer_fast._io import atomic_write_text
 
 
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch-size 0`` would loop forever or divide by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm name or reference name (ResNet50, ViT_B16 ...)")
     parser.add_argument("--weights", default=None, help="local weights: state dict, .safetensors or trainer checkpoint")
@@ -28,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--shards", nargs="*", default=[], help="ClickMe validation TFRecord files or folders")
     parser.add_argument("--sample", action="store_true", help="evaluate on the bundled sample's val shard")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (>= 1)")
     parser.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0: all)")
     parser.add_argument("--preprocess", choices=["imagenet", "model", "none"], default="imagenet",
                         help="imagenet: the reference's preprocess_input; model: the model's mean/std")

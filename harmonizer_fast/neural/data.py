@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from harmonizer_fast.neural.metrics import resize_bilinear
+from harmonizer_fast.spec import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["Neural_dataset", "download_arcaro2020", "default_data_root", "BUCKET_URL", "DATA_ENV_VAR", "STIMULI"]
 
@@ -34,8 +35,8 @@ BUCKET_URL = "https://storage.googleapis.com/serrelab-public/neural_recordings/A
 #: Environment variable naming the data folder when no ``data_root`` is given.
 DATA_ENV_VAR = "HARMONIZER_FAST_NEURAL_DATA"
 IMAGE_SIZE = 224
-_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
-_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+_IMAGENET_MEAN = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+_IMAGENET_STD = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from harmonizer_fast._validation import ArrayLike, check_rank, check_same_shape, compute_dtype, shape_of
+from harmonizer_fast.spec import ArrayLike, check_rank, check_same_shape, compute_dtype, shape_of, tf_resize_bilinear
 
 __all__ = [
     "tf_pearson_loss",
@@ -51,13 +50,8 @@ def as_tensor(x: ArrayLike, name: str, dtype: torch.dtype = None) -> torch.Tenso
     return t.to(compute_dtype(t))
 
 
-def resize_bilinear(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """TensorFlow 2 ``tf.image.resize(..., 'bilinear')`` of (N, C, H, W) maps.
-
-    Half-pixel centres, no antialiasing: sample ``x_out`` reads the input at
-    ``(x_out + 0.5) * H_in / H_out - 0.5``, clamped at the border, linearly interpolated.
-    """
-    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
+#: TensorFlow 2 bilinear resize of (N, C, H, W) maps (one implementation, in the floor).
+resize_bilinear = tf_resize_bilinear
 
 
 def _centred_cosine(x: torch.Tensor, y: torch.Tensor, axis: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ Every stream yields :class:`Batch` tuples ``(images, heatmaps, labels, tokens)``
 
 Streams are endless (epoch after epoch) and expose ``state_dict()`` / ``load_state_dict()``
 holding plain ints, so a resumed run sees exactly the batches an uninterrupted run would.
-The order inside an epoch is a permutation drawn from ``torch.Generator().manual_seed(seed
-+ epoch)``: independent of the global RNG and of how many epochs were skipped.
+The order inside an epoch is the one :class:`harmonizer_fast.common.batch_order.BatchOrder`
+gives the ClickMe loader too: independent of the global RNG and of skipped epochs.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harmonizer_fast._validation import shape_of
+from harmonizer_fast.common.batch_order import BatchOrder
+from harmonizer_fast.spec import one_hot, tf_resize_bilinear
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 NUM_CLASSES = 1000
@@ -37,16 +38,6 @@ class Batch(NamedTuple):
     heatmaps: torch.Tensor
     labels: torch.Tensor
     tokens: torch.Tensor
-
-
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N,) int labels -> (N, num_classes) float32 one-hot rows; rejects labels out of range."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
-        )
-    return F.one_hot(labels, num_classes).float()
 
 
 # --------------------------------------------------------------------------- map-style datasets
@@ -104,7 +95,7 @@ def _read_image(path: Path, image_size: int) -> torch.Tensor:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
     # Bilinear, half-pixel centres, no antialiasing: the resize ClickMe records go through.
-    resized = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    resized = tf_resize_bilinear(tensor, image_size)
     return resized[0].clamp_(0.0, 255.0)
 
 
@@ -170,7 +161,8 @@ class ImageFolderRecords:
 class ShuffledBatches:
     """Endless, reshuffled-each-epoch batches of a map-style record set, resumable.
 
-    Epoch ``e`` visits the records in ``randperm(len, generator=seed + e)`` order, in
+    The order is the shared :class:`~harmonizer_fast.common.batch_order.BatchOrder`: epoch
+    ``e`` visits the records in ``numpy.random.default_rng([seed, e])`` order, in global
     batches of ``batch_size``; the last incomplete batch of an epoch is dropped (so every
     step sees the same batch size, which keeps DDP shards and BN statistics uniform).
 
@@ -196,26 +188,19 @@ class ShuffledBatches:
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self._order = BatchOrder(len(records), batch_size // world_size, self.seed, shuffle, True, rank, world_size)
         self.epoch = 0
         self.position = 0  # batches already yielded in this epoch
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.records) // self.batch_size
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.records))
-        return torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return len(self._order)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            order = self._order(self.epoch)
-            while self.position < self.batches_per_epoch:
-                start = self.position * self.batch_size
-                global_idx = order[start:start + self.batch_size]
-                local = self.batch_size // self.world_size
-                idx = global_idx[self.rank * local:(self.rank + 1) * local].tolist()
+            batches = self._order.rank_batches(self.epoch)
+            while self.position < len(batches):
+                idx = batches[self.position].tolist()
                 self.position += 1
                 yield self.records.get_batch(idx)
             self.epoch += 1

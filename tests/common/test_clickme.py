@@ -22,6 +22,8 @@ from harmonizer_fast.common import (
     write_clickme_shard,
 )
 from harmonizer_fast.common import clickme
+from harmonizer_fast.common.clickme import jpeg as clickme_jpeg
+from harmonizer_fast.common.clickme import loader as clickme_loader
 from harmonizer_fast.common.example import decode_example, encode_example
 
 LABELS = [1, 2, 999, 0, 500]
@@ -133,29 +135,29 @@ def pil_decode(data, fast_idct=False):
 
 def test_jpeg_decoding_follows_tensorflow_defaults(monkeypatch):
     pytest.importorskip("simplejpeg")
-    assert clickme.jpeg_backend() == "simplejpeg"
+    assert clickme_jpeg.jpeg_backend() == "simplejpeg"
     gray = jpeg_bytes(skdata.camera()[:256, :256], "L")
-    ours = clickme._decode_jpeg(gray, "L", "heatmap")[:, :, 0].astype(int)
+    ours = clickme_jpeg._decode_jpeg(gray, "L", "heatmap")[:, :, 0].astype(int)
     # grayscale has no chroma upsampling, so PIL's draft decode is exactly the fast IDCT
     np.testing.assert_array_equal(ours, pil_decode(gray, fast_idct=True))
     assert np.abs(ours - pil_decode(gray)).max() > 0  # PIL's default (accurate IDCT) differs
 
     color = jpeg_bytes(skimage_images()[0], "RGB")
-    ours = clickme._decode_jpeg(color, "RGB", "image").astype(int)
+    ours = clickme_jpeg._decode_jpeg(color, "RGB", "image").astype(int)
     accurate, plain_upsampling = pil_decode(color), pil_decode(color, fast_idct=True)
     assert 0 < np.abs(ours - accurate).max() <= 8  # only the IDCT differs: a few levels
     assert np.abs(ours - plain_upsampling).max() > 8  # TF keeps the smooth chroma upsampling
 
-    monkeypatch.setattr(clickme, "_JPEG_BACKEND", "pil")
-    np.testing.assert_array_equal(clickme._decode_jpeg(color, "RGB", "image"), accurate)
+    monkeypatch.setattr(clickme_jpeg, "_JPEG_BACKEND", "pil")
+    np.testing.assert_array_equal(clickme_jpeg._decode_jpeg(color, "RGB", "image"), accurate)
     png = io.BytesIO()
     Image.fromarray(skdata.camera()[:8, :8]).save(png, format="PNG")
-    for backend in clickme.JPEG_DECODERS:
-        monkeypatch.setattr(clickme, "_JPEG_BACKEND", backend)
+    for backend in clickme_jpeg.JPEG_DECODERS:
+        monkeypatch.setattr(clickme_jpeg, "_JPEG_BACKEND", backend)
         with pytest.raises(ValueError, match="image"):
-            clickme._decode_jpeg(png.getvalue(), "RGB", "image")
+            clickme_jpeg._decode_jpeg(png.getvalue(), "RGB", "image")
         with pytest.raises(ValueError, match="heatmap.*L JPEG"):
-            clickme._decode_jpeg(color, "L", "heatmap")
+            clickme_jpeg._decode_jpeg(color, "L", "heatmap")
 
 
 def test_parse_with_tokens(shard_dir):
@@ -324,7 +326,7 @@ def test_spawned_workers_use_the_rank_bound_in_the_main_process(shard_dir, monke
     everything = collect(load_clickme(shard_dir, **kwargs))
     # torch.distributed is not initialised in this test: fake it in the main process only;
     # spawned workers start from scratch and see a plain single process
-    monkeypatch.setattr(clickme, "_distributed_rank_world", lambda: (1, 2))
+    monkeypatch.setattr(clickme_loader, "_distributed_rank_world", lambda: (1, 2))
     loader = load_clickme(shard_dir, num_workers=1, multiprocessing_context="spawn", **kwargs)
     assert_same_batches(collect(loader), everything[1:4:2])
 
