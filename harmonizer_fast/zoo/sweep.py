@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonizer_fast._memory import release_freed_memory
+from harmonizer_fast.zoo.clickme_benchmark import run_model_level_unit
 from harmonizer_fast.zoo.layers import LayerExtractor
 from harmonizer_fast.zoo.report import is_harmonized_name, write_report
 from harmonizer_fast.zoo.results import (
@@ -152,6 +153,8 @@ def run_unit(unit: SweepUnit) -> List[SweepRow]:
     model = build_model(unit.model, unit.model_seed())
     extractor = LayerExtractor(model, unit.layers)
     normalize = model_preprocess(model)
+    if getattr(benchmark, "scores_whole_model", False):  # ClickMe alignment: no layers to stream
+        return run_model_level_unit(unit, benchmark, model, normalize)
     sink = benchmark.make_sink(extractor.layers)
     images = benchmark.images
     start = time.perf_counter()
