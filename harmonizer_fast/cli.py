@@ -13,6 +13,7 @@ COMMANDS = {
     "bench": "harmonizer_fast.bench_cli",
     "train": "harmonizer_fast.training.train_cli",
     "eval-clickme": "harmonizer_fast.evaluation.eval_cli",
+    "eval-imagenet": "harmonizer_fast.evaluation.imagenet_cli",
 }
 
 _HELP = {
@@ -20,6 +21,7 @@ _HELP = {
     "bench": "run the benchmark comparisons of this source checkout (benchmarks/run_all.py; --quick, --only)",
     "train": "harmonized training of a timm model on ClickMe shards (resumable checkpoints, DDP via torchrun)",
     "eval-clickme": "ClickMe human alignment of a model: per-image scores (CSV), summary and a saliency figure",
+    "eval-imagenet": "ImageNet top-1/top-5 on a local validation folder with the model's timm data config (CSV)",
 }
 
 
