@@ -47,8 +47,10 @@ from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import HUMAN_SPEARMAN_CEILING, Saliency, evaluate_clickme
 from harmonizer_fast.zoo.results import SweepRow
 
-__all__ = ["ClickMeBenchmark", "load_clickme_benchmark", "run_model_level_unit", "ModelScores"]
+__all__ = ["CLICKME_LAYER_METHOD", "CLICKME_METRICS", "ClickMeBenchmark", "load_clickme_benchmark", "run_model_level_unit", "ModelScores"]
 
+#: ``layer_method`` of ClickMe rows (marks a whole-model benchmark in the table).
+CLICKME_LAYER_METHOD = "saliency"
 #: The table's ``layer`` labels of a ClickMe unit, in row order (the first one is the model's row).
 CLICKME_METRICS: Tuple[str, ...] = ("spearman", "dice", "iou")
 
@@ -143,6 +145,6 @@ def run_model_level_unit(unit, benchmark: ClickMeBenchmark, model: torch.nn.Modu
             score=mean, score_error=sem, ceiling=ceiling, ceiled_score=mean / ceiling,
             selection_score=mean, selected=index == 0, n_features=benchmark.n_images,
             imagenet_top1=unit.top1, harmonized=unit.model.is_harmonized,
-            extraction_s=scores.seconds, readout_s=0.0, layer_method="saliency",
+            extraction_s=scores.seconds, readout_s=0.0, layer_method=CLICKME_LAYER_METHOD,
         ))
     return rows
