@@ -26,6 +26,7 @@ models score above untrained ones by far more than the split-to-split error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -116,6 +117,22 @@ def _square(image: np.ndarray, alpha: Optional[np.ndarray], side: int) -> torch.
     return out
 
 
+#: Number of background textures.
+N_TEXTURES = 9
+
+
+@lru_cache(maxsize=1)
+def _source_stacks() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(8, 4, S, S) RGBA sprites, (9, 3, T, T) textures and their is-grey flags, built once per
+    process (decoding and resizing the photographs costs more than rendering a few hundred images)."""
+    textures = _texture_sources()
+    if len(textures) != N_TEXTURES:
+        raise AssertionError(f"{len(textures)} textures, N_TEXTURES says {N_TEXTURES}")
+    sprites = torch.stack([_square(im, alpha, SPRITE_SIZE) for _, im, alpha in _object_sources()])
+    texture_stack = torch.stack([_square(im, None, TEXTURE_SIZE) for im, _ in textures])
+    return sprites, texture_stack, torch.tensor([g for _, g in textures])
+
+
 @dataclass
 class ObjectStimuli:
     """Output of :func:`render_object_stimuli`."""
@@ -158,16 +175,13 @@ def render_object_stimuli(n_images: int = 800, size: int = 112, scale_range: Tup
     scale = rng.uniform(lo, hi, n_images)
     rotation = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, n_images))
     position = rng.uniform(-1, 1, (n_images, 2)) * (1 - scale[:, None] / 2)
-    textures = _texture_sources()
-    background = rng.integers(0, len(textures), n_images)
+    background = rng.integers(0, N_TEXTURES, n_images)
     zoom = rng.uniform(0.3, 0.8, n_images)
     offset = rng.uniform(-1, 1, (n_images, 2)) * (1 - zoom[:, None])
     tints = rng.uniform(0, 1, (n_images, 2, 3)).astype(np.float32)
     flip = rng.random(n_images) < 0.5
 
-    sprites = torch.stack([_square(im, alpha, SPRITE_SIZE) for _, im, alpha in _object_sources()])
-    texture_stack = torch.stack([_square(im, None, TEXTURE_SIZE) for im, _ in textures])
-    grey = torch.tensor([g for _, g in textures])
+    sprites, texture_stack, grey = _source_stacks()
 
     cos, sin = np.cos(rotation), np.sin(rotation)
     sign = np.where(flip, -1.0, 1.0)

@@ -13,7 +13,7 @@ so sweep *other* models on it (the README demo sweeps Lite0, Lite1, a harmonized
 untrained Lite0). Expected outcome: trained models' per-layer scores rise into deep layers and
 beat the untrained model by much more than their error bars.
 
-Options (``--bench-option image-level-objects:KEY=VALUE``): ``n_images`` (800), ``image_size``
+Options (``--bench-option image-level-objects:KEY=VALUE``): ``n_images`` (1,600), ``image_size``
 (112), ``n_neuroids`` (96), ``n_repetitions`` (8), ``reliability`` ((0.5, 0.9)),
 ``held_out`` (``"efficientnet_lite2"``; any timm/reference name), ``held_out_weights``
 (``"package"`` for the packaged Lite weights, a local file, or None for random weights),
@@ -33,7 +33,7 @@ from harmonizer_fast.neural.object_stimuli import (
 __all__ = ["load_object_benchmark"]
 
 
-def load_object_benchmark(n_images: int = 800, image_size: int = 112, n_neuroids: int = 96,
+def load_object_benchmark(n_images: int = 1600, image_size: int = 112, n_neuroids: int = 96,
                           n_repetitions: int = 8, reliability: Tuple[float, float] = (0.5, 0.9),
                           held_out: str = "efficientnet_lite2", held_out_weights: Optional[str] = "package",
                           held_out_layer: str = "blocks.5", seed: int = 0, **scoring):

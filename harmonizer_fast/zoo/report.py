@@ -66,13 +66,31 @@ def _scatter_models(ax, points: Sequence[tuple]) -> None:
         ax.errorbar([x], [y], xerr=[xerr] if xerr else None, yerr=[yerr] if yerr else None, fmt=marker,
                     color=colour, markersize=size, markerfacecolor=colour if known else "white",
                     markeredgewidth=1.4, ecolor=colour, elinewidth=1, capsize=2, zorder=3)
-        ax.annotate(row.model, (x, y), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    for (x, y, *_rest), dy in zip(points, _label_offsets(ax, points)):
+        ax.annotate(_rest[2].model, (x, y), fontsize=8, xytext=(6, dy), textcoords="offset points",
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6) if dy != 4 else None)
     handles = [ax.scatter([], [], marker="o", color="0.35", s=40, label="standard"),
                ax.scatter([], [], marker="*", color="crimson", s=140, label="harmonized")]
     if any(not known for *_, known in points):
         handles.append(ax.scatter([], [], marker="o", facecolors="white", edgecolors="0.35", s=40,
                                   label="top-1 not measured (hollow)"))
     ax.legend(handles=handles, fontsize=8, loc="best")
+
+
+def _label_offsets(ax, points: Sequence[tuple]) -> List[float]:
+    """Vertical label offsets (points) that keep labels of nearby points from overlapping:
+    a label close (in axis fractions) to an earlier one is moved below it."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed: List[tuple] = []
+    offsets = []
+    for x, y, *_ in points:
+        fx, fy = (x - x0) / ((x1 - x0) or 1.0), (y - y0) / ((y1 - y0) or 1.0)
+        dy = 4.0
+        while any(abs(fx - px) < 0.3 and abs((fy + dy / 300) - py) < 0.04 for px, py in placed):
+            dy -= 11.0
+        placed.append((fx, fy + dy / 300))
+        offsets.append(dy)
+    return offsets
 
 
 def _accuracy_points(chosen: Sequence[SweepRow], y_of) -> tuple:
@@ -115,8 +133,8 @@ def plot_tradeoff(rows: Sequence[SweepRow], benchmark: str, path: str) -> List[s
     points, strip, unknown = _accuracy_points(chosen, lambda r: (r.ceiled_score, _error_on_ceiled(r)))
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     if points:
-        _scatter_models(ax, points)
         _pad_limits(ax, points)
+        _scatter_models(ax, points)
     known = [p[0] for p in points if p[5]] or [50.0]
     _draw_unknown_strip(ax, strip, max(max(known) - min(known), 5.0))
     ax.set_xlabel("ImageNet top-1 accuracy (%)")
@@ -144,8 +162,8 @@ def plot_alignment_vs_it(rows: Sequence[SweepRow], clickme: str, benchmark: str,
     points = [(alignment[m].ceiled_score, it[m].ceiled_score, _error_on_ceiled(alignment[m]),
                _error_on_ceiled(it[m]), it[m], True) for m in both]
     if points:
-        _scatter_models(ax, points)
         _pad_limits(ax, points)
+        _scatter_models(ax, points)
     ax.set_xlabel("ClickMe alignment (mean Spearman / human ceiling 0.658)")
     ax.set_ylabel(f"ceiled score on {benchmark} (selected layer)")
     title = f"Human alignment vs {benchmark}"

