@@ -32,6 +32,7 @@ import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from harmonizer_fast.zoo.clickme_benchmark import CLICKME_LAYER_METHOD
+from harmonizer_fast.zoo.report import ceiled_error
 from harmonizer_fast.zoo.results import SweepRow, atomic_write_bytes, model_table
 from harmonizer_fast.zoo.sweep import PACKAGED_WEIGHTS, ModelSpec, sweep
 
@@ -146,8 +147,7 @@ def summary_lines(rows: Sequence[SweepRow]) -> List[str]:
         top1 = f"{first.imagenet_top1:5.1f}" if math.isfinite(first.imagenet_top1) else "  n/a (not measured)"
         parts = [f"{model:<30} top-1 {top1}"]
         for name, row in by_benchmark.items():
-            score = f"{row.ceiled_score:.3f} +- {abs(row.score_error * row.ceiled_score / row.score):.3f}" \
-                if row.score else f"{row.ceiled_score:.3f}"
+            score = f"{row.ceiled_score:.3f} +- {ceiled_error(row):.3f}"
             where = "alignment" if row.layer_method == CLICKME_LAYER_METHOD else f"layer {row.layer:<9} ceiled"
             parts.append(f"{name}: {where} {score}")
         lines.append("  ".join(parts))

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 from harmonizer_fast.zoo.clickme_benchmark import CLICKME_LAYER_METHOD
 from harmonizer_fast.zoo.results import COLUMNS, SweepRow, atomic_write_bytes, model_table
 
-__all__ = ["is_harmonized_name", "plot_tradeoff", "plot_alignment_vs_it", "plot_layer_curves", "write_report"]
+__all__ = ["ceiled_error", "is_harmonized_name", "plot_tradeoff", "plot_alignment_vs_it", "plot_layer_curves", "write_report"]
 
 _HARMONIZED = re.compile(r"harmoni[sz]ed|(^|[_.-])harmonizer?($|[_.-])", re.IGNORECASE)
 
@@ -51,7 +51,7 @@ def _safe(name: str) -> str:
 _UNKNOWN_STRIP = 0.18
 
 
-def _error_on_ceiled(row: SweepRow) -> float:
+def ceiled_error(row: SweepRow) -> float:
     """The raw score's standard error carried onto the ceiled axis (scaled by ceiled / raw)."""
     if not (math.isfinite(row.score_error) and math.isfinite(row.ceiled_score)) or row.score == 0:
         return 0.0
@@ -130,7 +130,7 @@ def plot_tradeoff(rows: Sequence[SweepRow], benchmark: str, path: str) -> List[s
     """
     plt = _pyplot()
     chosen = [r for r in model_table(rows) if r.benchmark == benchmark]
-    points, strip, unknown = _accuracy_points(chosen, lambda r: (r.ceiled_score, _error_on_ceiled(r)))
+    points, strip, unknown = _accuracy_points(chosen, lambda r: (r.ceiled_score, ceiled_error(r)))
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     if points:
         _pad_limits(ax, points)
@@ -159,8 +159,8 @@ def plot_alignment_vs_it(rows: Sequence[SweepRow], clickme: str, benchmark: str,
             and math.isfinite(it[m].ceiled_score)]
     missing = sorted((set(alignment) | set(it)) - set(both))
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    points = [(alignment[m].ceiled_score, it[m].ceiled_score, _error_on_ceiled(alignment[m]),
-               _error_on_ceiled(it[m]), it[m], True) for m in both]
+    points = [(alignment[m].ceiled_score, it[m].ceiled_score, ceiled_error(alignment[m]),
+               ceiled_error(it[m]), it[m], True) for m in both]
     if points:
         _pad_limits(ax, points)
         _scatter_models(ax, points)
