@@ -41,15 +41,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from harmonizer_fast.evaluation.imagenet import evaluate_imagenet, write_accuracy_csv
-    from harmonizer_fast.models import create_model
+    from harmonizer_fast.zoo.sweep import PACKAGED_WEIGHTS, ModelSpec, build_model
 
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"eval-imagenet: --limit must be >= 1, got {args.limit}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model = create_model(args.model, weights=args.weights, pretrained=args.pretrained).to(device)
+    if args.pretrained and args.weights:
+        raise SystemExit("eval-imagenet: give --pretrained or --weights, not both")
+    label = args.label or args.model
+    # The sweep's builder, so a fine-tuned EfficientNet-Lite file (e.g. a harmonized checkpoint) gets
+    # the Lite BatchNorm epsilon and normalisation its weights expect, as in the sweep.
+    weights = PACKAGED_WEIGHTS if args.pretrained else args.weights
+    model = build_model(ModelSpec(label, args.model, weights), seed=0).to(device)
     accuracy = evaluate_imagenet(model, args.data, labels=args.labels, meta=args.meta, batch_size=args.batch_size,
                                  num_workers=args.workers, limit=args.limit, progress=not args.no_progress)
-    label = args.label or args.model
     write_accuracy_csv({label: accuracy}, args.out, data_dir=args.data, overwrite=args.overwrite)
     print(f"{label}: {accuracy.describe()}")
     print(f"data config: {json.dumps(accuracy.data_config)}")
