@@ -31,8 +31,9 @@ Options (``--bench-option clickme:KEY=VALUE``):
 * ``batch_size``: images per saliency pass (default 32).
 
 Images are ClickMe's 224 x 224 (the resolution the human maps are drawn at, and the one the
-paper scores every model at), normalised with the same per-model preprocessing the sweep gives
-every benchmark (the model's own data config mean/std).
+paper scores every model at: they are not resized to the model's own input size, so the saliency
+and the human map share their pixels), normalised with the model's own mean/std (its
+``pretrained_cfg``, which timm's data config reads; the Lite models' ``(x - 127) / 128``).
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ import torch
 
 from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import HUMAN_SPEARMAN_CEILING, Saliency, evaluate_clickme
-from harmonizer_fast.zoo.results import SweepRow
+from harmonizer_fast.models import model_preprocess
+from harmonizer_fast.zoo.results import COLUMNS, SweepRow
 
 __all__ = ["CLICKME_LAYER_METHOD", "CLICKME_METRICS", "ClickMeBenchmark", "load_clickme_benchmark", "run_model_level_unit", "ModelScores"]
 
@@ -91,9 +93,12 @@ class ClickMeBenchmark:
             batch = self.records.get_batch(range(start, min(start + self.batch_size, self.n_images)))
             yield batch.images, batch.heatmaps, batch.labels
 
-    def score_model(self, model: torch.nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor],
+    def score_model(self, model: torch.nn.Module,
+                    preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     progress: bool = False) -> ModelScores:
-        """Per-image Spearman, Dice and IoU of ``model``'s saliency against the human maps."""
+        """Per-image Spearman, Dice and IoU of ``model``'s saliency against the human maps
+        (``preprocess``: 0..255 images -> model input; default the model's own mean/std)."""
+        preprocess = preprocess if preprocess is not None else model_preprocess(model)
         start = time.perf_counter()
         scores = evaluate_clickme(model, explainer=Saliency(model, batch_size=self.batch_size),
                                   clickme_val_dataset=self.batches(), preprocess_inputs=preprocess,
@@ -128,14 +133,15 @@ def _mean_and_sem(values: List[float]) -> Tuple[float, float]:
     return float(array.mean()), sem
 
 
-def run_model_level_unit(unit, benchmark: ClickMeBenchmark, model: torch.nn.Module,
-                         preprocess: Callable[[torch.Tensor], torch.Tensor]) -> List[SweepRow]:
+def run_model_level_unit(unit, benchmark: ClickMeBenchmark, model: torch.nn.Module) -> List[SweepRow]:
     """The rows of one (model, ``clickme``) sweep unit (row layout in the module docstring).
 
     ``unit`` is the sweep's :class:`~harmonizer_fast.zoo.sweep.SweepUnit` (label, top-1,
     harmonized flag, progress).
     """
-    scores = benchmark.score_model(model, preprocess, progress=unit.progress)
+    scores = benchmark.score_model(model, progress=unit.progress)
+    # A table that names each row's layer-choice rule gets this benchmark's: there is no layer.
+    rule = {"choice_rule": "whole-model"} if "choice_rule" in COLUMNS else {}
     rows = []
     for index, metric in enumerate(CLICKME_METRICS):
         mean, sem = _mean_and_sem(scores[metric])
@@ -145,6 +151,6 @@ def run_model_level_unit(unit, benchmark: ClickMeBenchmark, model: torch.nn.Modu
             score=mean, score_error=sem, ceiling=ceiling, ceiled_score=mean / ceiling,
             selection_score=mean, selected=index == 0, n_features=benchmark.n_images,
             imagenet_top1=unit.top1, harmonized=unit.model.is_harmonized,
-            extraction_s=scores.seconds, readout_s=0.0, layer_method=CLICKME_LAYER_METHOD,
+            extraction_s=scores.seconds, readout_s=0.0, layer_method=CLICKME_LAYER_METHOD, **rule,
         ))
     return rows

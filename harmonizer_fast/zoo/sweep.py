@@ -152,10 +152,10 @@ def run_unit(unit: SweepUnit) -> List[SweepRow]:
 
     benchmark = get_benchmark(unit.benchmark, **dict(unit.benchmark_options))
     model = build_model(unit.model, unit.model_seed())
+    if getattr(benchmark, "scores_whole_model", False):  # ClickMe alignment: no layers to stream
+        return run_model_level_unit(unit, benchmark, model)
     extractor = LayerExtractor(model, unit.layers)
     normalize = model_preprocess(model)
-    if getattr(benchmark, "scores_whole_model", False):  # ClickMe alignment: no layers to stream
-        return run_model_level_unit(unit, benchmark, model, normalize)
     sink = benchmark.make_sink(extractor.layers)
     images = benchmark.images
     start = time.perf_counter()
