@@ -18,6 +18,7 @@ from benchmarks._timing import format_table
 #: name -> module under benchmarks/ providing ``compare(quick)``.
 COMPARISONS = {
     "clickme": "benchmarks.compare_clickme",
+    "saliency": "benchmarks.compare_saliency",
     "sweep": "benchmarks.compare_sweep",
     "metrics": "benchmarks.compare_metrics",
     "loss": "benchmarks.compare_loss",

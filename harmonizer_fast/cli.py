@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "harmonizer_fast.training.train_cli",
     "eval-clickme": "harmonizer_fast.evaluation.eval_cli",
     "convert-keras": "harmonizer_fast.models.convert_cli",
+    "eval-imagenet": "harmonizer_fast.zoo.imagenet_cli",
 }
 
 _HELP = {
@@ -22,6 +23,7 @@ _HELP = {
     "train": "harmonized training of a timm model on ClickMe shards (resumable checkpoints, DDP via torchrun)",
     "eval-clickme": "ClickMe human alignment of a model: per-image scores (CSV), summary and a saliency figure",
     "convert-keras": "a published harmonized Keras .h5 model to timm weights (.safetensors) with equal logits",
+    "eval-imagenet": "ImageNet top-1/top-5 on a local validation folder with the model's timm data config (CSV)",
 }
 
 

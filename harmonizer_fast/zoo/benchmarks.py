@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from harmonizer_fast.neural.features import LayerFeatureAccumulator
+from harmonizer_fast.zoo.clickme_benchmark import load_clickme_benchmark
+from harmonizer_fast.zoo.object_benchmark import load_object_benchmark
 
 __all__ = [
     "BENCHMARKS",
@@ -322,6 +324,7 @@ BENCHMARKS: Dict[str, Callable[..., object]] = {
     "spatial": _spatial,
     "spatial-sim": _spatial_sim,
 }
+BENCHMARKS.update({"clickme": load_clickme_benchmark, "image-level-objects": load_object_benchmark})
 
 
 def register_benchmark(name: str, loader: Callable[..., object]) -> None:

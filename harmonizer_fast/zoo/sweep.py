@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from harmonizer_fast._memory import release_freed_memory
+from harmonizer_fast.zoo.clickme_benchmark import run_model_level_unit
+from harmonizer_fast.zoo.imagenet_accuracy import measure_missing_accuracies
 from harmonizer_fast.zoo.layers import LayerExtractor
 from harmonizer_fast.zoo.report import is_harmonized_name, write_report
 from harmonizer_fast.zoo.results import (
@@ -150,6 +152,8 @@ def run_unit(unit: SweepUnit) -> List[SweepRow]:
 
     benchmark = get_benchmark(unit.benchmark, **dict(unit.benchmark_options))
     model = build_model(unit.model, unit.model_seed())
+    if getattr(benchmark, "scores_whole_model", False):  # ClickMe alignment: no layers to stream
+        return run_model_level_unit(unit, benchmark, model)
     extractor = LayerExtractor(model, unit.layers)
     normalize = model_preprocess(model)
     sink = benchmark.make_sink(extractor.layers)
@@ -215,6 +219,8 @@ def sweep(
     ray_num_cpus: Optional[int] = None,
     report: bool = True,
     progress: bool = True,
+    imagenet: Optional[str] = None,
+    imagenet_limit: Optional[int] = None,
 ) -> List[SweepRow]:
     """Sweep ``models`` x ``benchmarks``; write the table (and figures) under ``out_dir``.
 
@@ -242,6 +248,9 @@ def sweep(
         None: run in-process; ``"local"`` or a Ray address: one Ray task per unit.
     report
         Write the PNG figures and ``report.html`` next to the table.
+    imagenet, imagenet_limit
+        Local ImageNet validation folder: models without a known top-1 are measured on it
+        (:mod:`harmonizer_fast.zoo.imagenet_accuracy`; ``imagenet_limit`` images for an estimate).
 
     Returns
     -------
@@ -265,6 +274,9 @@ def sweep(
     table = dict(accuracies or {})
     if accuracy_csv:
         table.update(load_accuracy_csv(accuracy_csv))
+    if imagenet:
+        table = measure_missing_accuracies(specs, table, imagenet, out_dir, limit=imagenet_limit, progress=progress,
+                                           build=lambda s: build_model(s, SweepUnit(s, "", seed=seed).model_seed()))
     options = benchmark_options or {}
     units = [
         SweepUnit(

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timm (or reference) names; LABEL=ARCH gives a model its own table name")
     parser.add_argument("--benchmark", "--benchmarks", nargs="+", required=True, dest="benchmarks",
                         metavar="NAME",
-                        help="registered benchmarks: image-level, image-level-sim, spatial, spatial-sim")
+                        help="registered benchmarks: image-level, image-level-sim, image-level-objects, spatial, spatial-sim, clickme")
     parser.add_argument("--out", required=True, help="output folder (table, parts, figures, report)")
     parser.add_argument("--layers", nargs="+", default=None,
                         help="module names to score (default: discovered per model)")
@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mark these models as harmonized (names containing 'harmonized' are marked anyway)")
     parser.add_argument("--accuracy-csv", default=None,
                         help="CSV with columns model,top1 (ImageNet top-1, percent); timm's results CSVs fit")
+    parser.add_argument("--imagenet", default=None, metavar="DIR",
+                        help="local ImageNet validation folder: measure the top-1 of models without one")
+    parser.add_argument("--imagenet-limit", type=int, default=None, metavar="N",
+                        help="measure on N images spread over the folder (an estimate)")
     parser.add_argument("--bench-option", nargs="+", default=[], metavar="BENCH:KEY=VALUE",
                         help="loader arguments, e.g. spatial:path=/data/Arcaro2020 image-level-sim:n_images=640")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         ray_num_cpus=args.ray_num_cpus,
         report=not args.no_report,
         progress=not args.no_progress,
+        imagenet=args.imagenet,
+        imagenet_limit=args.imagenet_limit,
     )
     for row in model_table(rows):
         print(f"{row.model:<28} {row.benchmark:<18} layer {row.layer:<12} score {row.score:.4f} "

@@ -213,8 +213,9 @@ def test_demo_sweep_uses_packaged_lite_weights_and_marks_harmonized(tmp_path):
     torch.save({"model": tuned.state_dict()}, path)  # a Trainer-style checkpoint
     rows = demo_sweep(str(tmp_path / "demo"), models=("efficientnet_lite0",),
                       harmonized_weights={"efficientnet_lite0_harmonized": str(path)},
-                      harmonized_top1={"efficientnet_lite0_harmonized": 70.0},
-                      benchmark_options={**TINY_IMAGE_LEVEL, "n_images": 48}, progress=False)
+                      harmonized_top1={"efficientnet_lite0_harmonized": 70.0}, benchmark="image-level-sim",
+                      benchmark_options={**TINY_IMAGE_LEVEL, "n_images": 48}, clickme=None, untrained_control=False,
+                      progress=False)
     chosen = {r.model: r for r in rows if r.selected}
     assert chosen["efficientnet_lite0"].imagenet_top1 == 75.1 and not chosen["efficientnet_lite0"].harmonized
     assert chosen["efficientnet_lite0_harmonized"].imagenet_top1 == 70.0

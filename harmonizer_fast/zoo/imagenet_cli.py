@@ -1,0 +1,62 @@
+"""``harmonizer-fast eval-imagenet``: top-1 / top-5 of a model on a local ImageNet validation set.
+
+Examples::
+
+    harmonizer-fast eval-imagenet --model efficientnet_lite0 --pretrained --data ~/imagenet/val --out top1.csv
+    harmonizer-fast eval-imagenet --model efficientnet_lite0 --label lite0_harmonized \\
+        --weights runs/lite0/last.pt --data ~/imagenet/val --limit 2000 --out top1.csv
+    harmonizer-fast eval-imagenet --model resnet50 --weights r50.safetensors \\
+        --data ~/ILSVRC2012_img_val --labels ~/devkit/data/ILSVRC2012_validation_ground_truth.txt --out top1.csv
+
+``--out`` is a CSV of ``model,top1,top5,images,total,estimate,data`` rows that the sweep's
+``--accuracy-csv`` reads; rows of other models already in it are kept. Layouts and
+preprocessing: :mod:`harmonizer_fast.evaluation.imagenet`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="timm name or reference name (ResNet50, ViT_B16 ...)")
+    parser.add_argument("--label", default=None, help="the model's name in the CSV (default: --model)")
+    parser.add_argument("--weights", default=None, help="local weights: state dict, .safetensors or trainer checkpoint")
+    parser.add_argument("--pretrained", action="store_true", help="packaged weights (efficientnet_lite0/1/2)")
+    parser.add_argument("--data", required=True, help="validation folder: <class>/<image> or flat ILSVRC2012_val_*")
+    parser.add_argument("--labels", default=None, help="labels file of the flat layout (default: found next to it)")
+    parser.add_argument("--meta", default=None, help="devkit meta.mat (for ILSVRC2012_validation_ground_truth.txt)")
+    parser.add_argument("--limit", type=int, default=None, help="score N images spread over the set (an estimate)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs, at most 8)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, help="accuracy CSV to write (rows of other models are kept)")
+    parser.add_argument("--overwrite", action="store_true", help="replace this model's row if the CSV has one")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from harmonizer_fast.evaluation.imagenet import evaluate_imagenet, write_accuracy_csv
+    from harmonizer_fast.zoo.sweep import PACKAGED_WEIGHTS, ModelSpec, build_model
+
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"eval-imagenet: --limit must be >= 1, got {args.limit}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.pretrained and args.weights:
+        raise SystemExit("eval-imagenet: give --pretrained or --weights, not both")
+    label = args.label or args.model
+    # The sweep's builder, so a fine-tuned EfficientNet-Lite file (e.g. a harmonized checkpoint) gets
+    # the Lite BatchNorm epsilon and normalisation its weights expect, as in the sweep.
+    weights = PACKAGED_WEIGHTS if args.pretrained else args.weights
+    model = build_model(ModelSpec(label, args.model, weights), seed=0).to(device)
+    accuracy = evaluate_imagenet(model, args.data, labels=args.labels, meta=args.meta, batch_size=args.batch_size,
+                                 num_workers=args.workers, limit=args.limit, progress=not args.no_progress)
+    write_accuracy_csv({label: accuracy}, args.out, data_dir=args.data, overwrite=args.overwrite)
+    print(f"{label}: {accuracy.describe()}")
+    print(f"data config: {json.dumps(accuracy.data_config)}")
+    print(f"wrote {args.out}")
+    return 0
