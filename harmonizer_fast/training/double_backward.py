@@ -47,8 +47,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
+
+from harmonizer_fast.training import attention_double_backward
+from harmonizer_fast.training._second_order import autocast_dtype as _autocast_dtype
+from harmonizer_fast.training._second_order import bind as _bind
+from harmonizer_fast.training._second_order import needs_grad as _needs_grad
+from harmonizer_fast.training._second_order import will_be_used as _will_be_used
 
 __all__ = [
     "BatchNormFunction",
@@ -89,20 +94,6 @@ def _conv_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p
         gw = native(grad_out.contiguous(memory_format=last), x.contiguous(memory_format=last), [False, True, False])[1]
         return gx, gw, grad_out.sum((0, 2, 3)) if need_b else None
     return native(grad_out, x, [need_x, need_w, need_b])
-
-
-def _will_be_used(t: Optional[torch.Tensor]) -> bool:
-    """Whether the running backward pass reaches ``t``'s gradient node (e.g. not during an
-    ``autograd.grad(..., inputs=images)`` that only wants the input gradient)."""
-    if t is None or not t.requires_grad:
-        return False
-    try:
-        return torch._C._will_engine_execute_node(get_gradient_edge(t).node)
-    except RuntimeError:
-        # raised for a leaf that autograd.grad() captures as one of its `inputs`: it is used
-        return True
-    except AttributeError:  # pragma: no cover - a torch without this private query: compute it
-        return True
 
 
 class _ConvInputGrad(torch.autograd.Function):
@@ -348,16 +339,6 @@ def _pair(value: object, name: str) -> List[int]:
     return values
 
 
-def _bind(signature: Tuple[Tuple[str, object], ...], args: Sequence, kwargs: dict) -> list:
-    """The values of ``signature``'s parameters (name, default) for a call ``f(*args, **kwargs)``."""
-    given = dict(zip((name for name, _ in signature), args), **kwargs)
-    return [given.get(name, default) for name, default in signature]
-
-
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
 _CONV2D = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
            ("groups", 1))
 _BATCH_NORM = (("input", None), ("running_mean", None), ("running_var", None), ("weight", None), ("bias", None),
@@ -407,12 +388,6 @@ def layer_norm_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     return LayerNormFunction.apply(x, shape, weight, bias, eps)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 class _FastConvMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args: Sequence = (), kwargs=None):
         kwargs = kwargs or {}
@@ -428,6 +403,7 @@ _ROUTES = {
     F.conv2d: conv2d_fast_double_backward,
     F.batch_norm: batch_norm_fast_double_backward,
     F.layer_norm: layer_norm_fast_double_backward,
+    **attention_double_backward.ROUTES,
 }
 
 
