@@ -107,50 +107,37 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, add: Optional[tor
     return torch.baddbmm(add, a, b, alpha=alpha)
 
 
-# --------------------------------------------------------------------------- softmax
+# --------------------------------------------------------------------------- softmax and GELU
 
-class _SoftmaxInputGrad(torch.autograd.Function):
-    r""":math:`g_S = J^\top g` with the closed-form backward of the module docstring."""
+class _ElementwiseRule:
+    """An activation :math:`y = f(x)` along one saved tensor (softmax: :math:`P`; GELU:
+    :math:`x`): its forward, its vector-Jacobian product, and the derivative of that product
+    with respect to the saved tensor (``arg``: the softmax ``dim``, GELU's ``approximate``)."""
 
-    @staticmethod
-    def forward(ctx, grad_out: torch.Tensor, probs: torch.Tensor, dim: int) -> torch.Tensor:
-        ctx.save_for_backward(grad_out, probs)
-        ctx.dim = dim
-        return _softmax_vjp(grad_out, probs, dim)
+    def forward(self, x: torch.Tensor, arg) -> Tuple[torch.Tensor, torch.Tensor]:  # (y, saved)
+        raise NotImplementedError
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, upstream: torch.Tensor):
-        grad_out, probs = ctx.saved_tensors
-        dim = ctx.dim
-        gg_out = _softmax_vjp(upstream, probs, dim) if ctx.needs_input_grad[0] else None
-        gg_probs = None
-        if ctx.needs_input_grad[1]:
-            alpha, c = _row_dot(upstream, probs, dim), _row_dot(grad_out, probs, dim)
-            gg_probs = (upstream - alpha).mul_(grad_out).addcmul_(c, upstream, value=-1.0)
-        return gg_out, gg_probs, None
+    def vjp(self, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
+        raise NotImplementedError
+
+    def saved_term(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class SoftmaxFunction(torch.autograd.Function):
-    """``torch.softmax(x, dim)`` whose input gradient is :class:`_SoftmaxInputGrad` when the
-    backward builds a graph."""
+class _SoftmaxRule(_ElementwiseRule):
+    r"""Saved :math:`P`; VJP :func:`_softmax_vjp`; :math:`\bar P = (u - \alpha) \odot g - c \odot u`."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def forward(self, x, dim):
         probs = _aten._softmax(x, dim, False)
-        ctx.save_for_backward(probs)
-        ctx.dim = dim
-        return probs
+        return probs, probs
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (probs,) = ctx.saved_tensors
-        if not torch.is_grad_enabled():
-            return _softmax_vjp(grad_out, probs, ctx.dim), None
-        return _SoftmaxInputGrad.apply(grad_out, probs, ctx.dim), None
+    def vjp(self, grad, probs, dim):
+        return _softmax_vjp(grad, probs, dim)
 
+    def saved_term(self, upstream, grad, probs, dim):
+        alpha, c = _row_dot(upstream, probs, dim), _row_dot(grad, probs, dim)
+        return (upstream - alpha).mul_(grad).addcmul_(c, upstream, value=-1.0)
 
-# --------------------------------------------------------------------------- GELU
 
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 _TANH_K, _TANH_C = math.sqrt(2.0 / math.pi), 0.044715
@@ -169,42 +156,67 @@ def _gelu_second_derivative(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return out.mul_(t.square_().neg_().add_(1.0))
 
 
-class _GeluInputGrad(torch.autograd.Function):
-    r""":math:`g_x = y'(x) \odot g` with the closed-form backward of the module docstring."""
+class _GeluRule(_ElementwiseRule):
+    r"""Saved :math:`x`; VJP the native ``gelu_backward``; :math:`\bar x = y''(x) \odot g \odot u`."""
+
+    def forward(self, x, approximate):
+        return _aten.gelu(x, approximate=approximate), x
+
+    def vjp(self, grad, x, approximate):
+        return _aten.gelu_backward(grad, x, approximate=approximate)
+
+    def saved_term(self, upstream, grad, x, approximate):
+        return _gelu_second_derivative(x, approximate).mul_(upstream).mul_(grad)
+
+
+class _ElementwiseInputGrad(torch.autograd.Function):
+    r"""An activation's input gradient :math:`J^\top g` (``rule.vjp``) whose backward is
+    ``rule.vjp`` of the upstream and ``rule.saved_term``."""
 
     @staticmethod
-    def forward(ctx, grad_out: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        ctx.save_for_backward(grad_out, x)
-        ctx.approximate = approximate
-        return _aten.gelu_backward(grad_out, x, approximate=approximate)
+    def forward(ctx, grad_out: torch.Tensor, saved: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+        ctx.save_for_backward(grad_out, saved)
+        ctx.rule, ctx.arg = rule, arg
+        return rule.vjp(grad_out, saved, arg)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, upstream: torch.Tensor):
-        grad_out, x = ctx.saved_tensors
-        gg_out = _aten.gelu_backward(upstream, x, approximate=ctx.approximate) if ctx.needs_input_grad[0] else None
-        gg_x = None
-        if ctx.needs_input_grad[1]:
-            gg_x = _gelu_second_derivative(x, ctx.approximate).mul_(upstream).mul_(grad_out)
-        return gg_out, gg_x, None
+        grad_out, saved = ctx.saved_tensors
+        rule, arg = ctx.rule, ctx.arg
+        gg_out = rule.vjp(upstream, saved, arg) if ctx.needs_input_grad[0] else None
+        gg_saved = rule.saved_term(upstream, grad_out, saved, arg) if ctx.needs_input_grad[1] else None
+        return gg_out, gg_saved, None, None
 
 
-class GeluFunction(torch.autograd.Function):
-    """``F.gelu(x, approximate)`` whose input gradient is :class:`_GeluInputGrad` when the
-    backward builds a graph."""
+class _ElementwiseFunction(torch.autograd.Function):
+    """``rule.forward(x, arg)`` whose input gradient is :class:`_ElementwiseInputGrad` when the
+    backward builds a graph (``apply(x, rule, arg)``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.approximate = approximate
-        return _aten.gelu(x, approximate=approximate)
+    def forward(ctx, x: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+        y, saved = rule.forward(x, arg)
+        ctx.save_for_backward(saved)
+        ctx.rule, ctx.arg = rule, arg
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (x,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
         if not torch.is_grad_enabled():
-            return _aten.gelu_backward(grad_out, x, approximate=ctx.approximate), None
-        return _GeluInputGrad.apply(grad_out, x, ctx.approximate), None
+            return ctx.rule.vjp(grad_out, saved, ctx.arg), None, None
+        return _ElementwiseInputGrad.apply(grad_out, saved, ctx.rule, ctx.arg), None, None
+
+
+class SoftmaxFunction(_ElementwiseFunction):
+    """``torch.softmax(x, dim)``: ``SoftmaxFunction.apply(x, SOFTMAX, dim)``."""
+
+
+class GeluFunction(_ElementwiseFunction):
+    """``F.gelu(x, approximate)``: ``GeluFunction.apply(x, GELU, approximate)``."""
+
+
+SOFTMAX, GELU = _SoftmaxRule(), _GeluRule()
 
 
 # --------------------------------------------------------------------------- attention
@@ -400,7 +412,7 @@ def _softmax_route(x, dim, dtype) -> Optional[torch.Tensor]:
         return None
     if dtype is not None:
         x = x.to(dtype)
-    return SoftmaxFunction.apply(x, dim)
+    return SoftmaxFunction.apply(x, SOFTMAX, dim)
 
 
 def gelu_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
@@ -409,7 +421,7 @@ def gelu_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     x, approximate = bind(_GELU, args, kwargs)
     if not isinstance(x, torch.Tensor) or not x.requires_grad or approximate not in ("none", "tanh"):
         return None
-    return GeluFunction.apply(x, approximate)
+    return GeluFunction.apply(x, GELU, approximate)
 
 
 ROUTES = {
