@@ -36,7 +36,8 @@ functional calls) through :class:`Conv2dFunction`, :class:`BatchNormFunction` an
 evaluation-mode batch norm and normalization under autocast run natively. The first backward
 computes only the gradients the running backward pass uses (the saliency pass needs input
 gradients, not weight gradients). Third-order derivatives are not supported
-(``once_differentiable``).
+(``once_differentiable``). The same mode routes ``F.scaled_dot_product_attention``, softmax and
+``F.gelu`` (transformers) through :mod:`harmonizer_fast.training.attention_double_backward`.
 """
 from __future__ import annotations
 
@@ -439,7 +440,9 @@ _ROUTES = {
 def fast_double_backward() -> Iterator[None]:
     """Route the ``F.conv2d``, training-mode ``F.batch_norm`` and ``F.layer_norm`` calls of the
     enclosed code through :class:`Conv2dFunction`, :class:`BatchNormFunction` and
-    :class:`LayerNormFunction`.
+    :class:`LayerNormFunction`, and its ``F.scaled_dot_product_attention``, softmax and
+    ``F.gelu`` calls through :mod:`~harmonizer_fast.training.attention_double_backward`
+    (``AttentionFunction``, ``SoftmaxFunction``, ``GeluFunction``).
 
     Only the graph built inside matters: a ``backward()`` called after the block still uses
     the fast kernels for the layers recorded in it.
