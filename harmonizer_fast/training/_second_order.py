@@ -38,3 +38,12 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    r""":math:`\sum_j a_{\ldots j} b_{\ldots j}` along ``dim``, kept as a size-1 dimension. Along the
+    last dimension a batched matrix-vector product: one pass, no temporary (``(a * b).sum()``
+    takes two)."""
+    if dim in (-1, a.dim() - 1):
+        return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
+    return (a * b).sum(dim, keepdim=True)

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from harmonizer_fast.training._second_order import autocast_dtype, bind, needs_grad, will_be_used
+from harmonizer_fast.training._second_order import autocast_dtype, bind, needs_grad, row_dot, will_be_used
 
 __all__ = [
     "AttentionFunction",
@@ -89,15 +89,6 @@ def _softmax_vjp(grad: torch.Tensor, probs: torch.Tensor, dim: int = -1) -> torc
     r""":math:`J^\top g = P \odot (g - \langle g, P\rangle)` for :math:`P = \mathrm{softmax}(S)`
     along ``dim`` (one fused native pass)."""
     return _aten._softmax_backward_data(grad, probs, dim, probs.dtype)
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    r""":math:`\langle a, b\rangle` along ``dim``, kept as a size-1 dimension. Along the last
-    dimension a batched matrix-vector product: one pass, no temporary (``(a * b).sum()`` takes
-    two)."""
-    if dim in (-1, a.dim() - 1):
-        return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
-    return (a * b).sum(dim, keepdim=True)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, add: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -135,7 +126,7 @@ class _SoftmaxRule(_ElementwiseRule):
         return _softmax_vjp(grad, probs, dim)
 
     def saved_term(self, upstream, grad, probs, dim):
-        alpha, c = _row_dot(upstream, probs, dim), _row_dot(grad, probs, dim)
+        alpha, c = row_dot(upstream, probs, dim), row_dot(grad, probs, dim)
         return (upstream - alpha).mul_(grad).addcmul_(c, upstream, value=-1.0)
 
 
@@ -234,7 +225,7 @@ class _AttentionInputGrad(torch.autograd.Function):
     def forward(ctx, grad_out, q, k, v, out, probs, scale: float, need_scores: bool):
         g, q3, k3, v3, o3 = (_as_batched(t) for t in (grad_out, q, k, v, out))
         grad_v = torch.bmm(probs.transpose(1, 2), g)
-        e = torch.bmm(g, v3.transpose(1, 2)).sub_(_row_dot(g, o3))  # E = dP - <G, O>
+        e = torch.bmm(g, v3.transpose(1, 2)).sub_(row_dot(g, o3))  # E = dP - <G, O>
         grad_s = probs * e
         grad_q = _bmm(grad_s, k3, scale)
         grad_k = _bmm(grad_s.transpose(1, 2), q3, scale)
@@ -260,7 +251,7 @@ class _AttentionInputGrad(torch.autograd.Function):
         if up_s is not None:
             w = up_s.clone() if w is None else w.add_(up_s)
         if w is not None:
-            w_centered = w.sub_(_row_dot(w, probs))
+            w_centered = w.sub_(row_dot(w, probs))
             z = probs * w_centered  # = J^T W
             gg_out = torch.bmm(z, v)
             gg_v = torch.bmm(z.transpose(1, 2), g)

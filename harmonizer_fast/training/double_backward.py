@@ -54,6 +54,7 @@ from harmonizer_fast.training import attention_double_backward
 from harmonizer_fast.training._second_order import autocast_dtype as _autocast_dtype
 from harmonizer_fast.training._second_order import bind as _bind
 from harmonizer_fast.training._second_order import needs_grad as _needs_grad
+from harmonizer_fast.training._second_order import row_dot as _row_dot
 from harmonizer_fast.training._second_order import will_be_used as _will_be_used
 
 __all__ = [
@@ -284,9 +285,11 @@ class _LayerNormInputGrad(torch.autograd.Function):
             x_hat = (x - mean) * rstd
             count = math.prod(shape)
             row_sum = lambda t: t.sum(dims, keepdim=True)
+            # one normalized dimension (transformers): the products-and-sums in one pass each
+            dot = _row_dot if len(dims) == 1 else (lambda a, b: row_sum(a * b))
             gg_xin = _standardization_x_term(
-                x, h, gg_x, mean, rstd, rstd, row_sum(h) / count, row_sum(h * x_hat) / count,
-                row_sum(gg_x), row_sum(gg_x * x_hat), row_sum(gg_x * h), count)
+                x, h, gg_x, mean, rstd, rstd, row_sum(h) / count, dot(h, x_hat) / count,
+                row_sum(gg_x), dot(gg_x, x_hat), dot(gg_x, h), count)
         return gg_gy if need_gy else None, gg_xin, gg_w, None, None, None
 
 
