@@ -9,26 +9,35 @@ Variants, on the same model, batch and optimizer (SGD), each a full step (forwar
   gradients taken with ``torch.autograd.grad`` over the parameter list, name-filtered
   weight decay, native depthwise convolutions, attention in the math SDPA kernel).
 * ``Trainer``: :meth:`harmonizer_fast.training.Trainer.train_step` (the package's loss,
-  fast depthwise double backward, unfused attention).
+  fast double backward; its defaults, so timm attention unfused: the closed-form softmax
+  and GELU of :mod:`harmonizer_fast.training.attention_double_backward`).
+* ``Trainer, fused_attn kept`` (models with timm attention only): the same with
+  ``unfuse_attention=False``, so attention goes through ``scaled_dot_product_attention`` and
+  its closed-form double backward (:class:`~harmonizer_fast.training.attention_double_backward.AttentionFunction`).
 
 Peak memory is the growth of the process's peak RSS over the run of each variant (a
 lower bound when an earlier variant already raised the peak); on CUDA, each variant's
-``torch.cuda.max_memory_allocated``. ``python -m benchmarks.compare_train_overhead --profile
-resnet18`` prints a torch.profiler table of one Trainer step. On a GPU (the GPU script's
+``torch.cuda.max_memory_allocated``. ``--memory`` measures the CPU peak properly instead: each
+variant's first step in a fresh process (peak RSS growth over the step, no timing).
+``--profile MODEL [--variant LABEL]`` prints a torch.profiler table of one step and the
+self time per autograd node (which backward formula spends it). On a GPU (the GPU script's
 ``overhead`` step): ``--device cuda --amp --batch 32 --models resnet50 vit_base_patch16_224``.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import subprocess
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks._timing import Comparison, measure, peak_rss_gib
 
-MODELS = ("resnet18", "convnext_atto", "efficientnet_lite0", "vit_tiny_patch16_224")
+MODELS = ("resnet18", "convnext_atto", "efficientnet_lite0", "vit_tiny_patch16_224", "vit_base_patch16_224")
+PLAIN, PORT, TRAINER, TRAINER_SDPA = "plain CE", "reference port", "Trainer", "Trainer, fused_attn kept"
 BATCH = 8
 SIZE = 224
 
@@ -122,8 +131,13 @@ def _synchronized(fn, device):
     return run
 
 
-def _variants(name, batch=BATCH, device="cpu", amp=False) -> List[Tuple[str, callable]]:
-    """The three steps of ``name`` on ``device``; ``amp``: bf16 autocast in all three."""
+def _has_timm_attention(model) -> bool:
+    return any(isinstance(getattr(m, "fused_attn", None), bool) for m in model.modules())
+
+
+def _variants(name, batch=BATCH, device="cpu", amp=False, only: Optional[Sequence[str]] = None) -> List[Tuple[str, callable]]:
+    """The steps of ``name`` on ``device`` (those in ``only``, default all); ``amp``: bf16
+    autocast in all of them."""
     from harmonizer_fast.models import preprocess_input
     from harmonizer_fast.training import Trainer, TrainerConfig
 
@@ -131,35 +145,52 @@ def _variants(name, batch=BATCH, device="cpu", amp=False) -> List[Tuple[str, cal
     x = preprocess_input(images)
     device_type = torch.device(device).type
     autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp)
+    wanted = lambda label: only is None or label in only
+    steps = []
 
-    plain_model = _model(name, device).train()
-    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-4, momentum=0.9)
+    if wanted(PLAIN):
+        plain_model = _model(name, device).train()
+        plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-4, momentum=0.9)
 
-    def plain():
-        plain_opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = F.cross_entropy(plain_model(x), labels, label_smoothing=0.1)
-        loss.backward()
-        plain_opt.step()
+        def plain():
+            plain_opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = F.cross_entropy(plain_model(x), labels, label_smoothing=0.1)
+            loss.backward()
+            plain_opt.step()
 
-    port_model = _model(name, device).train()
-    port_opt = torch.optim.SGD(port_model.parameters(), lr=1e-4, momentum=0.9)
+        steps.append((PLAIN, plain))
 
-    def port():
-        with autocast():
-            grads = port_harmonizer_loss(port_model, x, tokens, labels, heatmaps)
-        for p, g in zip(port_model.parameters(), grads):
-            p.grad = g
-        port_opt.step()
+    if wanted(PORT):
+        port_model = _model(name, device).train()
+        port_opt = torch.optim.SGD(port_model.parameters(), lr=1e-4, momentum=0.9)
 
-    config = TrainerConfig(batch_size=batch, steps=10**6, lr=1e-4, progress=False, device=str(device), amp=amp)
-    trainer = Trainer(_model(name, device), config, train_data=_Repeat((images, heatmaps, labels, tokens)))
+        def port():
+            with autocast():
+                grads = port_harmonizer_loss(port_model, x, tokens, labels, heatmaps)
+            for p, g in zip(port_model.parameters(), grads):
+                p.grad = g
+            port_opt.step()
 
-    def harmonized():
-        with trainer.harmonizing():
-            trainer.train_step()
+        steps.append((PORT, port))
 
-    steps = [("plain CE", plain), ("reference port", port), ("Trainer", harmonized)]
+    def trainer_step(unfuse_attention):
+        config = TrainerConfig(batch_size=batch, steps=10**6, lr=1e-4, progress=False, device=str(device), amp=amp,
+                               unfuse_attention=unfuse_attention)
+        trainer = Trainer(_model(name, device), config, train_data=_Repeat((images, heatmaps, labels, tokens)))
+
+        def harmonized():
+            with trainer.harmonizing():
+                trainer.train_step()
+
+        return harmonized, trainer.model
+
+    if wanted(TRAINER):
+        steps.append((TRAINER, trainer_step(True)[0]))
+    if wanted(TRAINER_SDPA):
+        step, model = trainer_step(False)
+        if _has_timm_attention(model):
+            steps.append((TRAINER_SDPA, step))
     return [(label, _synchronized(fn, device)) for label, fn in steps]
 
 
@@ -195,16 +226,68 @@ def compare(quick: bool = False, repeats: int = 0, models=None, batch: int = BAT
     return f"Harmonized training step vs plain cross-entropy step ({where})", comparisons
 
 
-def profile(name: str, rows: int = 15) -> str:
-    """torch.profiler table (self CPU time) of one Trainer step of ``name``."""
+def profile(name: str, variant: str = TRAINER, rows: int = 15, batch: int = BATCH) -> str:
+    """torch.profiler table (self CPU time) of one ``variant`` step of ``name``, then the self
+    time of the aten ops under each autograd node (which backward formula spends it;
+    ``forward`` = outside any node)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    variants = dict(_variants(name))
-    variants["Trainer"]()  # warm-up
+    variants = dict(_variants(name, batch=batch, only=[variant]))
+    if variant not in variants:
+        raise ValueError(f"`variant` must be one of {sorted(variants)} for {name}, got {variant!r}")
+    variants[variant]()  # warm-up
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        variants["Trainer"]()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        variants[variant]()
+    by_node: collections.Counter = collections.Counter()
+    by_node_op: collections.Counter = collections.Counter()
+    for event in prof.profiler.function_events:
+        if not event.name.startswith("aten::"):
+            continue
+        node, parent = "forward", event.cpu_parent
+        while parent is not None:  # the outermost autograd node evaluating this op
+            if parent.name.startswith("autograd::engine::evaluate_function: "):
+                node = parent.name.split(": ", 1)[1]
+            parent = parent.cpu_parent
+        by_node[node] += event.self_cpu_time_total
+        by_node_op[node, event.name] += event.self_cpu_time_total
+    total = sum(by_node.values()) or 1.0
+    lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), "",
+             f"self time of aten ops by autograd node ({name}, {variant}, total {total / 1e6:.3f} s):"]
+    lines += [f"  {100 * t / total:5.1f} %  {node}" for node, t in by_node.most_common(rows)]
+    lines += ["", "by (autograd node, op):"]
+    lines += [f"  {100 * t / total:5.1f} %  {node}  {op}" for (node, op), t in by_node_op.most_common(2 * rows)]
+    return "\n".join(lines)
+
+
+def step_peak_rss_gib(name: str, variant: str, batch: int = BATCH) -> Optional[float]:
+    """Peak RSS growth (GiB) over the first ``variant`` step of ``name``, in this process: call
+    it in a fresh one (:func:`memory`). None: no such variant for this model."""
+    steps = [fn for label, fn in _variants(name, batch=batch, only=[variant])]
+    if not steps:
+        return None
+    (step,) = steps
+    before = peak_rss_gib()
+    step()
+    return peak_rss_gib() - before
+
+
+def memory(models: Sequence[str], batch: int = BATCH) -> str:
+    """Markdown table of :func:`step_peak_rss_gib` per model and variant, each in a fresh process."""
+    lines = [f"### Peak RSS growth over one step (GiB, CPU, batch {batch}, {SIZE} px, fresh process per variant)", "",
+             "| model | " + " | ".join((PLAIN, PORT, TRAINER, TRAINER_SDPA)) + " |", "|---|---|---|---|---|"]
+    for name in models:
+        cells = []
+        for variant in (PLAIN, PORT, TRAINER, TRAINER_SDPA):
+            code = ("from benchmarks.compare_train_overhead import step_peak_rss_gib as f; "
+                    f"r = f({name!r}, {variant!r}, {batch}); print('' if r is None else r)")
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"memory run of {name} / {variant} failed:\n{run.stderr[-2000:]}")
+            value = (run.stdout.strip().splitlines() or [""])[-1]
+            cells.append("n/a" if value == "" else f"{float(value):.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -212,13 +295,20 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*", default=None, help=f"subset of {MODELS}")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--profile", default=None, help="print a profiler table of one Trainer step of this model")
+    parser.add_argument("--profile", default=None, help="print a profiler table of one step of this model")
+    parser.add_argument("--variant", default=TRAINER, help=f"the step --profile runs: {PLAIN!r}, {PORT!r}, "
+                        f"{TRAINER!r} (default) or {TRAINER_SDPA!r}")
+    parser.add_argument("--memory", action="store_true", help="CPU peak RSS growth of one step per variant, "
+                        "each in a fresh process (no timing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (the GPU script uses cuda)")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast in all three steps")
     args = parser.parse_args(argv)
     if args.profile:
-        print(profile(args.profile))
+        print(profile(args.profile, args.variant, batch=args.batch))
+        return 0
+    if args.memory:
+        print(memory(args.models or MODELS, args.batch))
         return 0
     from benchmarks._timing import format_table
 

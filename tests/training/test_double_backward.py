@@ -49,6 +49,8 @@ CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, H, W)
     (6, 4, 3, 1, 2, 2, 2, True, 9, 9),     # grouped + dilated
     (2, 3, (3, 1), (1, 2), (1, 0), 1, 1, True, 7, 6),  # rectangular kernel, per-axis stride/padding
     (3, 8, 7, 2, 3, 1, 1, False, 15, 15),  # ResNet stem shape
+    (3, 5, 4, 4, 0, 1, 1, True, 12, 8),    # patchify (ViT patch embedding, ConvNeXt stem): a matmul
+    (3, 5, (4, 8), (4, 8), 0, 1, 1, False, 13, 16),  # rectangular patches not tiling the input: native
 ]
 
 

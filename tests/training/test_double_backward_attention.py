@@ -1,0 +1,219 @@
+"""AttentionFunction / SoftmaxFunction / GeluFunction equal native autograd to second order
+(masks, biases, causal, cross-attention, bf16 autocast, a timm ViT end to end); the mode
+routes exactly the calls it should."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harmonizer_fast.training.attention_double_backward import (
+    gelu_fast_double_backward,
+    scaled_dot_product_attention_fast_double_backward,
+    softmax_fast_double_backward,
+)
+from harmonizer_fast.training.double_backward import fast_double_backward
+
+DEVICE = torch.device(os.environ.get("HF_TEST_DEVICE", "cpu"))
+
+
+def _randn(*shape, gen, requires_grad=True, scale=1.0):
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+    return t.to(DEVICE).requires_grad_(requires_grad)
+
+
+def _second_order(fn, inputs, first=None):
+    """Output, the gradients wrt ``first`` (default: every input that requires grad) with
+    ``create_graph=True``, and the gradients wrt every input of a loss of those gradients (cubic
+    terms make every derivative non-trivial)."""
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    first = leaves if first is None else first
+    out = fn(*inputs)
+    weights = torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum() + (out**3).sum(), first, create_graph=True)
+    loss = sum(g.square().sum() + (g * t).sum() for g, t in zip(grads, first)) + (out**2).sum()
+    return out, grads, torch.autograd.grad(loss, leaves)
+
+
+def _assert_all_close(actual, expected, rtol=1e-10, atol=1e-10):
+    for a, e in zip(actual, expected):
+        if isinstance(a, (tuple, list)):
+            _assert_all_close(a, e, rtol, atol)
+        else:
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+def _native_sdpa(*args, **kwargs):
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+# (batch dims, L, S, E, Ev, mask kind, is_causal, scale)
+ATTENTION_CASES = {
+    "plain": ((2, 3), 5, 5, 4, 4, None, False, None),
+    "cross, Ev != E, scale": ((2, 2), 4, 6, 3, 5, None, False, 0.7),
+    "bool mask with a fully masked row": ((2, 2), 5, 6, 4, 4, "bool", False, None),
+    "float mask (batch, 1, L, S)": ((2, 3), 5, 5, 4, 4, "float", False, None),
+    "relative-position bias (1, H, L, S), trained": ((2, 3), 5, 5, 4, 4, "relpos", False, None),
+    "causal": ((2, 2), 5, 5, 4, 4, None, True, None),
+    "3-D (no head dim)": ((3,), 4, 4, 2, 3, None, False, None),
+}
+
+
+def _attention_inputs(case, seed):
+    lead, L, S, E, Ev, mask_kind, _, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _randn(*lead, L, E, gen=gen), _randn(*lead, S, E, gen=gen), _randn(*lead, S, Ev, gen=gen)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(lead[0], 1, L, S, generator=gen) > 0.3
+        mask[0, 0, 1] = False  # one row attends to nothing: zeros, as torch's masked softmax
+        mask[..., 0, 0] = True
+        mask = mask.to(DEVICE)
+    elif mask_kind == "float":
+        mask = _randn(lead[0], 1, L, S, gen=gen, requires_grad=False)
+    elif mask_kind == "relpos":
+        mask = _randn(1, lead[1], L, S, gen=gen)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_attention_second_order_matches_native(name):
+    case = ATTENTION_CASES[name]
+    is_causal, scale = case[6], case[7]
+    q, k, v, mask = _attention_inputs(case, seed=len(name))
+    call = lambda sdpa: lambda q, k, v, m: sdpa(q, k, v, attn_mask=m, is_causal=is_causal, scale=scale)
+    inputs = (q, k, v, mask)
+    expected = _second_order(call(_native_sdpa), inputs)
+    actual = _second_order(call(scaled_dot_product_attention_fast_double_backward), inputs)
+    assert actual[0].grad_fn.name().startswith("AttentionFunction")
+    _assert_all_close(actual, expected)
+    # the saliency pass of the harmonizer: the first gradient wrt the query only
+    expected = _second_order(call(_native_sdpa), inputs, first=[q])
+    actual = _second_order(call(scaled_dot_product_attention_fast_double_backward), inputs, first=[q])
+    _assert_all_close(actual, expected)
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_softmax_second_order_matches_native(dim):
+    gen = torch.Generator().manual_seed(5)
+    x = _randn(3, 4, 6, gen=gen, scale=2.0)
+    expected = _second_order(lambda x: torch.softmax(x, dim), (x,))
+    for route in (lambda x: softmax_fast_double_backward(x, dim),
+                  lambda x: softmax_fast_double_backward(x, dim=dim, dtype=torch.float64)):
+        actual = _second_order(route, (x,))
+        assert actual[0].grad_fn.name().startswith("SoftmaxFunction")
+        _assert_all_close(actual, expected)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_second_order_matches_native(approximate):
+    gen = torch.Generator().manual_seed(6)
+    x = _randn(4, 7, 5, gen=gen, scale=2.0)
+    expected = _second_order(lambda x: F.gelu(x, approximate=approximate), (x,))
+    actual = _second_order(lambda x: gelu_fast_double_backward(x, approximate=approximate), (x,))
+    assert actual[0].grad_fn.name().startswith("GeluFunction")
+    _assert_all_close(actual, expected)
+
+
+def test_attention_bias_gradient_inside_a_graph_building_backward():
+    # A penalty on the bias gradient itself needs its derivative (the U_S term).
+    q, k, v, bias = _attention_inputs(ATTENTION_CASES["relative-position bias (1, H, L, S), trained"], seed=9)
+    call = lambda sdpa: lambda q, k, v, b: sdpa(q, k, v, attn_mask=b)
+    expected = _second_order(call(_native_sdpa), (q, k, v, bias), first=[q, bias])
+    actual = _second_order(call(scaled_dot_product_attention_fast_double_backward), (q, k, v, bias), first=[q, bias])
+    _assert_all_close(actual, expected)
+
+
+def test_mode_routes_attention_softmax_gelu_and_leaves_the_rest_native():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen, requires_grad=True) for _ in range(3))
+    x = torch.randn(2, 5, requires_grad=True)
+    with fast_double_backward():
+        routed = {
+            "sdpa": F.scaled_dot_product_attention(q, k, v),
+            "softmax": x.softmax(-1), "torch.softmax": torch.softmax(x, 1), "F.softmax": F.softmax(x, dim=-1),
+            "gelu": nn.GELU()(x), "F.gelu tanh": F.gelu(x, approximate="tanh"),
+        }
+        native = {
+            "sdpa dropout": F.scaled_dot_product_attention(q, k, v, dropout_p=0.5),
+            "sdpa grouped-query": F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True),
+            "softmax implicit dim": F.softmax(x[0], _stacklevel=5),
+        }
+        with torch.no_grad():
+            assert F.scaled_dot_product_attention(q, k, v).grad_fn is None
+    for name, out in routed.items():
+        assert out.grad_fn.name().split("Function")[0] in ("Attention", "Softmax", "Gelu"), name
+    for name, out in native.items():
+        assert "Function" not in out.grad_fn.name(), name
+    torch.testing.assert_close(routed["sdpa"], F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(routed["gelu"], F.gelu(x))
+
+
+def test_third_order_raises_a_clear_error():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with fast_double_backward():
+        out = F.scaled_dot_product_attention(q, k, v)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="third-order derivatives are not supported"):
+        (gk,) = torch.autograd.grad(gq.square().sum(), k, create_graph=True)
+        torch.autograd.grad(gk.square().sum(), q)
+
+
+def test_bf16_autocast_attention_is_as_accurate_as_native():
+    # Both round to bfloat16 at different places, so compare each with the float64 truth.
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=gen).to(DEVICE) for _ in range(3))
+    bias = torch.randn(1, 3, 16, 16, generator=gen).to(DEVICE)
+    mask = (torch.rand(16, 16, generator=gen) > 0.2).to(DEVICE)
+
+    def run(sdpa, amp, dtype=torch.float32):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v, bias)]
+        q_, k_, v_, bias_ = inputs
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
+            out = sdpa(q_, k_, v_, attn_mask=bias_) + sdpa(q_, k_, v_, attn_mask=mask)
+            grads = torch.autograd.grad(out.float().square().sum(), (q_, k_), create_graph=True)
+        second = torch.autograd.grad(sum(g.float().square().sum() for g in grads), inputs)
+        return [out, *grads, *second]
+
+    truth = run(_native_sdpa, False, torch.float64)
+    native, fast = run(_native_sdpa, True), run(scaled_dot_product_attention_fast_double_backward, True)
+    assert fast[0].dtype == native[0].dtype == torch.bfloat16
+    for f, n, t in zip(fast, native, truth):
+        error = lambda a: ((a.double() - t).norm() / t.norm()).item()
+        assert error(f) < 2 * error(n) + 1e-3, (error(f), error(n))
+
+
+@pytest.mark.parametrize("fused_attn", [True, False], ids=["fused (SDPA)", "unfused (softmax)"])
+def test_timm_vit_matches_native_gradients(fused_attn):
+    timm = pytest.importorskip("timm")
+    from harmonizer_fast.training.loss import harmonizer_loss_components
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                              depth=2).double().to(DEVICE).train()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused_attn
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    heatmaps = torch.rand(2, 32, 32, dtype=torch.float64, device=DEVICE)
+    labels = F.one_hot(torch.tensor([1, 7]), 10).double().to(DEVICE)
+    tokens = torch.ones(2, dtype=torch.float64, device=DEVICE)
+    routed = []
+
+    def grads(fast):
+        model.zero_grad(set_to_none=True)
+        with fast_double_backward() if fast else torch.enable_grad():
+            out = harmonizer_loss_components(model, x, tokens, labels, heatmaps)
+        out.loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    hook = model.blocks[0].attn.register_forward_hook(lambda m, a, out: routed.append(out.grad_fn))
+    fast = grads(True)
+    hook.remove()
+    for a, e in zip(fast, grads(False)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+    assert routed  # the block ran under the mode
