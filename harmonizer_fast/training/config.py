@@ -32,7 +32,9 @@ class TrainerConfig:
     ``preprocess_input``), ``"model"`` (the model's ``pretrained_cfg`` mean/std) or
     ``"none"`` (images already normalised).
 
-    Second order: ``unfuse_attention`` switches timm's fused attention off while training;
+    Second order: ``unfuse_attention`` switches timm's fused attention off while training when
+    ``fast_double_backward`` is off (the fast mode records ``scaled_dot_product_attention``,
+    softmax and GELU with closed-form double backward, so fused attention stays on);
     ``fast_double_backward`` records 2-D convolutions, training-mode batch norms and layer norms so that their
     double backward uses the backend's own kernels instead of PyTorch's generic formulas (for
     convolutions: a convolution with the output gradient as kernel and a per-group loop for

@@ -333,9 +333,12 @@ class Trainer:
     @contextlib.contextmanager
     def harmonizing(self) -> Iterator[None]:
         """Model switches for second-order training, undone on exit: fused attention off
-        (``unfuse_attention``)."""
+        (``unfuse_attention``, only where ``fast_double_backward`` is off: the fast mode records
+        ``scaled_dot_product_attention`` with its own double backward)."""
         with contextlib.ExitStack() as stack:
-            if self.config.unfuse_attention:
+            # the fast mode records scaled_dot_product_attention with a closed-form double
+            # backward, so fused attention can stay on; without it, timm must use its math path
+            if self.config.unfuse_attention and not self.config.fast_double_backward:
                 stack.enter_context(unfused_attention(self.model))
             yield
 
