@@ -44,7 +44,7 @@ from harmonizer_fast.training.distributed import init_distributed_from_env, reso
 from harmonizer_fast.training.double_backward import fast_double_backward
 from harmonizer_fast.training.loss import harmonizer_loss_components
 from harmonizer_fast.training.metrics_log import MetricsLogger
-from harmonizer_fast.training.second_order import (
+from harmonizer_fast.training.double_backward_checks import (
     DoubleBackwardError,
     locate_op,
     missing_derivative_op,
