@@ -85,7 +85,7 @@ if [[ " $STEPS " == *" train "* ]]; then
 fi
 if [[ " $STEPS " == *" overhead "* ]]; then
     echo "== tests/training/test_double_backward.py on the GPU, then benchmarks: train_overhead"
-    HF_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_double_backward.py 2>&1 \
+    HF_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_double_backward.py tests/training/test_double_backward_attention.py 2>&1 \
         | tee "$OUT/tests_double_backward.log"
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
     "$PYTHON" -m benchmarks.compare_train_overhead --device cuda --amp --batch 32 --repeats 5 \
