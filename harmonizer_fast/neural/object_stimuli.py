@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from harmonizer_fast.neural.assemblies import NeuralAssembly
 from harmonizer_fast.neural.features import LayerTaps
-from harmonizer_fast.neural.simulate import _planted_signal, _reliabilities
+from harmonizer_fast.neural.simulate import draw_reliabilities, noisy_trials, planted_signal
 
 __all__ = ["OBJECT_NAMES", "ObjectStimuli", "render_object_stimuli", "simulate_readout_neurons",
            "object_features", "ReadoutNeurons"]
@@ -262,10 +262,9 @@ def simulate_readout_neurons(features: np.ndarray, object_labels: Sequence, n_ne
         raise ValueError("every column of `features` is constant: the neurons would have no signal")
     z = (features[:, keep] - features[:, keep].mean(0)) / std[keep]
     rng = np.random.default_rng(seed)
-    signal = _planted_signal(z, n_neuroids, "softplus", rng)
-    rho = _reliabilities(reliability, n_neuroids, rng)
-    noise_sd = np.sqrt(n_repetitions * (1 - rho) / rho)
-    trials = signal[:, :, None] + noise_sd[None, :, None] * rng.normal(size=signal.shape + (n_repetitions,))
+    signal = planted_signal(z, n_neuroids, "softplus", rng)
+    rho = draw_reliabilities(reliability, n_neuroids, rng)
+    trials = noisy_trials(signal, rho, n_repetitions, rng)
     n = features.shape[0]
     assembly = NeuralAssembly(trials, image_ids=np.array([f"obj{i:05d}" for i in range(n)]),
                               object_labels=labels, neuroid_ids=np.array([f"site{j:03d}" for j in range(n_neuroids)]))

@@ -31,14 +31,21 @@ NONLINEARITIES: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def _reliabilities(reliability: Union[float, Tuple[float, float]], n: int, rng: np.random.Generator) -> np.ndarray:
+def draw_reliabilities(reliability: Union[float, Tuple[float, float]], n: int, rng: np.random.Generator) -> np.ndarray:
     lo, hi = (reliability, reliability) if np.isscalar(reliability) else reliability
     if not 0 < lo <= hi < 1:
         raise ValueError(f"`reliability` must be in (0, 1) (or a (low, high) range inside it), got {reliability}")
     return rng.uniform(lo, hi, size=n)
 
 
-def _planted_signal(features: np.ndarray, n_neurons: int, nonlinearity: str, rng: np.random.Generator) -> np.ndarray:
+def noisy_trials(signal: np.ndarray, rho: np.ndarray, n_repetitions: int, rng: np.random.Generator) -> np.ndarray:
+    """(images, neuroids, repetitions) trials: ``signal`` plus Gaussian noise whose per-neuroid
+    variance ``r (1 - rho) / rho`` makes the mean of ``r`` trials reach reliability ``rho``."""
+    noise_sd = np.sqrt(n_repetitions * (1 - rho) / rho)
+    return signal[:, :, None] + noise_sd[None, :, None] * rng.normal(size=signal.shape + (n_repetitions,))
+
+
+def planted_signal(features: np.ndarray, n_neurons: int, nonlinearity: str, rng: np.random.Generator) -> np.ndarray:
     """f(X W + b) of (samples, d) features, each neuron standardised to zero mean, unit variance."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"`nonlinearity` must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}")
@@ -88,10 +95,9 @@ def simulate_image_level(
     labels = np.arange(n_images) % n_objects
     rng.shuffle(labels)
     features = object_strength * rng.normal(size=(n_objects, n_features))[labels] + rng.normal(size=(n_images, n_features))
-    signal = _planted_signal(features, n_neuroids, nonlinearity, rng)
-    rho = _reliabilities(reliability, n_neuroids, rng)
-    noise_sd = np.sqrt(n_repetitions * (1 - rho) / rho)
-    trials = signal[:, :, None] + noise_sd[None, :, None] * rng.normal(size=(n_images, n_neuroids, n_repetitions))
+    signal = planted_signal(features, n_neuroids, nonlinearity, rng)
+    rho = draw_reliabilities(reliability, n_neuroids, rng)
+    trials = noisy_trials(signal, rho, n_repetitions, rng)
     assembly = NeuralAssembly(
         trials,
         image_ids=np.array([f"img{i:05d}" for i in range(n_images)]),
@@ -143,11 +149,11 @@ def simulate_spatial_dataset(
         raise ValueError(f"`time_window` must satisfy 0 <= a < b <= n_time={n_time}, got {time_window}")
     activity = rng.normal(size=(n_images, activity_size, activity_size, n_channels))
     grid = resizing_activity(activity, grid_size).numpy()
-    signal = _planted_signal(grid.reshape(-1, n_channels), n_neurons, nonlinearity, rng)
+    signal = planted_signal(grid.reshape(-1, n_channels), n_neurons, nonlinearity, rng)
     if channels_per_site < 1:
         raise ValueError(f"`channels_per_site` must be >= 1, got {channels_per_site}")
     signal = np.repeat(signal.reshape(n_images, grid_size, grid_size, n_neurons), channels_per_site, axis=-1)
-    rho = np.repeat(_reliabilities(reliability, n_neurons, rng), channels_per_site)
+    rho = np.repeat(draw_reliabilities(reliability, n_neurons, rng), channels_per_site)
     noise_sd = np.sqrt((b - a) * (1 - rho) / rho)
     noise = noise_sd * rng.normal(size=(n_images, grid_size, grid_size, n_time, signal.shape[-1]))
     recordings = noise
