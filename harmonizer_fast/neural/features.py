@@ -41,6 +41,7 @@ __all__ = [
     "LayerFeatureStore",
     "exact_embedding",
     "layer_pca",
+    "GramPCA",
 ]
 
 LayerSpec = Union[str, int]
@@ -399,16 +400,21 @@ def exact_embedding(features: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
     n, d = x.shape
     if d <= n:
         return x
-    gram = np.empty((n, n))
-    step = max(1, 2**25 // d)  # 256 MiB of float64 rows at a time
-    for start in range(0, n, step):
-        gram[start:start + step] = _rows_times(x[start:start + step].astype(np.float64), x)
-    gram = (gram + gram.T) / 2
-    eigval, eigvec = np.linalg.eigh(gram)
+    eigval, eigvec = np.linalg.eigh(_gram64(x))
     keep = eigval > rtol * max(float(eigval.max()), 0.0)
     if not keep.any():
         return np.zeros((n, 1))
     return eigvec[:, keep] * np.sqrt(eigval[keep])
+
+
+def _gram64(x: np.ndarray) -> np.ndarray:
+    """Symmetric float64 ``x @ x.T`` of float32 rows, in blocks (no float64 copy of ``x``)."""
+    n, d = x.shape
+    gram = np.empty((n, n))
+    step = max(1, 2**25 // d)  # 256 MiB of float64 rows at a time
+    for start in range(0, n, step):
+        gram[start:start + step] = _rows_times(x[start:start + step].astype(np.float64), x)
+    return (gram + gram.T) / 2
 
 
 def _rows_times(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -420,15 +426,52 @@ def _rows_times(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def layer_pca(reference: np.ndarray, n_components: int = 1000, seed: int = 0):
-    """Brain-Score's layer reduction: ``sklearn.decomposition.PCA`` fitted on ``reference``
-    (m images x d features of one layer), keeping ``min(n_components, m, d)`` components.
+class GramPCA:
+    r"""Principal components of ``m`` reference rows from their ``m x m`` Gram matrix.
 
-    Returns the fitted PCA (``.transform(features)`` gives the reduced features), or None when the
-    layer has no more than ``n_components`` features: Brain-Score keeps such layers as they are.
+    With the centred reference :math:`R_c = R - \bar r` and :math:`R_c R_c^\top = U \Lambda U^\top`
+    (float64, eigenvalues in decreasing order), the components are
+    :math:`V^\top = \Lambda^{-1/2} U^\top R_c` (orthonormal rows: the right singular vectors of
+    :math:`R_c`, as ``sklearn.decomposition.PCA`` finds them by SVD) and
+    ``transform(X)`` is :math:`(X - \bar r) V`. Only components with positive variance on the
+    reference are kept (at most ``m - 1``), so ``k = min(n_components, rank)``. Working memory is
+    the centred reference plus the ``k x d`` float32 components, where an SVD needs several copies.
     """
-    from sklearn.decomposition import PCA
 
+    def __init__(self, reference: np.ndarray, n_components: int, rtol: float = 1e-10) -> None:
+        ref = np.asarray(reference, dtype=np.float32)
+        self.mean_ = ref.mean(0, dtype=np.float64)
+        centered = ref - self.mean_.astype(np.float32)
+        eigval, eigvec = np.linalg.eigh(_gram64(centered))
+        eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+        positive = int(np.sum(eigval > rtol * max(float(eigval[0]), 0.0)))
+        k = min(int(n_components), positive)
+        if k < 1:
+            raise ValueError(f"the reference features of shape {ref.shape} have no variance: no principal component")
+        left = (eigvec[:, :k] / np.sqrt(eigval[:k])).T  # (k, m) float64
+        d = centered.shape[1]
+        self.components_ = np.empty((k, d), dtype=np.float32)
+        step = max(1, 2**25 // max(centered.shape[0], 1))
+        for start in range(0, d, step):
+            self.components_[:, start:start + step] = left @ centered[:, start:start + step].astype(np.float64)
+        self.explained_variance_ = eigval[:k] / (centered.shape[0] - 1)
+        self.n_components_ = k
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """``(features - mean) @ components.T`` (float64), without a centred copy of ``features``."""
+        x = np.asarray(features, dtype=np.float32)
+        return (x @ self.components_.T).astype(np.float64) - self.mean_ @ self.components_.T.astype(np.float64)
+
+
+def layer_pca(reference: np.ndarray, n_components: int = 1000) -> Optional[GramPCA]:
+    """Brain-Score's layer reduction: principal components fitted on ``reference`` (m images x d
+    features of one layer), at most ``n_components`` of them (:class:`GramPCA`).
+
+    Returns None when the layer has no more than ``n_components`` features: Brain-Score keeps such
+    layers as they are. Unlike Brain-Score's ``sklearn`` PCA, which with ``m <= n_components``
+    fitting images also returns components of zero variance on them (directions its SVD completes
+    arbitrarily), only components with positive variance are kept.
+    """
     x = np.asarray(reference)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"`reference` must be (m >= 2, d) features, got shape {x.shape}")
@@ -436,4 +479,4 @@ def layer_pca(reference: np.ndarray, n_components: int = 1000, seed: int = 0):
         raise ValueError(f"`n_components` must be a positive int, got {n_components!r}")
     if x.shape[1] <= n_components:
         return None
-    return PCA(n_components=min(n_components, *x.shape), random_state=seed).fit(x)
+    return GramPCA(x, n_components)
