@@ -77,6 +77,8 @@ __all__ = [
     "LAYER_CHOICES",
     "LayerResult",
     "LayerSink",
+    "READOUT_OPTIONS",
+    "configured_readout",
     "load_image_folder",
     "ImageLevelBenchmark",
     "SpatialBenchmark",
@@ -227,6 +229,62 @@ class _MapSink:
 
 #: score_image_level arguments the benchmark sets itself.
 _NOT_SCORING_OPTIONS = {"features", "assembly", "readout", "object_labels", "progress"}
+#: Options each readout takes (``--bench-option BENCH:alphas=(0.1,1,10)``), with their defaults'
+#: source: :class:`~harmonizer_fast.neural.pls.PLSRegression` (25 components, ``scale=False``),
+#: :class:`~harmonizer_fast.neural.ridge.RidgeCV` / :func:`~harmonizer_fast.neural.features.gram_ridge_predict`.
+READOUT_OPTIONS = {"pls": ("pls_components", "tol", "max_iter"), "ridge": ("alphas",), "gram_ridge": ("alphas",)}
+
+
+def configured_readout(readout: str, options: Mapping[str, object]) -> str:
+    """Name of ``readout`` with ``options`` in :data:`~harmonizer_fast.neural.image_level.READOUTS`
+    (registered on first use; without options the readout's own name)."""
+    from harmonizer_fast.neural.image_level import READOUTS, register_readout
+
+    if not options:
+        return readout
+    allowed = READOUT_OPTIONS.get(readout, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"readout {readout!r} takes options {list(allowed)}, got {unknown}")
+    if "alphas" in options:
+        alphas = options["alphas"]
+        values = list(alphas) if isinstance(alphas, (list, tuple)) else [alphas]
+        if not values or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0
+                                 for a in values):
+            raise ValueError(f"`alphas` must be positive finite numbers, got {alphas!r}")
+        options = {**options, "alphas": tuple(float(a) for a in values)}
+    for key in ("pls_components", "max_iter"):
+        if key in options:
+            _check_positive_int(options[key], key)
+    if "tol" in options and not (isinstance(options["tol"], (int, float)) and options["tol"] > 0):
+        raise ValueError(f"`tol` must be a positive number, got {options['tol']!r}")
+    name = f"{readout}({', '.join(f'{k}={v!r}' for k, v in sorted(options.items()))})"
+    if name not in READOUTS:
+        register_readout(name, _make_readout(readout, dict(options)))
+    return name
+
+
+def _make_readout(readout: str, options: Dict[str, object]):
+    if readout == "pls":
+        from harmonizer_fast.neural.pls import PLSRegression
+
+        components = int(options.pop("pls_components", 25))
+
+        def fit_predict(features, targets, train, test):
+            n_components = min(components, features.shape[1], len(train) - 1)
+            pls = PLSRegression(n_components, scale=False, **options).fit(features[train], targets[train])
+            return np.asarray(pls.predict(features[test]))
+    elif readout == "ridge":
+        from harmonizer_fast.neural.ridge import RidgeCV
+
+        def fit_predict(features, targets, train, test):
+            return np.asarray(RidgeCV(**options).fit(features[train], targets[train]).predict(features[test]))
+    else:
+        from harmonizer_fast.neural.features import gram_ridge_predict
+
+        def fit_predict(gram, targets, train, test):
+            return gram_ridge_predict(gram, targets, train, test, **options)
+    return fit_predict
 
 
 class ImageLevelBenchmark:
@@ -243,7 +301,9 @@ class ImageLevelBenchmark:
         ``min(n_components, n)`` of the benchmark's own stimuli (no neural data involved)
     n_components : principal components per layer for the PCA choice (Brain-Score: 1,000);
         a layer with no more features than that is used as it is, as Brain-Score does
-    readout : name in :data:`harmonizer_fast.neural.image_level.READOUTS` (``'pls'`` by default)
+    readout : name in :data:`harmonizer_fast.neural.image_level.READOUTS` (``'pls'`` by default);
+        its options (:data:`READOUT_OPTIONS`: ``pls_components``, ``tol``, ``max_iter`` for PLS,
+        ``alphas`` for the ridges) are taken from ``**scoring``
     selection_splits : cross-validation splits of the selection half (``'disjoint'`` only)
     memory_budget_gib : stored full features kept in memory up to this size, spooled to files
         under ``spool_dir`` beyond it (:class:`~harmonizer_fast.neural.features.LayerFeatureStore`)
@@ -259,16 +319,18 @@ class ImageLevelBenchmark:
                  seed: int = 0, **scoring) -> None:
         from harmonizer_fast.neural.image_level import READOUTS, score_image_level, stratified_splits
 
+        if readout not in READOUTS:
+            raise ValueError(f"`readout` must be one of {sorted(READOUTS)}, got {readout!r}")
+        readout_options = {k: scoring.pop(k) for k in list(scoring) if k in READOUT_OPTIONS.get(readout, ())}
+        readout = configured_readout(readout, readout_options)
         accepted = set(inspect.signature(score_image_level).parameters) - _NOT_SCORING_OPTIONS
         unknown = sorted(set(scoring) - accepted)
         if unknown:
             raise ValueError(f"unknown image-level options {unknown}; score_image_level takes {sorted(accepted)}, "
                              f"the benchmark also layer_choice, pca_images, n_components, readout, selection_splits, "
-                             f"memory_budget_gib, spool_dir, seed")
+                             f"memory_budget_gib, spool_dir, seed, and the readout's options {READOUT_OPTIONS}")
         if layer_choice not in LAYER_CHOICES:
             raise ValueError(f"`layer_choice` must be one of {sorted(LAYER_CHOICES)}, got {layer_choice!r}")
-        if readout not in READOUTS:
-            raise ValueError(f"`readout` must be one of {sorted(READOUTS)}, got {readout!r}")
         _check_positive_int(n_components, "n_components")
         _check_positive_int(selection_splits, "selection_splits")
         if not (isinstance(memory_budget_gib, (int, float)) and not isinstance(memory_budget_gib, bool)
@@ -322,7 +384,7 @@ class ImageLevelBenchmark:
 
         index, assembly = self._halves[half]
         rows = features if half == "all" else features[index]
-        if self.readout == "gram_ridge":
+        if self.readout.startswith("gram_ridge"):
             rows = rows @ rows.T
         options = dict(self.scoring)
         if n_splits is not None:

@@ -4,6 +4,7 @@ import importlib
 import math
 import os
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -175,3 +176,35 @@ def test_sweep_of_pretrained_lite_models_and_a_local_timm_file(tmp_path):
         expected = score_image_level(captured[0].reshape(24, -1).numpy(), bench.assembly, readout="pls", n_splits=3)
         assert row.score == pytest.approx(expected.score, rel=1e-5, abs=1e-6), label
     assert read_table(str(tmp_path / "lite" / "results.csv"))[0].model == "efficientnet_lite0"
+
+
+def test_readout_options_reach_the_readout(tmp_path):
+    """--bench-option image-level-sim:alphas=(...) configures the ridge readout (issue 13)."""
+    from harmonizer_fast.neural import image_level
+    from harmonizer_fast.neural.image_level import score_image_level
+    from harmonizer_fast.neural.ridge import RidgeCV
+    from harmonizer_fast.zoo.benchmarks import get_benchmark
+    from harmonizer_fast.zoo.sweep_cli import parse_bench_options
+
+    options = parse_bench_options([f"image-level-sim:{k}={v}" for k, v in TINY_IMAGE_LEVEL.items()]
+                                  + ["image-level-sim:readout='ridge'", "image-level-sim:alphas=(1e-3, 1e5)"])
+    bench = get_benchmark("image-level-sim", seed=0, **options["image-level-sim"])
+    assert bench.readout == "ridge(alphas=(0.001, 100000.0))"
+    features = torch.randn(96, 30, generator=torch.Generator().manual_seed(0)).numpy()
+    got = score_image_level(features, bench.assembly, readout=bench.readout, n_splits=3)
+
+    def by_hand(f, t, train, test):
+        return np.asarray(RidgeCV(alphas=(1e-3, 1e5)).fit(f[train], t[train]).predict(f[test]))
+
+    image_level.register_readout("test-ridge", by_hand)
+    try:
+        expected = score_image_level(features, bench.assembly, readout="test-ridge", n_splits=3)
+    finally:
+        del image_level.READOUTS["test-ridge"]
+    assert got.score == pytest.approx(expected.score, rel=1e-12)
+    rows = _sweep(tmp_path / "out", benchmark_options=options, layers=["layer4"])
+    assert len(rows) == 1 and math.isfinite(rows[0].score)
+    with pytest.raises(ValueError, match="`alphas` must be positive"):
+        get_benchmark("image-level-sim", seed=0, **{**options["image-level-sim"], "alphas": (0.0, 1.0)})
+    with pytest.raises(ValueError, match=r"readout 'pls' takes options|unknown image-level options \['alphas'\]"):
+        get_benchmark("image-level-sim", seed=0, **{**TINY_IMAGE_LEVEL, "alphas": (1.0,)})
