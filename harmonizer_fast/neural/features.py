@@ -286,7 +286,7 @@ class LayerFeatureStore:
         self.n_images, self.memory_budget, self.spool_dir = int(n_images), float(memory_budget), spool_dir
         self.widths: Dict[str, int] = {}
         self.filled = 0
-        self._chunks: Dict[str, List[np.ndarray]] = {}
+        self._arrays: Dict[str, np.ndarray] = {}
         self._files: Dict[str, object] = {}
         self._paths: Dict[str, str] = {}
         self._folder: Optional[str] = None
@@ -303,7 +303,8 @@ class LayerFeatureStore:
         self.widths = widths
         total = 4.0 * self.n_images * sum(widths.values())
         if total <= self.memory_budget:
-            self._chunks = {name: [] for name in self.layers}
+            # Filled in place: reading a layer back costs no concatenated copy.
+            self._arrays = {name: np.empty((self.n_images, widths[name]), dtype=np.float32) for name in self.layers}
             return
         parent = self.spool_dir or tempfile.gettempdir()
         free = shutil.disk_usage(parent).free
@@ -343,7 +344,7 @@ class LayerFeatureStore:
             if self.spooled:
                 self._files[name].write(f.numpy().tobytes())
             else:
-                self._chunks[name].append(f.numpy().copy())
+                self._arrays[name][self.filled:self.filled + batch] = f.numpy()
         self.filled += batch
 
     def features(self, layer: str) -> np.ndarray:
@@ -353,7 +354,7 @@ class LayerFeatureStore:
         if layer not in self.widths:
             raise KeyError(f"no stored features for layer {layer!r}; stored: {list(self.widths)}")
         if not self.spooled:
-            return np.concatenate(self._chunks[layer]) if len(self._chunks[layer]) > 1 else self._chunks[layer][0]
+            return self._arrays[layer]
         handle = self._files[layer]
         if not handle.closed:
             handle.close()
@@ -365,7 +366,7 @@ class LayerFeatureStore:
             self._files[layer].close()
             if os.path.exists(self._paths[layer]):
                 os.remove(self._paths[layer])
-        self._chunks.pop(layer, None)
+        self._arrays.pop(layer, None)
 
     def close(self) -> None:
         import shutil
@@ -374,7 +375,7 @@ class LayerFeatureStore:
             handle.close()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
-        self._chunks.clear()
+        self._arrays.clear()
 
     def __enter__(self) -> "LayerFeatureStore":
         return self
