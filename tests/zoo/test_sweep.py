@@ -165,7 +165,7 @@ def test_sweep_writes_table_report_and_accuracy(tmp_path):
     acc = tmp_path / "acc.csv"
     acc.write_text("model,top1\nresnet10t,68.3\n")
     rows = sweep(["resnet10t", "harmonized_mnv3=mobilenetv3_small_050"], ["image-level-sim"], str(tmp_path / "out"),
-                 benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, accuracy_csv=str(acc), batch_size=48,
+                 benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, accuracy_csv=str(acc), batch_size=48, image_size=32,
                  progress=False)
     assert rows_equal(read_table(str(tmp_path / "out" / "results.csv")), rows)
     assert {r.model for r in rows} == {"resnet10t", "harmonized_mnv3"}
@@ -210,7 +210,7 @@ def _cli(out, *extra):
     options = [f"image-level-sim:{k}={v}" for k, v in TINY_IMAGE_LEVEL.items()]
     return [sys.executable, "-m", "harmonizer_fast.cli", "sweep", "--models", *TINY_MODELS, "resnet10t_b=resnet10t",
             "--benchmark", "image-level-sim", "--out", str(out), "--bench-option", *options,
-            "--batch-size", "48", "--no-progress", "--no-report", *extra]
+            "--batch-size", "48", "--image-size", "32", "--no-progress", "--no-report", *extra]
 
 
 def _env():
@@ -258,9 +258,9 @@ def test_ray_local_cluster_gathers_the_same_table(tmp_path):
     pytest.importorskip("ray")
     options = {"image-level-sim": TINY_IMAGE_LEVEL}
     models = TINY_MODELS[:2]
-    local = sweep(models, ["image-level-sim"], str(tmp_path / "local"), benchmark_options=options,
+    local = sweep(models, ["image-level-sim"], str(tmp_path / "local"), benchmark_options=options, image_size=32,
                   batch_size=48, progress=False, report=False)
-    distributed = sweep(models, ["image-level-sim"], str(tmp_path / "ray"), benchmark_options=options,
+    distributed = sweep(models, ["image-level-sim"], str(tmp_path / "ray"), benchmark_options=options, image_size=32,
                         batch_size=48, ray_address="local", ray_num_cpus=2, progress=False, report=False)
     assert rows_equal(distributed, local, ignore=TIMING_COLUMNS)
     assert rows_equal(read_table(str(tmp_path / "ray" / "results.csv")), distributed)

