@@ -119,6 +119,8 @@ def create_model(
     """
     import timm
 
+    # Imported here like timm (which it imports at its top): `import harmonizer_fast.models`
+    # stays free of timm's import cost until a model is built.
     from harmonizer_fast.models.pretrained import create_pretrained
 
     arch = resolve_name(name)

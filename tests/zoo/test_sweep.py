@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 
-from harmonizer_fast.neural.features import LayerFeatureAccumulator
 from harmonizer_fast.neural.image_level import score_image_level
 from harmonizer_fast.neural.neural_benchmark import score_model
 from harmonizer_fast.zoo.benchmarks import get_benchmark, render_stimuli

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from harmonizer_fast.zoo.results import TIMING_COLUMNS, read_table, rows_equal
+from harmonizer_fast.zoo.results import read_table
 from harmonizer_fast.zoo.sweep import sweep
 
 from zoo_settings import TINY_IMAGE_LEVEL
