@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from harmonizer_fast._memory import release_freed_memory
 from harmonizer_fast.models import create_model, load_efficientnet_lite, load_weights, resolve_name
+from harmonizer_fast.models.efficientnet_lite import weights_path
 from harmonizer_fast.models.pretrained import check_pretrained_available, pretrained_tag_name, stimulus_transform
 from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.zoo.benchmarks import BENCHMARKS, get_benchmark
@@ -165,6 +166,12 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
         except (TypeError, ValueError) as err:
             problems.append(f"{spec.label}: {err}")
             continue
+        packaged = spec.weights == PACKAGED_WEIGHTS or (spec.pretrained and not spec.weights)
+        if packaged and arch in _LITE_VARIANTS:
+            try:
+                weights_path(_LITE_VARIANTS[arch])
+            except ImportError as err:
+                problems.append(f"{spec.label}: {err}")
         if spec.weights == PACKAGED_WEIGHTS:
             if arch not in _LITE_VARIANTS:
                 problems.append(f"{spec.label}: weights {PACKAGED_WEIGHTS!r} exist only for {sorted(_LITE_VARIANTS)}, "

