@@ -5,8 +5,9 @@ benchmark (3,200 images, 168 sites; ``quick``: 800):
 
 * **extraction, one pass per layer** (baseline) vs **one pass for all layers** (the sweep's
   streaming pass), both over the same first 320 images, same accumulators;
-* **whole sweep unit**: extraction of all images plus every layer's readouts (PLS-25 on 256
-  projected features; 10 report splits + 3 selection splits), with the throughput in
+* **whole sweep unit**: extraction of all images (at the stored 64 px) plus every layer's
+  readouts (PLS-25 on the full features, through their exact n x n embedding when wider; the
+  default PCA-1000 layer choice), with the throughput in
   model-layers scored per minute, the readouts' time relative to extraction, and the peak RSS.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def compare(quick: bool = False) -> Tuple[str, List[Comparison]]:
     comparisons = []
     for name in MODELS:
         unit = SweepUnit(model=ModelSpec(name, name), benchmark="image-level-sim",
-                         benchmark_options=tuple(sorted(options.items())), batch_size=BATCH)
+                         benchmark_options=tuple(sorted(options.items())), batch_size=BATCH, image_size=64)
         model = build_model(unit.model, unit.model_seed())
         normalize = model_preprocess(model)
         layers = LayerExtractor(model).layers

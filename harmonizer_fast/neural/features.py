@@ -21,6 +21,7 @@ With ``projection_dim=None`` features are kept exactly (memory ``n x d`` per lay
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -37,6 +38,10 @@ __all__ = [
     "gram_ridge_predict",
     "gram_embedding",
     "PROJECTIONS",
+    "LayerFeatureStore",
+    "exact_embedding",
+    "layer_pca",
+    "GramPCA",
 ]
 
 LayerSpec = Union[str, int]
@@ -257,3 +262,222 @@ def gram_ridge_predict(
     phi_train, phi_test = gram_embedding(gram, np.asarray(train), np.asarray(test))
     ridge = RidgeCV(alphas=alphas).fit(phi_train, targets[train])
     return np.asarray(ridge.predict(phi_test))
+
+
+class LayerFeatureStore:
+    """Full (unprojected) flattened features of several layers for ``n_images`` images.
+
+    Batches arrive in image order (:meth:`update`, all layers at once, as one forward pass gives
+    them). When every layer's ``n_images x d`` float32 features fit in ``memory_budget`` bytes
+    they stay in memory; otherwise each layer is written, batch by batch, to its own ``.npy`` file
+    in a private folder under ``spool_dir`` (plain writes: the page cache holds them, not the
+    process), and :meth:`features` reads one layer back at a time. So peak memory is one layer's
+    features, whatever the number of layers. Use as a context manager (or call :meth:`close`) to
+    delete the spool files.
+    """
+
+    def __init__(self, layers: Sequence[str], n_images: int, memory_budget: float = 2 * 2**30,
+                 spool_dir: Optional[str] = None) -> None:
+        if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
+            raise ValueError(f"`n_images` must be a positive int, got {n_images!r}")
+        if not memory_budget >= 0:
+            raise ValueError(f"`memory_budget` must be >= 0 bytes, got {memory_budget!r}")
+        self.layers = [str(name) for name in layers]
+        self.n_images, self.memory_budget, self.spool_dir = int(n_images), float(memory_budget), spool_dir
+        self.widths: Dict[str, int] = {}
+        self.filled = 0
+        self._arrays: Dict[str, np.ndarray] = {}
+        self._files: Dict[str, object] = {}
+        self._paths: Dict[str, str] = {}
+        self._folder: Optional[str] = None
+
+    @property
+    def spooled(self) -> bool:
+        """True when the features live in files (they did not fit in ``memory_budget``)."""
+        return self._folder is not None
+
+    def _start(self, widths: Dict[str, int]) -> None:
+        import shutil
+        import tempfile
+
+        self.widths = widths
+        total = 4.0 * self.n_images * sum(widths.values())
+        if total <= self.memory_budget:
+            # Filled in place: reading a layer back costs no concatenated copy.
+            self._arrays = {name: np.empty((self.n_images, widths[name]), dtype=np.float32) for name in self.layers}
+            return
+        parent = self.spool_dir or tempfile.gettempdir()
+        free = shutil.disk_usage(parent).free
+        if free < total:
+            raise OSError(
+                f"layer features need {total / 2**30:.1f} GiB of spool space in {parent}, only "
+                f"{free / 2**30:.1f} GiB free: pass another `spool_dir`, fewer `layers` or a larger `memory_budget`"
+            )
+        self._folder = tempfile.mkdtemp(prefix="layer-features-", dir=parent)
+        for index, name in enumerate(self.layers):
+            path = os.path.join(self._folder, f"{index}.npy")
+            handle = open(path, "wb")
+            np.lib.format.write_array_header_1_0(
+                handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                         "shape": (self.n_images, widths[name])})
+            self._files[name], self._paths[name] = handle, path
+
+    def update(self, outputs: Dict[str, torch.Tensor]) -> None:
+        """Append one batch: ``outputs[layer]`` is (b, ...) for every layer, same b."""
+        missing = [name for name in self.layers if name not in outputs]
+        if missing:
+            raise ValueError(f"batch lacks layers {missing}")
+        flat = {name: outputs[name].detach().reshape(outputs[name].shape[0], -1).to("cpu", torch.float32)
+                for name in self.layers}
+        sizes = {f.shape[0] for f in flat.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"layers gave different batch sizes {sorted(sizes)}")
+        batch = sizes.pop()
+        if self.filled + batch > self.n_images:
+            raise ValueError(f"more images than announced: {self.filled + batch} > n_images={self.n_images}")
+        if not self.widths:
+            self._start({name: int(f.shape[1]) for name, f in flat.items()})
+        for name, f in flat.items():
+            if f.shape[1] != self.widths[name]:
+                raise ValueError(f"layer {name!r} output changed size: {f.shape[1]} features, first batch had "
+                                 f"{self.widths[name]}")
+            if self.spooled:
+                self._files[name].write(f.numpy().tobytes())
+            else:
+                self._arrays[name][self.filled:self.filled + batch] = f.numpy()
+        self.filled += batch
+
+    def features(self, layer: str) -> np.ndarray:
+        """(n_images, d) float32 features of ``layer`` (read from its file when spooled)."""
+        if self.filled != self.n_images:
+            raise ValueError(f"only {self.filled} of n_images={self.n_images} images were stored")
+        if layer not in self.widths:
+            raise KeyError(f"no stored features for layer {layer!r}; stored: {list(self.widths)}")
+        if not self.spooled:
+            return self._arrays[layer]
+        handle = self._files[layer]
+        if not handle.closed:
+            handle.close()
+        return np.load(self._paths[layer])
+
+    def discard(self, layer: str) -> None:
+        """Free (or delete the file of) one layer's features."""
+        if self.spooled and layer in self._paths:
+            self._files[layer].close()
+            if os.path.exists(self._paths[layer]):
+                os.remove(self._paths[layer])
+        self._arrays.pop(layer, None)
+
+    def close(self) -> None:
+        import shutil
+
+        for handle in self._files.values():
+            handle.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._arrays.clear()
+
+    def __enter__(self) -> "LayerFeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def exact_embedding(features: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
+    r"""Coordinates of the ``n`` rows of wide ``features`` (n x d, d > n) in an n-dimensional basis.
+
+    With the Gram matrix :math:`G = X X^\top = Q \Lambda Q^\top` (float64, eigenvalues above
+    ``rtol`` times the largest), :math:`\Phi = Q \Lambda^{1/2}` equals :math:`X V` for an
+    orthonormal basis :math:`V` of the row space of :math:`X` (:math:`\Phi\Phi^\top = G`). A readout
+    that is equivariant under orthogonal maps of the features, as PLS without scaling and ridge
+    (with intercept) are, therefore predicts exactly the same from :math:`\Phi` as from
+    :math:`X`, for any train/test split of these rows, at ``n x n`` instead of ``n x d`` values.
+    Narrow features (d <= n) are returned unchanged.
+    """
+    x = np.asarray(features)
+    if x.ndim != 2:
+        raise ValueError(f"`features` must be (n, d), got shape {x.shape}")
+    n, d = x.shape
+    if d <= n:
+        return x
+    eigval, eigvec = np.linalg.eigh(_gram64(x))
+    keep = eigval > rtol * max(float(eigval.max()), 0.0)
+    if not keep.any():
+        return np.zeros((n, 1))
+    return eigvec[:, keep] * np.sqrt(eigval[keep])
+
+
+def _gram64(x: np.ndarray) -> np.ndarray:
+    """Symmetric float64 ``x @ x.T`` of float32 rows, in blocks (no float64 copy of ``x``)."""
+    n, d = x.shape
+    gram = np.empty((n, n))
+    step = max(1, 2**25 // d)  # 256 MiB of float64 rows at a time
+    for start in range(0, n, step):
+        gram[start:start + step] = _rows_times(x[start:start + step].astype(np.float64), x)
+    return (gram + gram.T) / 2
+
+
+def _rows_times(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    # rows (b, d) float64 times x.T (d, n) without a float64 copy of all of x.
+    out = np.zeros((rows.shape[0], x.shape[0]))
+    step = max(1, 2**25 // rows.shape[1])
+    for start in range(0, x.shape[0], step):
+        out[:, start:start + step] = rows @ x[start:start + step].astype(np.float64).T
+    return out
+
+
+class GramPCA:
+    r"""Principal components of ``m`` reference rows from their ``m x m`` Gram matrix.
+
+    With the centred reference :math:`R_c = R - \bar r` and :math:`R_c R_c^\top = U \Lambda U^\top`
+    (float64, eigenvalues in decreasing order), the components are
+    :math:`V^\top = \Lambda^{-1/2} U^\top R_c` (orthonormal rows: the right singular vectors of
+    :math:`R_c`, as ``sklearn.decomposition.PCA`` finds them by SVD) and
+    ``transform(X)`` is :math:`(X - \bar r) V`. Only components with positive variance on the
+    reference are kept (at most ``m - 1``), so ``k = min(n_components, rank)``. Working memory is
+    the centred reference plus the ``k x d`` float32 components, where an SVD needs several copies.
+    """
+
+    def __init__(self, reference: np.ndarray, n_components: int, rtol: float = 1e-10) -> None:
+        ref = np.asarray(reference, dtype=np.float32)
+        self.mean_ = ref.mean(0, dtype=np.float64)
+        centered = ref - self.mean_.astype(np.float32)
+        eigval, eigvec = np.linalg.eigh(_gram64(centered))
+        eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+        positive = int(np.sum(eigval > rtol * max(float(eigval[0]), 0.0)))
+        k = min(int(n_components), positive)
+        if k < 1:
+            raise ValueError(f"the reference features of shape {ref.shape} have no variance: no principal component")
+        left = (eigvec[:, :k] / np.sqrt(eigval[:k])).T  # (k, m) float64
+        d = centered.shape[1]
+        self.components_ = np.empty((k, d), dtype=np.float32)
+        step = max(1, 2**25 // max(centered.shape[0], 1))
+        for start in range(0, d, step):
+            self.components_[:, start:start + step] = left @ centered[:, start:start + step].astype(np.float64)
+        self.explained_variance_ = eigval[:k] / (centered.shape[0] - 1)
+        self.n_components_ = k
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """``(features - mean) @ components.T`` (float64), without a centred copy of ``features``."""
+        x = np.asarray(features, dtype=np.float32)
+        return (x @ self.components_.T).astype(np.float64) - self.mean_ @ self.components_.T.astype(np.float64)
+
+
+def layer_pca(reference: np.ndarray, n_components: int = 1000) -> Optional[GramPCA]:
+    """Brain-Score's layer reduction: principal components fitted on ``reference`` (m images x d
+    features of one layer), at most ``n_components`` of them (:class:`GramPCA`).
+
+    Returns None when the layer has no more than ``n_components`` features: Brain-Score keeps such
+    layers as they are. Unlike Brain-Score's ``sklearn`` PCA, which with ``m <= n_components``
+    fitting images also returns components of zero variance on them (directions its SVD completes
+    arbitrarily), only components with positive variance are kept.
+    """
+    x = np.asarray(reference)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"`reference` must be (m >= 2, d) features, got shape {x.shape}")
+    if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) or n_components < 1:
+        raise ValueError(f"`n_components` must be a positive int, got {n_components!r}")
+    if x.shape[1] <= n_components:
+        return None
+    return GramPCA(x, n_components)

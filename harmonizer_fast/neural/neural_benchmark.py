@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from harmonizer_fast._validation import ArrayLike, check_rank, shape_of
 from harmonizer_fast.neural.features import LayerSpec, LayerTaps
+from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.neural.metrics import as_tensor, brain_score, ceiling_score, spearmanr_sim
 
 __all__ = [
@@ -287,7 +288,11 @@ def neural_benchmark_score(
     and window. ``layers``: module names and/or timm ``forward_intermediates`` indices (default:
     every timm feature stage/block, else the model's direct children). ``grid_size=None`` uses the
     recordings' grid (George 17, Red 9). A layer that cannot be scored is recorded in
-    ``failed_layers`` with its error rather than silently dropped.
+    ``failed_layers`` with its error rather than silently dropped. The layers are scored by
+    :func:`harmonizer_fast.neural.layer_scores.score_every_layer`, the loop the model-zoo sweeps
+    use; the best layer is chosen on the reported score itself, as the reference (and the 2023
+    paper) did, so it carries a selection bias: the sweep's ``spatial`` benchmark chooses on
+    half of the recording sites and reports the other half instead.
 
     Reference bugs fixed: it always computed the ceiling on George's central IT whatever
     ``stimuli`` said and passed an argument ``ceiling_score`` does not take; its ``scores`` list was
@@ -304,22 +309,20 @@ def neural_benchmark_score(
     )
     layers = _default_layers(model) if layers is None else list(layers)
     activations = extract_activations(model, x_pre, layers, batch_size=batch_size, device=device, progress=progress)
-    result = NeuralBenchmarkResult(float("nan"), float("nan"), "", ceiling, {})
-    for key, act in tqdm(activations.items(), desc="layers", disable=not progress):
-        try:
-            (score, std), (sim4, _) = score_model(
-                act, y, grid_size=g, correlation_fn=correlation_fn, reducer=reducer,
-                reference_bug_compat=reference_bug_compat,
-            )
-        except ValueError as err:
-            result.failed_layers[key] = str(err)
-            continue
+
+    def score_layer(key: str) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+        return score_model(activations.pop(key), y, grid_size=g, correlation_fn=correlation_fn, reducer=reducer,
+                           reference_bug_compat=reference_bug_compat)
+
+    # The paper's rule (the reference's): the best layer by the very score that is reported.
+    scores = score_every_layer(list(activations), score_layer, selection=lambda r: r[0][0], progress=progress)
+    if not scores.results:
+        raise RuntimeError(f"no layer could be scored: {scores.failed}")
+    result = NeuralBenchmarkResult(float("nan"), float("nan"), scores.best, ceiling, {}, failed_layers=scores.failed)
+    for key, ((score, std), (sim4, _)) in scores.results.items():
         result.layer_scores[key] = score
         result.layer_score_std[key] = std
         result.layer_map_similarity[key] = sim4
-    if not result.layer_scores:
-        raise RuntimeError(f"no layer could be scored: {result.failed_layers}")
-    result.best_layer = max(result.layer_scores, key=result.layer_scores.get)
     result.score = result.layer_scores[result.best_layer]
     result.ceiled_score = result.score / ceiling
     return result

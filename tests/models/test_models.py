@@ -19,11 +19,18 @@ def test_registry_names_are_timm_architectures():
         resolve_name("not_a_model")
 
 
-def test_loader_builds_the_architecture_without_downloading():
-    model = models.load_ResNet50(num_classes=7)  # the reference's ResNet50 is Keras ResNet50V2
-    assert type(model).__name__ == "KerasResNetV2" and model.head.fc.out_features == 7
-    with pytest.raises(ValueError, match="pretrained=True"):
-        create_model("resnet18", pretrained=True)
+def test_loader_builds_the_architecture_without_downloading(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from harmonizer_fast.models.pretrained import WeightsNotAvailableError
+
+    model = models.load_ResNet50(num_classes=7)
+    assert type(model).__name__ == "KerasResNetV2" and model.head.fc.out_features == 7  # Keras ResNet50V2
+    # pretrained=True now takes timm's published weights (tests/models/test_pretrained.py); offline
+    # with an empty cache it says how to get them instead of downloading.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsNotAvailableError, match="resnet18"):
+        create_model("resnet18", pretrained=True, cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".ckpt"])

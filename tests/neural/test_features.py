@@ -85,3 +85,41 @@ def test_gram_readout_scores_like_feature_ridge():
     by_gram = score_image_level(gram, sim.assembly, readout="gram_ridge", n_splits=3)
     by_features = score_image_level(sim.features, sim.assembly, readout="ridge", n_splits=3)
     np.testing.assert_allclose(by_gram.split_scores, by_features.split_scores, rtol=1e-6)
+
+
+def test_layer_feature_store_in_memory_and_spooled_agree(tmp_path):
+    from harmonizer_fast.neural.features import LayerFeatureStore
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(10, 2, 3)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
+    stores = [LayerFeatureStore(["a", "b"], 10), LayerFeatureStore(["a", "b"], 10, memory_budget=0, spool_dir=str(tmp_path))]
+    for store in stores:
+        for start in (0, 4, 8):
+            store.update({"a": torch.from_numpy(a[start:start + 4]), "b": torch.from_numpy(b[start:start + 4])})
+    assert not stores[0].spooled and stores[1].spooled and len(list(tmp_path.iterdir())) == 1
+    for store in stores:
+        np.testing.assert_array_equal(store.features("a"), a.reshape(10, -1))
+        np.testing.assert_array_equal(store.features("b"), b)
+        store.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="more images than announced"):
+        LayerFeatureStore(["a"], 2).update({"a": torch.zeros(3, 1)})
+    with pytest.raises(ValueError, match="n_images"):
+        LayerFeatureStore(["a"], 0)
+
+
+def test_exact_embedding_gives_the_same_pls_and_ridge_predictions():
+    from harmonizer_fast.neural.features import exact_embedding
+    from harmonizer_fast.neural.pls import PLSRegression
+    from harmonizer_fast.neural.ridge import RidgeCV
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 500)).astype(np.float32)
+    y = x[:, :3].astype(np.float64) @ rng.normal(size=(3, 5)) + rng.normal(size=(40, 5))
+    phi = exact_embedding(x)
+    assert phi.shape == (40, 40)
+    train, test = np.arange(30), np.arange(30, 40)
+    for make in (lambda: PLSRegression(5, scale=False), lambda: RidgeCV(alphas=(0.1, 10.0))):
+        full = np.asarray(make().fit(x[train].astype(np.float64), y[train]).predict(x[test].astype(np.float64)))
+        small = np.asarray(make().fit(phi[train], y[train]).predict(phi[test]))
+        np.testing.assert_allclose(small, full, rtol=1e-6, atol=1e-8)

@@ -22,7 +22,7 @@ from harmonizer_fast.zoo.results import (
 def _row(model="m", layer="l0", index=0, score=0.123456789012345, selected=False, top1=float("nan")):
     return SweepRow(model=model, benchmark="b", layer=layer, layer_index=index, score=score,
                     score_error=1e-17, ceiling=0.7, ceiled_score=score / 0.7, selection_score=-0.25,
-                    selected=selected, n_features=64, imagenet_top1=top1, harmonized=False,
+                    selected=selected, choice_rule="pca1000-own-stimuli", n_features=64, imagenet_top1=top1, harmonized=False,
                     extraction_s=1.5, readout_s=0.25, layer_method="hooks")
 
 
@@ -95,3 +95,31 @@ def test_accuracy_csv(tmp_path):
     bad.write_text("name,acc\nx,1\n")
     with pytest.raises(ValueError, match="model, top1"):
         load_accuracy_csv(str(bad))
+
+
+@pytest.mark.parametrize("label", ["=SUM(1;2)", "+1", "-2", "@cmd", "\tx", "\rx", "'=quoted", "'plain", "ok"])
+def test_formula_prefixes_are_neutralised_and_round_trip(tmp_path, label):
+    path = tmp_path / "t.csv"
+    write_table([_row(model=label, layer=label)], str(path))
+    with open(path, newline="") as handle:
+        records = list(csv.reader(handle))
+    cell = records[1][COLUMNS.index("model")]
+    assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell  # inert in a spreadsheet
+    assert cell == (label if label == "ok" else "'" + label)
+    back = read_table(str(path))[0]
+    assert back.model == label and back.layer == label
+
+
+def test_timm_results_imagenet_csv(tmp_path):
+    """timm's own results-imagenet.csv (its columns, pretrained tags, best tag first)."""
+    path = tmp_path / "results-imagenet.csv"
+    path.write_text(
+        "model,img_size,top1,top1_err,top5,top5_err,param_count,crop_pct,interpolation\n"
+        "resnet50.fb_swsl_ig1b_ft_in1k,224,81.180,18.820,95.986,4.014,25.56,0.875,bilinear\n"
+        "resnet50.a1_in1k,288,81.214,18.786,95.104,4.896,25.56,1.000,bicubic\n"
+        "efficientnet_lite0.ra_in1k,224,75.484,24.516,92.512,7.488,4.65,0.875,bicubic\n")
+    table = load_accuracy_csv(str(path))
+    assert lookup_accuracy("resnet50.a1_in1k", table) == 81.214
+    assert lookup_accuracy("mine", table, aliases=["resnet50.a1_in1k"]) == 81.214
+    assert lookup_accuracy("resnet50", table, aliases=["resnet50.a1_in1k"]) == 81.214  # the default tag first
+    assert lookup_accuracy("efficientnet_lite0", table) == 75.484

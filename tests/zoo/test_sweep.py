@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 
-from harmonizer_fast.neural.features import LayerFeatureAccumulator
 from harmonizer_fast.neural.image_level import score_image_level
 from harmonizer_fast.neural.neural_benchmark import score_model
 from harmonizer_fast.zoo.benchmarks import get_benchmark, render_stimuli
@@ -26,7 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _unit(benchmark, options, model="resnet10t", **kw):
-    return SweepUnit(model=ModelSpec(model, model), benchmark=benchmark,
+    # Models see the simulated stimuli at their stored size (fast), not their 224-pixel input size.
+    image_size = kw.pop("image_size", options.get("image_size"))
+    return SweepUnit(model=ModelSpec(model, model), benchmark=benchmark, image_size=image_size,
                      benchmark_options=tuple(sorted({"seed": 0, **options}.items())), batch_size=40, **kw)
 
 
@@ -41,31 +42,93 @@ def _manual_features(model_name, seed, images):
         return model.forward_intermediates((images.float() / 255 - mean) / std, intermediates_only=True)
 
 
-def test_image_level_rows_match_a_hand_computation():
+def _flat(output):
+    return output.reshape(output.shape[0], -1).numpy()
+
+
+def test_image_level_rows_are_full_feature_scores_and_the_pca_choice():
+    """Brain-Score's rule: each row's score is score_image_level on the layer's unprojected
+    features (all images); the layer is chosen by the score of its PCA-1000 features."""
+    from sklearn.decomposition import PCA
+
     unit = _unit("image-level-sim", TINY_IMAGE_LEVEL)
     rows = run_unit(unit)
     bench = get_benchmark("image-level-sim", seed=0, **TINY_IMAGE_LEVEL)
-    # The two halves partition the images and each half holds every object.
+    outputs = _manual_features("resnet10t", unit.model_seed(), bench.images)
+    assert [r.layer for r in rows] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    for index, row in enumerate(rows):
+        features = _flat(outputs[index])
+        assert row.n_features == features.shape[1] and row.choice_rule == "pca1000-own-stimuli"
+        ref = score_image_level(features, bench.assembly, readout="pls", n_splits=3)
+        assert row.score == pytest.approx(ref.score, rel=1e-6, abs=1e-9)
+        assert row.score_error == pytest.approx(ref.score_sem, rel=1e-5, abs=1e-9)
+        assert row.ceiling == pytest.approx(ref.ceiling, rel=1e-12)
+        assert row.ceiled_score == pytest.approx(ref.ceiled_score, rel=1e-6, abs=1e-9)
+        # The choice: principal components fitted on the benchmark's own stimuli (96 < 1,000 of them:
+        # the 95 with variance on them).
+        reduced = PCA(n_components=95, random_state=0).fit(features).transform(features) if features.shape[1] > 1000 \
+            else features
+        choice = score_image_level(reduced, bench.assembly, readout="pls", n_splits=3)
+        assert row.selection_score == pytest.approx(choice.score, rel=1e-5, abs=1e-6)
+    selection = [r.selection_score for r in rows]
+    assert [r.selected for r in rows] == [i == int(np.argmax(selection)) for i in range(len(rows))]
+
+
+def test_image_level_disjoint_choice_scores_full_features_on_each_half():
+    options = {**TINY_IMAGE_LEVEL, "layer_choice": "disjoint"}
+    unit = _unit("image-level-sim", options, layers=("layer1", "layer3"))
+    rows = run_unit(unit)
+    bench = get_benchmark("image-level-sim", seed=0, **options)
     sel, rep = bench.selection_images, bench.report_images
     assert len(np.intersect1d(sel, rep)) == 0 and len(sel) + len(rep) == 96
     labels = bench.assembly.object_labels
     assert set(labels[sel]) == set(labels[rep]) == set(labels)
     outputs = _manual_features("resnet10t", unit.model_seed(), bench.images)
-    assert [r.layer for r in rows] == ["act1", "layer1", "layer2", "layer3", "layer4"]
-    for index, row in enumerate(rows):
-        acc = LayerFeatureAccumulator(64, "sparse", index)
-        acc.update(outputs[index])
-        features = acc.features().numpy()
+    for row, out in zip(rows, (outputs[1], outputs[3])):
+        features = _flat(out)
+        assert row.choice_rule == "disjoint-halves"
         for half, expected, splits in ((rep, row.score, 3), (sel, row.selection_score, 2)):
             assembly = bench.assembly.select_images(bench.assembly.image_ids[half].tolist())
-            ref = score_image_level(features[half], assembly, readout="pls", n_splits=splits, seed=0)
-            assert expected == pytest.approx(ref.score, rel=1e-5, abs=1e-6)
-            if half is rep:
-                assert row.ceiling == pytest.approx(ref.ceiling, rel=1e-12)
-                assert row.ceiled_score == pytest.approx(ref.score / ref.ceiling, rel=1e-5)
-                assert row.score_error == pytest.approx(ref.score_sem, rel=1e-4, abs=1e-6)
-    selection = [r.selection_score for r in rows]
-    assert [r.selected for r in rows] == [i == int(np.argmax(selection)) for i in range(len(rows))]
+            ref = score_image_level(features[half], assembly, readout="pls", n_splits=splits)
+            assert expected == pytest.approx(ref.score, rel=1e-6, abs=1e-9)
+
+
+def test_image_level_pca_images_folder_and_spooled_features(tmp_path):
+    """PCA fitted on a separate folder of images (--pca-images), features spooled to disk
+    (memory budget 0): the same numbers as by hand."""
+    from PIL import Image
+    from sklearn.decomposition import PCA
+
+    from harmonizer_fast.zoo.benchmarks import load_image_folder
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "pca"
+    folder.mkdir()
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    options = {**TINY_IMAGE_LEVEL, "pca_images": str(folder), "memory_budget_gib": 0.0,
+               "spool_dir": str(tmp_path / "spool")}
+    (tmp_path / "spool").mkdir()
+    unit = _unit("image-level-sim", options, layers=("layer2",))
+    rows = run_unit(unit)
+    assert list((tmp_path / "spool").iterdir()) == []  # spool files removed
+    bench = get_benchmark("image-level-sim", seed=0, **options)
+    pca_images = load_image_folder(str(folder))
+    assert pca_images.shape == (20, 3, 224, 224) and torch.equal(bench.pca_images, pca_images)
+    torch.manual_seed(unit.model_seed())
+    model = timm.create_model("resnet10t", pretrained=False).eval()
+    from harmonizer_fast.models.pretrained import stimulus_transform
+
+    transform = stimulus_transform(model, 32)
+    with torch.no_grad():
+        features = _flat(model.forward_intermediates(transform(bench.images), indices=[2], intermediates_only=True)[0])
+        reference = _flat(model.forward_intermediates(transform(pca_images), indices=[2], intermediates_only=True)[0])
+    reduced = PCA(n_components=19, random_state=0).fit(reference).transform(features)  # 20 images: 19 with variance
+    assert rows[0].choice_rule == "pca1000-pca-images"
+    assert rows[0].selection_score == pytest.approx(
+        score_image_level(reduced, bench.assembly, readout="pls", n_splits=3).score, rel=1e-5, abs=1e-6)
+    assert rows[0].score == pytest.approx(
+        score_image_level(features, bench.assembly, readout="pls", n_splits=3).score, rel=1e-6, abs=1e-9)
 
 
 def test_spatial_rows_match_score_model_on_disjoint_sites():
@@ -101,7 +164,7 @@ def test_sweep_writes_table_report_and_accuracy(tmp_path):
     acc = tmp_path / "acc.csv"
     acc.write_text("model,top1\nresnet10t,68.3\n")
     rows = sweep(["resnet10t", "harmonized_mnv3=mobilenetv3_small_050"], ["image-level-sim"], str(tmp_path / "out"),
-                 benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, accuracy_csv=str(acc), batch_size=48,
+                 benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, accuracy_csv=str(acc), batch_size=48, image_size=32,
                  progress=False)
     assert rows_equal(read_table(str(tmp_path / "out" / "results.csv")), rows)
     assert {r.model for r in rows} == {"resnet10t", "harmonized_mnv3"}
@@ -146,7 +209,7 @@ def _cli(out, *extra):
     options = [f"image-level-sim:{k}={v}" for k, v in TINY_IMAGE_LEVEL.items()]
     return [sys.executable, "-m", "harmonizer_fast.cli", "sweep", "--models", *TINY_MODELS, "resnet10t_b=resnet10t",
             "--benchmark", "image-level-sim", "--out", str(out), "--bench-option", *options,
-            "--batch-size", "48", "--no-progress", "--no-report", *extra]
+            "--batch-size", "48", "--image-size", "32", "--no-progress", "--no-report", *extra]
 
 
 def _env():
@@ -194,9 +257,9 @@ def test_ray_local_cluster_gathers_the_same_table(tmp_path):
     pytest.importorskip("ray")
     options = {"image-level-sim": TINY_IMAGE_LEVEL}
     models = TINY_MODELS[:2]
-    local = sweep(models, ["image-level-sim"], str(tmp_path / "local"), benchmark_options=options,
+    local = sweep(models, ["image-level-sim"], str(tmp_path / "local"), benchmark_options=options, image_size=32,
                   batch_size=48, progress=False, report=False)
-    distributed = sweep(models, ["image-level-sim"], str(tmp_path / "ray"), benchmark_options=options,
+    distributed = sweep(models, ["image-level-sim"], str(tmp_path / "ray"), benchmark_options=options, image_size=32,
                         batch_size=48, ray_address="local", ray_num_cpus=2, progress=False, report=False)
     assert rows_equal(distributed, local, ignore=TIMING_COLUMNS)
     assert rows_equal(read_table(str(tmp_path / "ray" / "results.csv")), distributed)
@@ -253,7 +316,7 @@ def test_spatial_benchmark_reads_an_arcaro_folder(tmp_path):
 
     _write_arcaro_george(tmp_path, np.random.default_rng(0))
     options = {"path": str(tmp_path), "stimuli": "george_posterior_it", "time_a": 2, "time_b": 8}
-    rows = run_unit(_unit("spatial", options, layers=("layer2",)))
+    rows = run_unit(_unit("spatial", options, layers=("layer2",), image_size=224))
     bench = get_benchmark("spatial", seed=0, **options)
     ds = Neural_dataset(tmp_path)
     images, _, responses = ds.load_data("george_posterior_it", 2, 8)
@@ -284,8 +347,7 @@ def test_image_level_benchmark_reads_netcdf_and_stimuli(tmp_path):
         "image_id": ("presentation", [r[0] for r in rows]), "object_name": ("presentation", [r[1] for r in rows]),
         "repetition": ("presentation", [r[2] for r in rows])})
     da.to_netcdf(tmp_path / "it.nc", engine="h5netcdf")
-    options = {"path": str(tmp_path / "it.nc"), "stimuli_dir": str(stimuli), "n_splits": 2, "selection_splits": 2,
-               "projection_dim": 32}
+    options = {"path": str(tmp_path / "it.nc"), "stimuli_dir": str(stimuli), "n_splits": 2, "selection_splits": 2}
     bench = get_benchmark("image-level", seed=0, **options)
     assembly = load_netcdf_assembly(tmp_path / "it.nc")
     np.testing.assert_array_equal(bench.assembly.responses, assembly.responses)
