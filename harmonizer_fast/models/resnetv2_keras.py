@@ -203,7 +203,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def resnet50v2_keras(pretrained: bool = False, **kwargs) -> KerasResNetV2:
     """Keras ResNet50V2 (the reference's harmonized ResNet50); weights from a local file only."""
-    if pretrained:
+    local_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and not local_file:
         raise ValueError("resnet50v2_keras has no downloadable weights: convert a Keras .h5 file "
                          "(harmonizer-fast convert-keras ResNet50 ...) and pass it as weights")
-    return build_model_with_cfg(KerasResNetV2, "resnet50v2_keras", pretrained=False, **kwargs)
+    return build_model_with_cfg(KerasResNetV2, "resnet50v2_keras", pretrained=pretrained, **kwargs)

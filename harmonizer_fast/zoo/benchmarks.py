@@ -16,21 +16,17 @@ name                   what
                        :func:`harmonizer_fast.neural.simulate.simulate_spatial_dataset` maps.
 =====================  ==========================================================================
 
-**Streaming.** Every layer output of a batch is folded into that layer's
-:class:`harmonizer_fast.neural.features.LayerFeatureAccumulator` right away: image-level
-benchmarks keep flattened features, randomly projected to ``projection_dim`` (default 256) when
-wider; spatial benchmarks keep the NHWC maps of their few stimuli as they are.
-
-**No selection bias.** Each layer gets a *selection* score and a *report* score on disjoint data,
-and the model's layer is the best by selection score:
-
-* image level: the images are halved, stratified by object
-  (:func:`~harmonizer_fast.neural.image_level.stratified_splits` with one 50 % split): selection
-  images and report images. Each half is scored with its own cross-validation splits, and the
-  report half also gives the ceiling. No report image is seen while choosing the layer.
-* spatial: with 14 stimuli, halving the images would leave a 6-image leave-one-out fit, so the
-  recording *sites* are halved instead (seeded): the layer is chosen on the selection sites,
-  scored (and ceiled) on the others.
+**Streaming and layer choice.** Every layer output of a batch is folded into that layer's
+store right away (:class:`harmonizer_fast.neural.features.LayerFeatureStore`: full flattened
+features, in memory within ``memory_budget_gib``, else spooled to one file per layer); a
+layer's reported score is the score of its full features. The layer is chosen by the
+``layer_choice`` rule (the table's ``choice_rule`` column): Brain-Score's PCA-1000 choice
+(``pca``, components fitted on ``--pca-images`` or on the benchmark's own stimuli) or the
+bias-free ``disjoint`` one (chosen on one half of the images, reported on the other). The
+spatial benchmarks halve the recording *sites* instead (14 stimuli are too few to halve): the
+layer is chosen on the selection sites, scored and ceiled on the others. ``image-level-objects``
+(:mod:`harmonizer_fast.zoo.object_benchmark`) and ``clickme``
+(:mod:`harmonizer_fast.zoo.clickme_benchmark`) are registered here too.
 
 **Simulated stimuli.** The simulators plant responses on hidden features, not on images, so the
 stimuli are rendered from those features (:func:`render_stimuli`): each hidden feature (or each

