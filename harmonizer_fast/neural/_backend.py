@@ -20,7 +20,7 @@ import scipy.sparse
 from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from harmonizer_fast._ext import extension
-from harmonizer_fast._validation import shape_of
+from harmonizer_fast.spec import shape_of
 
 __all__ = [
     "pearson_per_target",

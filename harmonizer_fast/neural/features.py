@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harmonizer_fast._memory import release_freed_memory
-from harmonizer_fast._validation import shape_of
+from harmonizer_fast.spec import shape_of
 
 __all__ = [
     "LayerTaps",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harmonizer_fast._validation import ArrayLike, check_rank, shape_of
+from harmonizer_fast.spec import ArrayLike, check_rank, shape_of
 from harmonizer_fast.neural.features import LayerSpec, LayerTaps
 from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.neural.metrics import as_tensor, brain_score, ceiling_score, spearmanr_sim

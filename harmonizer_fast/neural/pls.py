@@ -67,7 +67,7 @@ from sklearn.base import (
 from sklearn.utils.validation import check_is_fitted
 
 from harmonizer_fast._ext import extension
-from harmonizer_fast._validation import shape_of
+from harmonizer_fast.spec import shape_of
 from harmonizer_fast.neural._backend import (
     centre_cross_gram,
     centre_gram,

@@ -63,7 +63,7 @@ import scipy.linalg
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from harmonizer_fast._validation import shape_of
+from harmonizer_fast.spec import shape_of
 from harmonizer_fast.neural._backend import (
     centre_cross_gram,
     centre_gram,

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from harmonizer_fast._validation import shape_of
+from harmonizer_fast.spec import shape_of
 from harmonizer_fast.common.batch_order import BatchOrder
 from harmonizer_fast.spec import one_hot, tf_resize_bilinear
 
