@@ -37,7 +37,7 @@ variance that is stimulus-driven. A perfect model (the noiseless response) there
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
@@ -51,6 +51,8 @@ __all__ = [
     "stratified_splits",
     "split_half_ceiling",
     "score_image_level",
+    "assembly_ceiling",
+    "Ceiling",
     "ImageLevelScore",
     "READOUTS",
     "CEILING_CONVENTIONS",
@@ -195,6 +197,20 @@ def split_half_ceiling(
     return ceiling, per_neuroid
 
 
+class Ceiling(NamedTuple):
+    """A split-half ceiling: the value, its per-neuroid means and its per-halving medians."""
+
+    value: float
+    per_neuroid: np.ndarray
+    splits: np.ndarray
+
+
+def assembly_ceiling(assembly: "NeuralAssembly", n_ceiling_splits: int = 10, seed: int = BRAINSCORE_SEED) -> Ceiling:
+    """The ceiling :func:`score_image_level` computes for ``assembly``, for reuse across the many
+    feature sets (layers) scored on the same assembly: pass it as ``ceiling=``."""
+    return Ceiling(*_ceiling(assembly.responses, n_ceiling_splits, seed))
+
+
 def _ceiling(responses: np.ndarray, n_splits: int, seed: int) -> Tuple[float, np.ndarray, np.ndarray]:
     responses = np.asarray(responses, dtype=np.float64)
     if responses.ndim != 3 or responses.shape[2] < 2:
@@ -252,6 +268,7 @@ def score_image_level(
     n_ceiling_splits: int = 10,
     object_labels: Optional[Sequence] = None,
     progress: bool = False,
+    ceiling: Optional[Ceiling] = None,
 ) -> ImageLevelScore:
     """Cross-validated predictivity of ``assembly`` from ``features`` (images in the same order).
 
@@ -260,7 +277,9 @@ def score_image_level(
     (images, neuroids, repetitions) array (then pass ``object_labels``, else all images are one
     object). The defaults are Brain-Score 2.4.2's protocol (module docstring); the result does
     not depend on the order the images come in. ``seed`` is the ``random_state`` of both the
-    splits and the halvings (Brain-Score: 1).
+    splits and the halvings (Brain-Score: 1). ``ceiling``: the :func:`assembly_ceiling` of this
+    assembly with these ``n_ceiling_splits`` and ``seed``, computed once by a caller that scores
+    many layers (default: computed here).
     """
     if readout not in READOUTS:
         raise ValueError(f"`readout` must be one of {sorted(READOUTS)}, got {readout!r}")
@@ -276,6 +295,9 @@ def score_image_level(
         raise ValueError(f"readout 'gram_ridge' needs a square (images, images) Gram matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"`features` {x.shape} contains {int((~np.isfinite(x)).sum())} NaN or inf values")
+    if ceiling is not None and (not isinstance(ceiling, Ceiling) or ceiling.per_neuroid.shape != (assembly.n_neuroids,)):
+        raise ValueError(f"`ceiling` must be the assembly_ceiling() of this assembly ({assembly.n_neuroids} neuroids), "
+                         f"got {type(ceiling).__name__}")
     targets = assembly.mean_responses()
     order = _brainscore_order(assembly)
     fit_predict = READOUTS[readout]
@@ -293,7 +315,9 @@ def score_image_level(
     split_scores = np.array(split_scores)
     score = float(split_scores.mean())
     sem = _brainscore_error(split_scores)
-    ceiling, ceiling_per_neuroid, ceiling_splits = _ceiling(assembly.responses, n_ceiling_splits, seed)
+    if ceiling is None:
+        ceiling = assembly_ceiling(assembly, n_ceiling_splits, seed)
+    ceiling, ceiling_per_neuroid, ceiling_splits = ceiling
     ceil_fn = CEILING_CONVENTIONS[ceiling_convention]
     ceiled = ceil_fn(score, ceiling)
     # First-order propagation: d(ceiled)/dr * sem.

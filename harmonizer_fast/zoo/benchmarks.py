@@ -343,6 +343,7 @@ class ImageLevelBenchmark:
         self.name, self.images, self.assembly = name, images, assembly
         self.layer_choice, self.pca_images, self.n_components = layer_choice, pca_images, int(n_components)
         self.readout, self.selection_splits, self.scoring = readout, int(selection_splits), dict(scoring)
+        self._ceilings: Dict[str, object] = {}
         self.memory_budget, self.spool_dir, self.seed = float(memory_budget_gib) * 2**30, spool_dir, seed
         n = assembly.n_images
         rng = np.random.default_rng(seed)
@@ -378,7 +379,7 @@ class ImageLevelBenchmark:
         return _FullFeatureSink(layers, streams, self.memory_budget, self.spool_dir)
 
     def _score(self, half: str, features: np.ndarray, n_splits: Optional[int] = None):
-        from harmonizer_fast.neural.image_level import score_image_level
+        from harmonizer_fast.neural.image_level import BRAINSCORE_SEED, assembly_ceiling, score_image_level
 
         index, assembly = self._halves[half]
         rows = features if half == "all" else features[index]
@@ -387,7 +388,10 @@ class ImageLevelBenchmark:
         options = dict(self.scoring)
         if n_splits is not None:
             options["n_splits"] = n_splits
-        return score_image_level(rows, assembly, readout=self.readout, **options)
+        if half not in self._ceilings:  # one ceiling per half, shared by every layer
+            self._ceilings[half] = assembly_ceiling(
+                assembly, options.get("n_ceiling_splits", 10), options.get("seed", BRAINSCORE_SEED))
+        return score_image_level(rows, assembly, readout=self.readout, ceiling=self._ceilings[half], **options)
 
     def _choice_features(self, stored: "_StoredLayer", features: np.ndarray) -> np.ndarray:
         from harmonizer_fast.neural.features import layer_pca

@@ -363,3 +363,19 @@ def test_image_level_benchmark_reads_netcdf_and_stimuli(tmp_path):
     missing.mkdir()
     with pytest.raises(FileNotFoundError, match="<image_id>"):
         get_benchmark("image-level", seed=0, **{**options, "stimuli_dir": str(missing)})
+
+
+def test_the_ceiling_is_computed_once_per_half(monkeypatch):
+    """Every layer of a unit shares its half's ceiling (the ceiling depends on the responses only)."""
+    from harmonizer_fast.neural import image_level
+
+    calls = []
+    original = image_level._ceiling
+    monkeypatch.setattr(image_level, "_ceiling", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rows = run_unit(_unit("image-level-sim", {**TINY_IMAGE_LEVEL, "layer_choice": "disjoint"},
+                          layers=("layer1", "layer2", "layer3")))
+    assert len(rows) == 3 and len(calls) == 2  # the selection half and the report half
+    assert len({r.ceiling for r in rows}) == 1
+    bench = get_benchmark("image-level-sim", seed=0, **TINY_IMAGE_LEVEL)
+    with pytest.raises(ValueError, match="`ceiling` must be the assembly_ceiling"):
+        score_image_level(np.zeros((bench.assembly.n_images, 3)), bench.assembly, ceiling=(0.5, np.ones(2), None))
