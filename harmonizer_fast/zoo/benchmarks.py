@@ -519,21 +519,57 @@ def load_image_folder(folder: str) -> torch.Tensor:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def _image_level(path: str, stimuli_dir: str, time_bin: Optional[int] = None, object_coord: str = "object_name",
+def _image_level(path: str, stimuli_dir: Optional[str] = None, stimulus_set: Optional[str] = None,
+                 stimuli: Optional[str] = None, region: Optional[str] = None,
+                 time_range: Optional[Tuple[float, float]] = None, time_bin: Optional[int] = None,
+                 stimulus_degrees: float = 8.0, model_degrees: float = 8.0, object_coord: str = "object_name",
                  pca_images: Optional[str] = None, seed: int = 0, **scoring) -> ImageLevelBenchmark:
-    from harmonizer_fast.neural.assemblies import load_netcdf_assembly
-    from harmonizer_fast.neural.data import _load_image
+    """Recordings from local files: a netCDF assembly (``path``) with either Brain-Score's stimulus
+    set (``stimulus_set`` CSV, images in the ``stimuli`` folder or zip) or a folder of
+    ``<image_id>.<ext>`` files (``stimuli_dir``, read as the Arcaro stimuli are: RGB, 224 px).
 
-    assembly = load_netcdf_assembly(path, time_bin=time_bin, object_coord=object_coord)
-    files = {os.path.splitext(f)[0]: os.path.join(stimuli_dir, f) for f in sorted(os.listdir(stimuli_dir))}
-    missing = [str(i) for i in assembly.image_ids if str(i) not in files]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} stimuli of {path} are not in {stimuli_dir} (expected <image_id>.<ext>), e.g. {missing[:3]}"
-        )
+    Stimulus-set stimuli go through Brain-Score's model-independent steps here: RGB as its ``load_image``, then
+    placed on the model's field of view (``model_degrees``, 8 by default, against the benchmark's
+    ``stimulus_degrees``: grey padding or a central crop, :func:`~harmonizer_fast.neural.stimuli.place_on_screen`);
+    each model then resizes them to its own input size and normalises them with its own mean/std.
+    """
     from pathlib import Path
 
-    images = torch.stack([_load_image(Path(files[str(i)])) for i in assembly.image_ids])
+    from harmonizer_fast.neural.assemblies import load_netcdf_assembly
+    from harmonizer_fast.neural.data import _load_image
+    from harmonizer_fast.neural.stimuli import brainscore_load_image, load_stimulus_set, place_on_screen
+
+    if (stimulus_set is None) == (stimuli_dir is None):
+        raise ValueError("image-level needs exactly one of `stimulus_set` (Brain-Score's CSV, with `stimuli`) "
+                         f"or `stimuli_dir` (<image_id>.<ext> files), got stimulus_set={stimulus_set!r}, "
+                         f"stimuli_dir={stimuli_dir!r}")
+    if stimulus_set is not None:
+        stimulus_table = load_stimulus_set(stimulus_set, stimuli)
+        assembly = load_netcdf_assembly(path, time_bin=time_bin, object_coord=object_coord,
+                                        time_range=tuple(time_range) if time_range is not None else None,
+                                        region=region, stimulus_set=stimulus_table)
+        opened = [stimulus_table.open(i) for i in assembly.image_ids]
+    else:
+        assembly = load_netcdf_assembly(path, time_bin=time_bin, object_coord=object_coord,
+                                        time_range=tuple(time_range) if time_range is not None else None,
+                                        region=region)
+        files = {os.path.splitext(f)[0]: os.path.join(stimuli_dir, f) for f in sorted(os.listdir(stimuli_dir))}
+        missing = [str(i) for i in assembly.image_ids if str(i) not in files]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} stimuli of {path} are not in {stimuli_dir} (expected <image_id>.<ext>), e.g. {missing[:3]}"
+            )
+        # the folder layout keeps its loader: RGB, resized to 224 px as the Arcaro stimuli are
+        images = torch.stack([_load_image(Path(files[str(i)])) for i in assembly.image_ids])
+        return ImageLevelBenchmark("image-level", images, assembly, seed=seed,
+                                   pca_images=load_image_folder(pca_images) if pca_images else None, **scoring)
+    placed = [place_on_screen(brainscore_load_image(image), model_degrees, stimulus_degrees) for image in opened]
+    sizes = sorted({image.size for image in placed})
+    if len(sizes) > 1:
+        raise ValueError(f"the stimuli of {path} come in {len(sizes)} sizes ({sizes[:3]}...): the sweep streams them "
+                         "as one batch array, so they must share one size")
+    images = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+                          for image in placed])
     return ImageLevelBenchmark("image-level", images, assembly, seed=seed,
                                pca_images=load_image_folder(pca_images) if pca_images else None, **scoring)
 

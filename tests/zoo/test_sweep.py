@@ -379,3 +379,42 @@ def test_the_ceiling_is_computed_once_per_half(monkeypatch):
     bench = get_benchmark("image-level-sim", seed=0, **TINY_IMAGE_LEVEL)
     with pytest.raises(ValueError, match="`ceiling` must be the assembly_ceiling"):
         score_image_level(np.zeros((bench.assembly.n_images, 3)), bench.assembly, ceiling=(0.5, np.ones(2), None))
+
+
+def test_image_level_benchmark_reads_a_brainscore_stimulus_set(tmp_path):
+    """Brain-Score 2.x files: an assembly keyed by stimulus_id, a stimulus-set CSV and a zip of
+    images; stimuli placed on the model's 8 degrees (a 4-degree stimulus is padded with grey)."""
+    import io
+    import zipfile
+
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    from PIL import Image
+
+    from harmonizer_fast.neural.stimuli import SCREEN_GREY
+
+    rng = np.random.default_rng(1)
+    ids = [f"s{i:02d}" for i in range(40)]
+    with zipfile.ZipFile(tmp_path / "stimuli.zip", "w") as archive:
+        for sid in ids:
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, size=(16, 16), dtype=np.uint8)).save(buffer, format="PNG")  # grey
+            archive.writestr(f"{sid}.png", buffer.getvalue())
+    (tmp_path / "set.csv").write_text("stimulus_id,filename,object_name\n"
+                                      + "".join(f"{sid},{sid}.png,obj{i % 4}\n" for i, sid in enumerate(ids)))
+    rows = [(sid, rep) for sid in ids for rep in range(4)]
+    da = xr.DataArray(rng.normal(size=(len(rows), 5)), dims=("presentation", "neuroid"), coords={
+        "stimulus_id": ("presentation", [r[0] for r in rows]), "repetition": ("presentation", [r[1] for r in rows])})
+    da.to_netcdf(tmp_path / "it.nc", engine="h5netcdf")
+    options = dict(path=str(tmp_path / "it.nc"), stimulus_set=str(tmp_path / "set.csv"),
+                   stimuli=str(tmp_path / "stimuli.zip"), stimulus_degrees=4.0)
+    bench = get_benchmark("image-level", seed=0, **options)
+    assert bench.images.shape == (40, 3, 32, 32) and bench.images.dtype == torch.uint8
+    assert sorted(set(bench.assembly.object_labels.tolist())) == ["obj0", "obj1", "obj2", "obj3"]
+    first = bench.assembly.image_ids[0]
+    with zipfile.ZipFile(tmp_path / "stimuli.zip") as archive:
+        original = np.asarray(Image.open(io.BytesIO(archive.read(f"{first}.png"))))
+    np.testing.assert_array_equal(bench.images[0, 0, 8:24, 8:24].numpy(), original)  # grey -> RGB, centred
+    assert (bench.images[0, :, :8] == torch.tensor(SCREEN_GREY, dtype=torch.uint8).view(3, 1, 1)).all()
+    with pytest.raises(ValueError, match="exactly one of `stimulus_set`"):
+        get_benchmark("image-level", path=str(tmp_path / "it.nc"))
