@@ -187,7 +187,9 @@ def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = 
     trainer = Trainer(model, config, train_data=ShuffledBatches(train_records, batch_size, seed=seed),
                       eval_fn=lambda m: {"val_spearman": float(alignment(m, preprocess, val_batch).mean())},
                       eval_every=eval_every)
-    history = trainer.fit()
+    # The demo owns out/run: running the demo again replaces its own previous run, on purpose
+    # (a user's training runs are refused instead, see Trainer.fit).
+    history = trainer.fit(overwrite=True)
 
     after_pred = top5(model, preprocess, photos)
     after_rho = alignment(model, preprocess, val_batch)

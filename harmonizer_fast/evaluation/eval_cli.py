@@ -19,18 +19,9 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 from harmonizer_fast._io import atomic_write_text
+from harmonizer_fast._argtypes import positive_int
 
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--batch-size 0`` would loop forever or divide by zero)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm name or reference name (ResNet50, ViT_B16 ...)")

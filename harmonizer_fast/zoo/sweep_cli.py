@@ -18,6 +18,8 @@ import ast
 import inspect
 from typing import Dict, List
 
+from harmonizer_fast._argtypes import positive_int
+
 __all__ = ["add_arguments", "run", "parse_pairs", "parse_bench_options", "positive_int"]
 
 
@@ -51,17 +53,6 @@ def parse_bench_options(items: List[str]) -> Dict[str, Dict[str, object]]:
             raise ValueError(f"--bench-option entries must be BENCHMARK:KEY=VALUE, got {item!r}")
         options.setdefault(bench.strip(), {})[key.strip()] = _literal(value.strip())
     return options
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (``--image-size 0`` is refused with the value named)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
