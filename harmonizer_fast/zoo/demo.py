@@ -97,7 +97,7 @@ def demo_sweep(
         Local ImageNet validation folder: measure every model's top-1 on it (``imagenet_limit``
         images for an estimate) instead of using published values.
     quick
-        800 stimuli instead of 1,600 (objects) / 3,200 (``image-level-sim``).
+        400 stimuli instead of 1,600 (objects) / 3,200 (``image-level-sim``).
     """
     specs: List[ModelSpec] = []
     for arch in models:
@@ -123,7 +123,7 @@ def demo_sweep(
         accuracies = {}  # measured on the given folder, every model alike
     options = dict(benchmark_options or {})
     if quick and benchmark.endswith(("-sim", "-objects")):
-        options.setdefault("n_images", 14 if benchmark.startswith("spatial") else 800)
+        options.setdefault("n_images", 14 if benchmark.startswith("spatial") else 400)
     if benchmark == "image-level-objects" and not _packaged("efficientnet_lite2") and "held_out_weights" not in options:
         warnings.warn("efficientnet_lite2 (the held-out network) is not installed: its deep layer has random "
                       "weights, so the benchmark's answer is not the documented one")
@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="EfficientNet-Lite (+ harmonized, untrained control) on IT and "
                                                  "ClickMe alignment, against ImageNet accuracy")
     parser.add_argument("out_dir")
-    parser.add_argument("--quick", action="store_true", help="800 stimuli instead of 1,600 (3,200 for -sim)")
+    parser.add_argument("--quick", action="store_true", help="400 stimuli instead of 1,600 (3,200 for -sim)")
     parser.add_argument("--benchmark", default="image-level-objects", help="the IT benchmark")
     parser.add_argument("--clickme", default="sample", help="ClickMe validation shards, 'sample' (bundled) or 'none'")
     parser.add_argument("--harmonized", nargs="+", default=[], metavar="LABEL=PATH")
