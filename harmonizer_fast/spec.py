@@ -118,11 +118,11 @@ def check_loss_weight(value: object, name: str) -> float:
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """An integer count or size ``>= minimum`` (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    """An integer count or size ``>= minimum`` (1: positive, 0: non-negative); bools, floats and
+    strings are refused with a :class:`ValueError` naming the argument and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}")
     return int(value)
 
 

@@ -19,6 +19,8 @@ from typing import List
 
 import numpy as np
 
+from harmonizer_fast.spec import check_positive_int
+
 
 class BatchOrder:
     """The record ids of every batch of one rank, epoch by epoch (see the module docstring).
@@ -36,8 +38,7 @@ class BatchOrder:
                  rank: int = 0, world_size: int = 1) -> None:
         for name, value, minimum in (("num_records", num_records, 0), ("per_rank", per_rank, 1),
                                      ("world_size", world_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+            check_positive_int(value, name, minimum)
         if not 0 <= rank < world_size:
             raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank!r}")
         self.num_records = int(num_records)

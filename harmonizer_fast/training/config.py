@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from harmonizer_fast.spec import check_loss_weight
+from harmonizer_fast.spec import check_loss_weight, check_positive_int
 
 @dataclass
 class TrainerConfig:
@@ -91,11 +91,9 @@ class TrainerConfig:
         positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum_steps": self.grad_accum_steps,
                     "log_every": self.log_every, "step_size": self.step_size}
         for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         for name in ("warmup_steps", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be a non-negative int, got {getattr(self, name)!r}")
+            check_positive_int(getattr(self, name), name, minimum=0)
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "preprocess": ("imagenet", "model", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -24,7 +24,7 @@ import torch
 
 from harmonizer_fast.spec import shape_of
 from harmonizer_fast.common.batch_order import BatchOrder
-from harmonizer_fast.spec import one_hot, tf_resize_bilinear
+from harmonizer_fast.spec import check_positive_int, one_hot, tf_resize_bilinear
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 NUM_CLASSES = 1000
@@ -176,8 +176,7 @@ class ShuffledBatches:
     """
 
     def __init__(self, records, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         if batch_size % world_size:
             raise ValueError(f"`batch_size` {batch_size} must be divisible by the world size {world_size}")
         if len(records) < batch_size:

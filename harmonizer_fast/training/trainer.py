@@ -16,6 +16,7 @@ naming the op and the module that calls it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -253,7 +254,7 @@ class Trainer:
             return
         self.optimizer.zero_grad(set_to_none=True)
         names = ("loss", "cross_entropy", "weight_decay", "harmonization")
-        bad = [name for name, value in zip(names, totals.tolist()) if not torch.isfinite(torch.tensor(value))]
+        bad = [name for name, value in zip(names, totals.tolist()) if not math.isfinite(value)]
         bad_grads = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         what = f"non-finite {', '.join(bad)}" if bad else f"non-finite gradients in {bad_grads[:3]}"
         raise TrainingDiverged(

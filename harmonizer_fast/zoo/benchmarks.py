@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harmonizer_fast.spec import check_positive_int
 from harmonizer_fast.neural.features import LayerFeatureAccumulator, LayerFeatureStore
 from harmonizer_fast.zoo.clickme_benchmark import load_clickme_benchmark
 from harmonizer_fast.zoo.object_benchmark import load_object_benchmark
@@ -63,11 +64,6 @@ LAYER_CHOICES = {
                 "and reported on the other",
 }
 
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return int(value)
 
 __all__ = [
     "BENCHMARKS",
@@ -253,7 +249,7 @@ def configured_readout(readout: str, options: Mapping[str, object]) -> str:
         options = {**options, "alphas": tuple(float(a) for a in values)}
     for key in ("pls_components", "max_iter"):
         if key in options:
-            _check_positive_int(options[key], key)
+            check_positive_int(options[key], key)
     if "tol" in options and not (isinstance(options["tol"], (int, float)) and options["tol"] > 0):
         raise ValueError(f"`tol` must be a positive number, got {options['tol']!r}")
     name = f"{readout}({', '.join(f'{k}={v!r}' for k, v in sorted(options.items()))})"
@@ -329,8 +325,8 @@ class ImageLevelBenchmark:
                              f"memory_budget_gib, spool_dir, seed, and the readout's options {READOUT_OPTIONS}")
         if layer_choice not in LAYER_CHOICES:
             raise ValueError(f"`layer_choice` must be one of {sorted(LAYER_CHOICES)}, got {layer_choice!r}")
-        _check_positive_int(n_components, "n_components")
-        _check_positive_int(selection_splits, "selection_splits")
+        check_positive_int(n_components, "n_components")
+        check_positive_int(selection_splits, "selection_splits")
         if not (isinstance(memory_budget_gib, (int, float)) and not isinstance(memory_budget_gib, bool)
                 and memory_budget_gib >= 0):
             raise ValueError(f"`memory_budget_gib` must be a number >= 0, got {memory_budget_gib!r}")
@@ -491,7 +487,7 @@ def _image_level_sim(n_images: int = 3200, n_neuroids: int = 168, n_repetitions:
 
     for name, value in (("n_images", n_images), ("n_neuroids", n_neuroids), ("n_repetitions", n_repetitions),
                         ("n_objects", n_objects), ("n_features", n_features), ("image_size", image_size)):
-        _check_positive_int(value, name)
+        check_positive_int(value, name)
     sim = simulate_image_level(n_images=n_images, n_neuroids=n_neuroids, n_repetitions=n_repetitions,
                                n_objects=n_objects, n_features=n_features, reliability=tuple(reliability),
                                nonlinearity="softplus", seed=seed)
@@ -580,7 +576,7 @@ def _spatial_sim(n_images: int = 14, grid_size: int = 9, n_channels: int = 12, n
 
     for name, value in (("n_images", n_images), ("grid_size", grid_size), ("n_channels", n_channels),
                         ("n_neurons", n_neurons), ("image_size", image_size)):
-        _check_positive_int(value, name)
+        check_positive_int(value, name)
     sim = simulate_spatial_dataset(n_images=n_images, grid_size=grid_size, activity_size=2 * grid_size,
                                    n_channels=n_channels, n_neurons=n_neurons, reliability=reliability,
                                    nonlinearity="softplus", seed=seed)

@@ -33,6 +33,7 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
+from harmonizer_fast.spec import check_positive_int
 from harmonizer_fast._memory import release_freed_memory
 from harmonizer_fast.zoo.clickme_benchmark import run_model_level_unit
 from harmonizer_fast.zoo.imagenet_accuracy import measure_missing_accuracies
@@ -316,8 +317,7 @@ def sweep(
     for value, name in ((batch_size, "batch_size"), (image_size, "image_size")):
         if value is None and name == "image_size":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        check_positive_int(value, name)
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; registered: {sorted(BENCHMARKS)}")

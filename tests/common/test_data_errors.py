@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from harmonizer_fast.cli import main
 from harmonizer_fast.common import ClickMeRecords, TFRecordError, read_tfrecord, write_clickme_shard
@@ -103,4 +102,3 @@ def test_batch_order_slices_global_batches_and_deals_rank_batches_alike():
     assert len(BatchOrder(8, 3, shuffle=False, drop_last=False, world_size=2)) == 1  # rank 1 would get nothing
     with pytest.raises(ValueError, match="rank"):
         BatchOrder(8, 3, rank=2, world_size=2)
-    assert torch.is_tensor(torch.as_tensor(whole.order(0)))

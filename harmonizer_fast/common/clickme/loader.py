@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from harmonizer_fast.spec import check_positive_int
 from harmonizer_fast.common.batch_order import BatchOrder
 
 
@@ -44,8 +45,7 @@ class ClickMeDataset(IterableDataset):
                  shuffle: bool = False, drop_last: bool = True, seed: int = 0, with_tokens: bool = False,
                  num_classes: int = NUM_CLASSES, rank: Optional[int] = None, world_size: Optional[int] = None,
                  progress: bool = True):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         if (rank is None) != (world_size is None):
             raise ValueError("pass both `rank` and `world_size`, or neither (then torch.distributed decides)")
         if world_size is not None and not 0 <= rank < world_size:
