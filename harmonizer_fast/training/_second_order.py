@@ -47,3 +47,16 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if dim in (-1, a.dim() - 1):
         return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
     return (a * b).sum(dim, keepdim=True)
+
+
+def differentiable_param_grads(layer, grad_out, weight, bias):
+    """Parameter gradients of ``layer(weight, bias)`` for ``grad_out`` that stay differentiable."""
+    # Rare path: a graph-building backward that wants parameter gradients (e.g. a penalty on
+    # them). Native autograd of ``layer(weight, bias)``, recomputed from the saved input, keeps
+    # them differentiable.
+    with torch.enable_grad():
+        probes = [None if t is None else t.detach().requires_grad_(True) for t in (weight, bias)]
+        wanted = [t for t in probes if t is not None]
+        grads = iter(torch.autograd.grad(layer(*probes), wanted, grad_out, create_graph=True))
+        return tuple(None if t is None else next(grads) for t in probes)
+

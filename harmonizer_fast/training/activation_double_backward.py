@@ -1,0 +1,213 @@
+r"""Softmax and GELU whose double backward is a closed form (part of
+:func:`harmonizer_fast.training.double_backward.fast_double_backward`).
+
+The harmonization loss differentiates a network's input gradient again; GELU's generic second
+derivative is ~10 elementwise passes, the softmax's ~6. Here both are one closed-form pair.
+
+**Softmax** :math:`P = \mathrm{softmax}(S)` along rows. Its Jacobian-vector product
+(:func:`softmax_vjp`, the backend's fused kernel) is the only softmax formula used, by the
+first and by the second derivative:
+
+.. math:: J^\top g = P \odot (g - \langle g, P\rangle), \qquad
+          \langle a, b\rangle_i = \textstyle\sum_j a_{ij} b_{ij}.
+
+For the input gradient :math:`g_S = J^\top g` and an upstream :math:`u` of it, with
+:math:`c = \langle g, P\rangle`, :math:`\alpha = \langle u, P\rangle`:
+
+.. math:: \bar g = J^\top u, \qquad \bar P = (u - \alpha) \odot g - c \odot u.
+
+**GELU** :math:`y = x\,\Phi(x)`: :math:`y' = \Phi(x) + x\varphi(x)` (the native
+``gelu_backward``), :math:`y'' = \varphi(x)\,(2 - x^2)`; for the tanh approximation
+:math:`y = \tfrac12 x (1 + t)`, :math:`t = \tanh(k(x + c x^3))`,
+:math:`y'' = (1 - t^2)\bigl(k(1 + 3cx^2)(1 - x t k (1 + 3cx^2)) + 3kc x^2\bigr)`. For the
+input gradient :math:`g_x = y' \odot g` and an upstream :math:`u`:
+:math:`\bar g = y' \odot u`, :math:`\bar x = y'' \odot g \odot u`.
+
+Routes (used by the mode in :mod:`.double_backward`): ``softmax`` (``torch``, ``F`` and the
+tensor method; not under autocast, whose CUDA policy computes it in float32) and ``F.gelu``.
+Other calls run natively. Third-order derivatives are not supported (``once_differentiable``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from harmonizer_fast.training._second_order import autocast_dtype, bind, row_dot
+
+__all__ = [
+    "GeluFunction",
+    "SoftmaxFunction",
+    "functional_softmax_fast_double_backward",
+    "gelu_fast_double_backward",
+    "softmax_fast_double_backward",
+]
+
+_aten = torch.ops.aten
+
+
+def softmax_vjp(grad: torch.Tensor, probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    r""":math:`J^\top g = P \odot (g - \langle g, P\rangle)` for :math:`P = \mathrm{softmax}(S)`
+    along ``dim`` (one fused native pass)."""
+    return _aten._softmax_backward_data(grad, probs, dim, probs.dtype)
+
+
+class _ElementwiseRule:
+    """An activation :math:`y = f(x)` along one saved tensor (softmax: :math:`P`; GELU:
+    :math:`x`): its forward, its vector-Jacobian product, and the derivative of that product
+    with respect to the saved tensor (``arg``: the softmax ``dim``, GELU's ``approximate``)."""
+
+    def forward(self, x: torch.Tensor, arg) -> Tuple[torch.Tensor, torch.Tensor]:  # (y, saved)
+        raise NotImplementedError
+
+    def vjp(self, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
+        raise NotImplementedError
+
+    def saved_term(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _SoftmaxRule(_ElementwiseRule):
+    r"""Saved :math:`P`; VJP :func:`softmax_vjp`; :math:`\bar P = (u - \alpha) \odot g - c \odot u`."""
+
+    def forward(self, x, dim):
+        probs = _aten._softmax(x, dim, False)
+        return probs, probs
+
+    def vjp(self, grad, probs, dim):
+        return softmax_vjp(grad, probs, dim)
+
+    def saved_term(self, upstream, grad, probs, dim):
+        alpha, c = row_dot(upstream, probs, dim), row_dot(grad, probs, dim)
+        return (upstream - alpha).mul_(grad).addcmul_(c, upstream, value=-1.0)
+
+
+_LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
+_TANH_K, _TANH_C = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def _gelu_second_derivative(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """:math:`y''(x)` of the module docstring (a new tensor)."""
+    if approximate == "none":  # 4 passes: exp(log(1/sqrt(2 pi)) - x^2/2) (2 - x^2)
+        pdf = torch.addcmul(x.new_tensor(_LOG_INV_SQRT_2PI), x, x, value=-0.5).exp_()
+        return pdf.mul_(torch.addcmul(x.new_tensor(2.0), x, x, value=-1.0))
+    x2 = x.square()
+    inner_slope = x2.mul(3.0 * _TANH_C * _TANH_K).add_(_TANH_K)            # k (1 + 3 c x^2)
+    t = torch.tanh(x * (x2 * _TANH_C + 1.0) * _TANH_K)
+    out = (x * t).mul_(inner_slope).neg_().add_(1.0).mul_(inner_slope)    # k'(1 - x t k')
+    out.add_(x2, alpha=3.0 * _TANH_K * _TANH_C)
+    return out.mul_(t.square_().neg_().add_(1.0))
+
+
+class _GeluRule(_ElementwiseRule):
+    r"""Saved :math:`x`; VJP the native ``gelu_backward``; :math:`\bar x = y''(x) \odot g \odot u`."""
+
+    def forward(self, x, approximate):
+        return _aten.gelu(x, approximate=approximate), x
+
+    def vjp(self, grad, x, approximate):
+        return _aten.gelu_backward(grad, x, approximate=approximate)
+
+    def saved_term(self, upstream, grad, x, approximate):
+        return _gelu_second_derivative(x, approximate).mul_(upstream).mul_(grad)
+
+
+class _ElementwiseInputGrad(torch.autograd.Function):
+    r"""An activation's input gradient :math:`J^\top g` (``rule.vjp``) whose backward is
+    ``rule.vjp`` of the upstream and ``rule.saved_term``."""
+
+    @staticmethod
+    def forward(ctx, grad_out: torch.Tensor, saved: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+        ctx.save_for_backward(grad_out, saved)
+        ctx.rule, ctx.arg = rule, arg
+        return rule.vjp(grad_out, saved, arg)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, upstream: torch.Tensor):
+        grad_out, saved = ctx.saved_tensors
+        rule, arg = ctx.rule, ctx.arg
+        gg_out = rule.vjp(upstream, saved, arg) if ctx.needs_input_grad[0] else None
+        gg_saved = rule.saved_term(upstream, grad_out, saved, arg) if ctx.needs_input_grad[1] else None
+        return gg_out, gg_saved, None, None
+
+
+class _ElementwiseFunction(torch.autograd.Function):
+    """``rule.forward(x, arg)`` whose input gradient is :class:`_ElementwiseInputGrad` when the
+    backward builds a graph (``apply(x, rule, arg)``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+        y, saved = rule.forward(x, arg)
+        ctx.save_for_backward(saved)
+        ctx.rule, ctx.arg = rule, arg
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (saved,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            return ctx.rule.vjp(grad_out, saved, ctx.arg), None, None
+        return _ElementwiseInputGrad.apply(grad_out, saved, ctx.rule, ctx.arg), None, None
+
+
+class SoftmaxFunction(_ElementwiseFunction):
+    """``torch.softmax(x, dim)``: ``SoftmaxFunction.apply(x, SOFTMAX, dim)``."""
+
+
+class GeluFunction(_ElementwiseFunction):
+    """``F.gelu(x, approximate)``: ``GeluFunction.apply(x, GELU, approximate)``."""
+
+
+SOFTMAX, GELU = _SoftmaxRule(), _GeluRule()
+
+
+
+_SOFTMAX = (("input", None), ("dim", None), ("dtype", None))  # torch.softmax, Tensor.softmax
+_F_SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
+_GELU = (("input", None), ("approximate", "none"))
+
+
+def softmax_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
+    """``torch.softmax(input, dim, dtype=None)`` (or the tensor method) through
+    :class:`SoftmaxFunction`, or None when the call is not one it handles (implicit ``dim``,
+    autocast, no gradient)."""
+    x, dim, dtype = bind(_SOFTMAX, args, kwargs)
+    return _softmax_route(x, dim, dtype)
+
+
+def functional_softmax_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
+    """``F.softmax(input, dim, _stacklevel, dtype)``: as :func:`softmax_fast_double_backward`."""
+    x, dim, _, dtype = bind(_F_SOFTMAX, args, kwargs)
+    return _softmax_route(x, dim, dtype)
+
+
+def _softmax_route(x, dim, dtype) -> Optional[torch.Tensor]:
+    if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or not x.requires_grad:
+        return None
+    if not x.is_floating_point() or autocast_dtype(x.device.type) is not None or x.dim() == 0:
+        return None
+    if dtype is not None:
+        x = x.to(dtype)
+    return SoftmaxFunction.apply(x, SOFTMAX, dim)
+
+
+def gelu_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
+    """``F.gelu(input, approximate)`` through :class:`GeluFunction`, or None when the call is not
+    one it handles (no gradient, an unknown ``approximate``: the native call raises)."""
+    x, approximate = bind(_GELU, args, kwargs)
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or approximate not in ("none", "tanh"):
+        return None
+    return GeluFunction.apply(x, GELU, approximate)
+
+
+
+ROUTES = {
+    torch.softmax: softmax_fast_double_backward,
+    F.softmax: functional_softmax_fast_double_backward,
+    torch.Tensor.softmax: softmax_fast_double_backward,
+    F.gelu: gelu_fast_double_backward,
+}
