@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -125,3 +125,23 @@ def latest_checkpoint(directory: PathLike) -> Optional[Path]:
     """``directory/last.pt`` if it exists (the trainer's rolling checkpoint), else None."""
     candidate = Path(directory) / "last.pt"
     return candidate if candidate.is_file() else None
+
+
+#: the files a training run writes into its output folder (checkpoints and metric logs).
+RUN_FILES = ("last.pt", "step_*.pt", "metrics.csv", "metrics.jsonl")
+
+
+def stale_temporaries(directory: PathLike) -> List[Path]:
+    """Temporary files an interrupted atomic write of a run's :data:`RUN_FILES` left in ``directory``."""
+    directory = Path(directory)
+    return sorted({p for name in RUN_FILES for p in directory.glob(f".{name}.*.tmp") if p.is_file()})
+
+
+def existing_run(directory: PathLike) -> List[str]:
+    """Names of the files of an earlier run in ``directory`` (a checkpoint, or metric rows); empty if none."""
+    directory = Path(directory)
+    found = [p.name for p in [directory / "last.pt", *sorted(directory.glob("step_*.pt"))] if p.is_file()]
+    log = directory / "metrics.jsonl"
+    if log.is_file() and log.stat().st_size > 0:
+        found.append(log.name)
+    return found

@@ -176,3 +176,19 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         if before != after:
             differences.append(f"{key}: {before!r} -> {after!r}")
     return differences
+
+
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], path: Any) -> None:
+    """Refuse to resume from the checkpoint at ``path`` when :func:`resume_differences` is not empty.
+
+    Raises:
+        ValueError: listing each key that changes the training itself.
+    """
+    differences = resume_differences(saved, current)
+    if differences:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: its configuration differs from this run's in "
+            f"{len(differences)} key(s) that change the training itself: {'; '.join(differences)}. "
+            f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run (another "
+            "--output-dir, or --overwrite) to train with other settings"
+        )

@@ -118,3 +118,24 @@ def locate_op(model: nn.Module, images: torch.Tensor, op: str) -> Optional[str]:
     finally:
         model.load_state_dict(buffers)
     return None
+
+
+def diagnose_double_backward(error: RuntimeError, model: nn.Module, images: torch.Tensor) -> Optional[DoubleBackwardError]:
+    """The :class:`DoubleBackwardError` that explains ``error``, or None when it is another error.
+
+    ``error`` came from a harmonized step of ``model`` on ``images``; when autograd says an op
+    has no derivative, :func:`locate_op` finds the module that calls it, and the message says
+    how to go on.
+    """
+    op = missing_derivative_op(error)
+    if op is None:
+        return None
+    module = locate_op(model, images.detach(), op)
+    where = f"module `{module}` ({type(model.get_submodule(module)).__name__})" if module else "an unidentified module"
+    return DoubleBackwardError(
+        f"{type(model).__name__} cannot be harmonized: op `{op}` in {where} has no double "
+        f"backward (autograd: 'derivative for {op} is not implemented'). The harmonization loss "
+        "differentiates the input gradient again; replace that op/module with a twice-differentiable "
+        "one (or train with lambda_harmonization=0).",
+        op, module,
+    )

@@ -16,7 +16,6 @@ naming the op and the module that calls it.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from pathlib import Path
@@ -37,43 +36,25 @@ from harmonizer_fast.training.config import (
     RESUMABLE_CHANGES,
     SCHEDULES,
     TrainerConfig,
+    check_resumable,
     lr_multiplier,
-    resume_differences,
 )
 from harmonizer_fast.training.data_mix import Batch
 from harmonizer_fast.training.distributed import init_distributed_from_env, resolve_device, seed_everything
+from harmonizer_fast.training.divergence import TrainingDiverged, check_finite_state, check_finite_step
 from harmonizer_fast.training.double_backward import fast_double_backward
-from harmonizer_fast.training.loss import harmonizer_loss_components
-from harmonizer_fast.training.metrics_log import MetricsLogger
 from harmonizer_fast.training.double_backward_checks import (
     DoubleBackwardError,
-    locate_op,
-    missing_derivative_op,
+    diagnose_double_backward,
     unfused_attention,
 )
+from harmonizer_fast.training.loss import harmonizer_loss_components
+from harmonizer_fast.training.metrics_log import MetricsLogger
 
 __all__ = [
     "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
     "TrainingDiverged", "init_distributed_from_env", "lr_multiplier", "seed_everything", "unfused_attention",
 ]
-
-class TrainingDiverged(FloatingPointError):
-    """The loss or a gradient became non-finite: training stopped before the step was applied.
-
-    The last checkpoint written (if any) is the last good state; it is never overwritten by a
-    non-finite one.
-    """
-
-
-def _stale_temporaries(directory: Path) -> List[Path]:
-    """Temporary files an interrupted atomic write of this run's files left in ``directory``."""
-    names = ("last.pt", "step_*.pt", "metrics.csv", "metrics.jsonl")
-    return sorted({p for name in names for p in directory.glob(f".{name}.*.tmp") if p.is_file()})
-
-
-def _all_finite(tensors) -> bool:
-    tensors = [t for t in tensors if t is not None and t.is_floating_point()]
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class Trainer:
@@ -200,19 +181,11 @@ class Trainer:
                     )
                 (out.loss * scale).backward()
             except RuntimeError as err:
-                op = missing_derivative_op(err)
-                if op is None:
+                diagnosis = diagnose_double_backward(err, self.model, batch.images)
+                if diagnosis is None:
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
-                module = locate_op(self.model, batch.images.detach(), op)
-                where = f"module `{module}` ({type(self.model.get_submodule(module)).__name__})" if module else "an unidentified module"
-                raise DoubleBackwardError(
-                    f"{type(self.model).__name__} cannot be harmonized: op `{op}` in {where} has no double "
-                    "backward (autograd: 'derivative for {op} is not implemented'). The harmonization loss "
-                    "differentiates the input gradient again; replace that op/module with a twice-differentiable "
-                    "one (or train with lambda_harmonization=0).".replace("{op}", op),
-                    op, module,
-                ) from err
+                raise diagnosis from err
         return out
 
     def train_step(self) -> Dict[str, float]:
@@ -229,7 +202,8 @@ class Trainer:
             totals += torch.stack([t.detach().double().cpu() for t in out])
             images += batch.images.shape[0] * self.world_size
         lr = self.optimizer.param_groups[0]["lr"]
-        self._check_finite_step(totals, lr)
+        check_finite_step(self.model, self.optimizer, totals, self.step + 1, lr,
+                          self.output_dir / "last.pt" if self.output_dir else None)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
@@ -246,22 +220,6 @@ class Trainer:
         loss, ce, wd, harm = totals.tolist()
         return {"step": self.step, "lr": lr, "loss": loss, "cross_entropy": ce, "weight_decay": wd,
                 "harmonization": harm, "images_per_s": images / elapsed, "time_s": elapsed}
-
-    def _check_finite_step(self, totals: torch.Tensor, lr: float) -> None:
-        """Stop before a non-finite loss or gradient reaches the weights (one fused check)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if bool(torch.isfinite(totals).all()) and _all_finite(grads):
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        names = ("loss", "cross_entropy", "weight_decay", "harmonization")
-        bad = [name for name, value in zip(names, totals.tolist()) if not math.isfinite(value)]
-        bad_grads = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        what = f"non-finite {', '.join(bad)}" if bad else f"non-finite gradients in {bad_grads[:3]}"
-        raise TrainingDiverged(
-            f"training diverged at step {self.step + 1} (lr {lr:.3g}): {what}. The step was not applied"
-            + (f"; the last good checkpoint is {self.output_dir / 'last.pt'}" if self.output_dir else "")
-            + ". Lower --lr, add --max-grad-norm or warm-up steps, and resume or start again."
-        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -285,11 +243,7 @@ class Trainer:
         written = None
         if self.is_main:
             state = self.state_dict()
-            if not _all_finite(list(state["model"].values())):
-                raise TrainingDiverged(
-                    f"refusing to write checkpoint {str(path)!r} at step {self.step}: the model holds non-finite "
-                    "weights or buffers (the previous checkpoint, if any, is kept)"
-                )
+            check_finite_state(state["model"], path, self.step)
             written = ckpt.save_checkpoint(
                 path, model_state=state["model"], optimizer_state=state["optimizer"],
                 scheduler_state=state["scheduler"], step=state["step"], data_state=state["data"], config=state["config"],
@@ -310,14 +264,7 @@ class Trainer:
         """
         state = ckpt.load_checkpoint(path, map_location="cpu")
         if check_config and state.get("config"):
-            differences = resume_differences(state["config"], self.config.to_dict())
-            if differences:
-                raise ValueError(
-                    f"cannot resume from {str(path)!r}: its configuration differs from this run's in "
-                    f"{len(differences)} key(s) that change the training itself: {'; '.join(differences)}. "
-                    f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run (another "
-                    "--output-dir, or --overwrite) to train with other settings"
-                )
+            check_resumable(state["config"], self.config.to_dict(), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") is not None:
@@ -343,14 +290,6 @@ class Trainer:
                 stack.enter_context(unfused_attention(self.model))
             yield
 
-    def _existing_run(self) -> List[str]:
-        """Files of an earlier run in ``output_dir`` (a checkpoint, or metric rows)."""
-        found = [p.name for p in [self.output_dir / "last.pt", *sorted(self.output_dir.glob("step_*.pt"))] if p.is_file()]
-        log = self.output_dir / "metrics.jsonl"
-        if log.is_file() and log.stat().st_size > 0:
-            found.append(log.name)
-        return found
-
     def fit(
         self,
         steps: Optional[int] = None,
@@ -375,7 +314,7 @@ class Trainer:
         """
         cfg = self.config
         if self.output_dir and self.is_main:
-            for stale in _stale_temporaries(self.output_dir):
+            for stale in ckpt.stale_temporaries(self.output_dir):
                 stale.unlink()  # left by a write killed mid-way (kill -9); the real files are intact
         if resume:
             path = (self.output_dir / "last.pt") if resume is True and self.output_dir else resume
@@ -384,7 +323,7 @@ class Trainer:
             if path is not None:
                 self.load_checkpoint(path)
         elif self.step == 0 and self.output_dir and not overwrite:
-            existing = self._existing_run()
+            existing = ckpt.existing_run(self.output_dir)
             if existing:
                 raise FileExistsError(
                     f"{str(self.output_dir)!r} already holds a training run ({', '.join(existing)}): pass "

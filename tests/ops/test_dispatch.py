@@ -98,7 +98,7 @@ def test_auto_on_cpu_serves_gradients_the_fused_op_does_not_give():
 def _poisoned_fused_ops(monkeypatch):
     """Make every fused entry point raise, and report which ones were reached."""
     reached = []
-    from harmonizer_fast.training import loss as loss_module
+    from harmonizer_fast.training import harmonization as harmonization_module
     import harmonizer_fast.training.pyramid as pyramid_module
 
     def poison(name):
@@ -113,8 +113,8 @@ def _poisoned_fused_ops(monkeypatch):
     })
     fake_saliency = type("FakeSaliency", (), {"fused_saliency_standardize_cut": staticmethod(poison("saliency"))})
     fake_pyramid = type("FakePyramid", (), {"fused_pyramid": staticmethod(poison("pyramid"))})
-    monkeypatch.setattr(loss_module, "_fused_alignment", fake_alignment)
-    monkeypatch.setattr(loss_module, "_fused_saliency", fake_saliency)
+    monkeypatch.setattr(harmonization_module, "_fused_alignment", fake_alignment)
+    monkeypatch.setattr(harmonization_module, "_fused_saliency", fake_saliency)
     monkeypatch.setattr(pyramid_module.ops, "pyramid", fake_pyramid)
     return reached
 
