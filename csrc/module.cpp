@@ -12,6 +12,7 @@ void register_crc32c(py::module_& m);
 void register_metrics(py::module_& m);
 void register_ridge(py::module_& m);
 void register_pls(py::module_& m);
+void register_layer_norm(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
@@ -27,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   register_metrics(m);
   register_ridge(m);
   register_pls(m);
+  register_layer_norm(m);
 }

