@@ -8,12 +8,13 @@ Variants, on the same model, batch and optimizer (SGD), each a full step (forwar
   ``harmonizer_loss`` written below (both pyramids built level by level, all six levels,
   gradients taken with ``torch.autograd.grad`` over the parameter list, name-filtered
   weight decay, native depthwise convolutions, attention in the math SDPA kernel).
-* ``Trainer``: :meth:`harmonizer_fast.training.Trainer.train_step` (the package's loss,
-  fast double backward; its defaults, so timm attention unfused: the closed-form softmax
-  and GELU of :mod:`harmonizer_fast.training.attention_double_backward`).
-* ``Trainer, fused_attn kept`` (models with timm attention only): the same with
-  ``unfuse_attention=False``, so attention goes through ``scaled_dot_product_attention`` and
-  its closed-form double backward (:class:`~harmonizer_fast.training.attention_double_backward.AttentionFunction`).
+* ``Trainer``: :meth:`harmonizer_fast.training.Trainer.train_step` with its defaults (the
+  package's loss, fast double backward; timm's ``fused_attn`` kept, so attention goes through
+  ``scaled_dot_product_attention`` and its closed form,
+  :class:`~harmonizer_fast.training.attention_double_backward.AttentionFunction`).
+* ``Trainer, attention unfused`` (models with timm attention only): the same with timm's
+  attention switched to its explicit matmul/softmax path (the closed-form softmax of
+  :mod:`harmonizer_fast.training.activation_double_backward`).
 
 Peak memory is the growth of the process's peak RSS over the run of each variant (a
 lower bound when an earlier variant already raised the peak); on CUDA, each variant's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import subprocess
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from benchmarks._timing import Comparison, measure, peak_rss_gib
 
 MODELS = ("resnet18", "convnext_atto", "efficientnet_lite0", "vit_tiny_patch16_224", "vit_base_patch16_224")
-PLAIN, PORT, TRAINER, TRAINER_SDPA = "plain CE", "reference port", "Trainer", "Trainer, fused_attn kept"
+PLAIN, PORT, TRAINER, TRAINER_UNFUSED = "plain CE", "reference port", "Trainer", "Trainer, attention unfused"
 BATCH = 8
 SIZE = 224
 
@@ -140,6 +142,7 @@ def _variants(name, batch=BATCH, device="cpu", amp=False, only: Optional[Sequenc
     autocast in all of them."""
     from harmonizer_fast.models import preprocess_input
     from harmonizer_fast.training import Trainer, TrainerConfig
+    from harmonizer_fast.training.double_backward_checks import unfused_attention
 
     images, heatmaps, labels, tokens = _batch(batch, device)
     x = preprocess_input(images)
@@ -174,23 +177,22 @@ def _variants(name, batch=BATCH, device="cpu", amp=False, only: Optional[Sequenc
 
         steps.append((PORT, port))
 
-    def trainer_step(unfuse_attention):
-        config = TrainerConfig(batch_size=batch, steps=10**6, lr=1e-4, progress=False, device=str(device), amp=amp,
-                               unfuse_attention=unfuse_attention)
+    def trainer_step(unfuse):
+        config = TrainerConfig(batch_size=batch, steps=10**6, lr=1e-4, progress=False, device=str(device), amp=amp)
         trainer = Trainer(_model(name, device), config, train_data=_Repeat((images, heatmaps, labels, tokens)))
 
         def harmonized():
-            with trainer.harmonizing():
+            with trainer.harmonizing(), unfused_attention(trainer.model) if unfuse else contextlib.nullcontext():
                 trainer.train_step()
 
         return harmonized, trainer.model
 
     if wanted(TRAINER):
-        steps.append((TRAINER, trainer_step(True)[0]))
-    if wanted(TRAINER_SDPA):
-        step, model = trainer_step(False)
+        steps.append((TRAINER, trainer_step(False)[0]))
+    if wanted(TRAINER_UNFUSED):
+        step, model = trainer_step(True)
         if _has_timm_attention(model):
-            steps.append((TRAINER_SDPA, step))
+            steps.append((TRAINER_UNFUSED, step))
     return [(label, _synchronized(fn, device)) for label, fn in steps]
 
 
@@ -226,10 +228,14 @@ def compare(quick: bool = False, repeats: int = 0, models=None, batch: int = BAT
     return f"Harmonized training step vs plain cross-entropy step ({where})", comparisons
 
 
+_NODE_EVENT = "autograd::engine::evaluate_function: "
+
+
 def profile(name: str, variant: str = TRAINER, rows: int = 15, batch: int = BATCH) -> str:
     """torch.profiler table (self CPU time) of one ``variant`` step of ``name``, then the self
     time of the aten ops under each autograd node (which backward formula spends it;
-    ``forward`` = outside any node)."""
+    ``forward`` = outside any node) plus the node's own time outside aten ops ("(not aten)":
+    Python, and C++ kernels such as the fused layer-norm double backward)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -242,18 +248,24 @@ def profile(name: str, variant: str = TRAINER, rows: int = 15, batch: int = BATC
     by_node: collections.Counter = collections.Counter()
     by_node_op: collections.Counter = collections.Counter()
     for event in prof.profiler.function_events:
-        if not event.name.startswith("aten::"):
+        op = event.name
+        if op.startswith(_NODE_EVENT):  # the node's own time: Python, and C++ kernels outside aten
+            op = "(not aten)"
+        elif not op.startswith("aten::"):
             continue
         node, parent = "forward", event.cpu_parent
+        if event.name.startswith(_NODE_EVENT):
+            node = event.name.split(": ", 1)[1]
         while parent is not None:  # the outermost autograd node evaluating this op
-            if parent.name.startswith("autograd::engine::evaluate_function: "):
+            if parent.name.startswith(_NODE_EVENT):
                 node = parent.name.split(": ", 1)[1]
             parent = parent.cpu_parent
         by_node[node] += event.self_cpu_time_total
-        by_node_op[node, event.name] += event.self_cpu_time_total
+        by_node_op[node, op] += event.self_cpu_time_total
     total = sum(by_node.values()) or 1.0
     lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), "",
-             f"self time of aten ops by autograd node ({name}, {variant}, total {total / 1e6:.3f} s):"]
+             f"self time of aten ops by autograd node, plus each node's own time outside aten ops ({name}, "
+             f"{variant}, total {total / 1e6:.3f} s):"]
     lines += [f"  {100 * t / total:5.1f} %  {node}" for node, t in by_node.most_common(rows)]
     lines += ["", "by (autograd node, op):"]
     lines += [f"  {100 * t / total:5.1f} %  {node}  {op}" for (node, op), t in by_node_op.most_common(2 * rows)]
@@ -275,10 +287,10 @@ def step_peak_rss_gib(name: str, variant: str, batch: int = BATCH) -> Optional[f
 def memory(models: Sequence[str], batch: int = BATCH) -> str:
     """Markdown table of :func:`step_peak_rss_gib` per model and variant, each in a fresh process."""
     lines = [f"### Peak RSS growth over one step (GiB, CPU, batch {batch}, {SIZE} px, fresh process per variant)", "",
-             "| model | " + " | ".join((PLAIN, PORT, TRAINER, TRAINER_SDPA)) + " |", "|---|---|---|---|---|"]
+             "| model | " + " | ".join((PLAIN, PORT, TRAINER, TRAINER_UNFUSED)) + " |", "|---|---|---|---|---|"]
     for name in models:
         cells = []
-        for variant in (PLAIN, PORT, TRAINER, TRAINER_SDPA):
+        for variant in (PLAIN, PORT, TRAINER, TRAINER_UNFUSED):
             code = ("from benchmarks.compare_train_overhead import step_peak_rss_gib as f; "
                     f"r = f({name!r}, {variant!r}, {batch}); print('' if r is None else r)")
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -297,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--profile", default=None, help="print a profiler table of one step of this model")
     parser.add_argument("--variant", default=TRAINER, help=f"the step --profile runs: {PLAIN!r}, {PORT!r}, "
-                        f"{TRAINER!r} (default) or {TRAINER_SDPA!r}")
+                        f"{TRAINER!r} (default) or {TRAINER_UNFUSED!r}")
     parser.add_argument("--memory", action="store_true", help="CPU peak RSS growth of one step per variant, "
                         "each in a fresh process (no timing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (the GPU script uses cuda)")
