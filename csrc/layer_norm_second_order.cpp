@@ -20,9 +20,7 @@
 #include <string>
 #include <vector>
 
-#ifdef HF_HAVE_OPENMP
-#include <omp.h>
-#endif
+#include "parallel_ranges.h"
 
 namespace py = pybind11;
 
@@ -143,24 +141,13 @@ void layer_norm_double_backward(Arr<T> x, Arr<T> grad_out, Arr<T> upstream, py::
 #ifdef HF_LN_AVX2
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernel = &rows_avx2<T>;
 #endif
-  int threads = std::max(1, num_threads);
-  // below ~32K values a second thread costs more to start than it saves
-  if (rows * m < (int64_t(1) << 15)) threads = 1;
-  threads = int(std::min<int64_t>(threads, std::max<int64_t>(rows, 1)));
+  const int threads = threads_for(num_threads, rows * m, rows);
   std::vector<double> acc(s.need_w ? size_t(threads) * size_t(m) : 0, 0.0);
   {
     py::gil_scoped_release release;
-#ifdef HF_HAVE_OPENMP
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-    {
-      const int t = 0, n = 1;
-#endif
-      const int64_t begin = rows * t / n, end = rows * (t + 1) / n;
+    parallel_ranges(rows, threads, 1, [&](int64_t begin, int64_t end, int t) {
       kernel(s, begin, end, px, pg, pu, w, pm, pr, og, ox, s.need_w ? acc.data() + size_t(t) * size_t(m) : nullptr);
-    }
+    });
     if (s.need_w) {
       for (int64_t j = 0; j < m; ++j) {
         double total = 0;

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from harmonizer_fast._ext import _C
 from harmonizer_fast.training._second_order import autocast_dtype, bind, row_dot
 
 __all__ = [
@@ -112,7 +113,28 @@ class _GeluRule(_ElementwiseRule):
         return _aten.gelu_backward(grad, x, approximate=approximate)
 
     def saved_term(self, upstream, grad, x, approximate):
+        fused = _fused_gelu_saved_term(upstream, grad, x) if approximate == "none" else None
+        if fused is not None:
+            return fused
         return _gelu_second_derivative(x, approximate).mul_(upstream).mul_(grad)
+
+
+_GELU_KERNELS = {torch.float32: "gelu_second_order_term_f32", torch.float64: "gelu_second_order_term_f64"}
+
+
+def _fused_gelu_saved_term(upstream: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    r""":math:`y''(x) \odot g \odot u` of exact GELU in one C++ pass (``csrc/gelu_second_order.cpp``,
+    as accurate as the torch formula in float32), or None off the CPU, for other dtypes or
+    broadcasting shapes, or without the extension (then the torch formula runs)."""
+    tensors = (upstream, grad, x)
+    if _C is None or x.dtype not in _GELU_KERNELS or any(
+            t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape for t in tensors):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    flat = lambda t: t.detach().contiguous().view(-1).numpy()
+    getattr(_C, _GELU_KERNELS[x.dtype])(flat(x), flat(grad), flat(upstream), out.view(-1).numpy(),
+                                        torch.get_num_threads())
+    return out
 
 
 class _ElementwiseInputGrad(torch.autograd.Function):

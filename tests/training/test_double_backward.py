@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harmonizer_fast.training import norm_double_backward
+from tests.training._kernels import KERNEL_PATHS, kernel_path
 from harmonizer_fast.training.double_backward import (
     Conv2dFunction,
     batch_norm_fast_double_backward,
@@ -164,37 +165,9 @@ def test_batch_norm_second_order_matches_native(shape, affine):
     _assert_all_close(results["fast"], results["native"])  # incl. the running statistics
 
 
-class _CountingExtension:
-    """Stands in for ``harmonizer_fast._C`` and counts the fused layer-norm kernel's calls."""
-
-    def __init__(self, real):
-        self.real, self.calls = real, 0
-
-    def __getattr__(self, name):
-        attr = getattr(self.real, name)
-        if not name.startswith("layer_norm_double_backward"):
-            return attr
-
-        def counted(*args):
-            self.calls += 1
-            return attr(*args)
-
-        return counted
-
-
-@pytest.fixture(params=["fused kernel", "torch ops"])
+@pytest.fixture(params=KERNEL_PATHS)
 def layer_norm_kernel(request, monkeypatch):
-    """Run the layer-norm double backward through the C++ kernel (counting its calls) or, with
-    the extension hidden, through the torch formulas; yields the counter (None for torch)."""
-    if request.param == "torch ops":
-        monkeypatch.setattr(norm_double_backward, "_C", None)
-        yield None
-        return
-    if norm_double_backward._C is None:
-        pytest.skip("the C++ extension is not built")
-    counter = _CountingExtension(norm_double_backward._C)
-    monkeypatch.setattr(norm_double_backward, "_C", counter)
-    yield counter
+    return kernel_path(request.param, monkeypatch, norm_double_backward, "layer_norm_double_backward")
 
 
 @pytest.mark.parametrize("shape,normalized,affine", [((3, 5, 7), (7,), True), ((2, 3, 4, 5), (4, 5), True),

@@ -9,12 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from harmonizer_fast.training import activation_double_backward
 from harmonizer_fast.training.attention_double_backward import (
     gelu_fast_double_backward,
     scaled_dot_product_attention_fast_double_backward,
     softmax_fast_double_backward,
 )
 from harmonizer_fast.training.double_backward import fast_double_backward
+from tests.training._kernels import KERNEL_PATHS, kernel_path
 
 DEVICE = torch.device(os.environ.get("HF_TEST_DEVICE", "cpu"))
 
@@ -109,13 +111,28 @@ def test_softmax_second_order_matches_native(dim):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_second_order_matches_native(approximate):
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_gelu_second_order_matches_native(approximate, path, monkeypatch):
+    counter = kernel_path(path, monkeypatch, activation_double_backward, "gelu_second_order_term")
     gen = torch.Generator().manual_seed(6)
     x = _randn(4, 7, 5, gen=gen, scale=2.0)
     expected = _second_order(lambda x: F.gelu(x, approximate=approximate), (x,))
     actual = _second_order(lambda x: gelu_fast_double_backward(x, approximate=approximate), (x,))
     assert actual[0].grad_fn.name().startswith("GeluFunction")
     _assert_all_close(actual, expected)
+    if counter is not None and DEVICE.type == "cpu":
+        assert counter.calls == (1 if approximate == "none" else 0)  # the tanh form stays in torch ops
+
+
+def test_gelu_fused_kernel_float32_mlp_shape(monkeypatch):
+    # a ViT MLP's hidden activations in float32 (several threads' worth, |x| up to ~13)
+    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, "gelu_second_order_term")
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(2, 197, 96, generator=gen) * 3).to(DEVICE).requires_grad_(True)
+    expected = _second_order(F.gelu, (x,))
+    actual = _second_order(gelu_fast_double_backward, (x,))
+    torch.testing.assert_close(actual[2][0], expected[2][0], rtol=1e-4, atol=1e-5 * expected[2][0].abs().max().item())
+    assert counter.calls == (1 if DEVICE.type == "cpu" else 0)
 
 
 def test_attention_bias_gradient_inside_a_graph_building_backward():
