@@ -234,8 +234,8 @@ _NODE_EVENT = "autograd::engine::evaluate_function: "
 def profile(name: str, variant: str = TRAINER, rows: int = 15, batch: int = BATCH) -> str:
     """torch.profiler table (self CPU time) of one ``variant`` step of ``name``, then the self
     time of the aten ops under each autograd node (which backward formula spends it;
-    ``forward`` = outside any node) plus the node's own time outside aten ops ("(not aten)":
-    Python, and C++ kernels such as the fused layer-norm double backward)."""
+    ``forward`` = outside any node) plus the time outside aten ops ("(not aten)": Python, the
+    profiler's own ranges, and C++ kernels such as the fused layer-norm double backward)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -249,10 +249,8 @@ def profile(name: str, variant: str = TRAINER, rows: int = 15, batch: int = BATC
     by_node_op: collections.Counter = collections.Counter()
     for event in prof.profiler.function_events:
         op = event.name
-        if op.startswith(_NODE_EVENT):  # the node's own time: Python, and C++ kernels outside aten
+        if not op.startswith("aten::"):  # an autograd node's own time: Python, C++ kernels outside aten
             op = "(not aten)"
-        elif not op.startswith("aten::"):
-            continue
         node, parent = "forward", event.cpu_parent
         if event.name.startswith(_NODE_EVENT):
             node = event.name.split(": ", 1)[1]
@@ -264,8 +262,8 @@ def profile(name: str, variant: str = TRAINER, rows: int = 15, batch: int = BATC
         by_node_op[node, op] += event.self_cpu_time_total
     total = sum(by_node.values()) or 1.0
     lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), "",
-             f"self time of aten ops by autograd node, plus each node's own time outside aten ops ({name}, "
-             f"{variant}, total {total / 1e6:.3f} s):"]
+             f"self time by autograd node (aten ops, and '(not aten)': each node's own Python and C++ kernel "
+             f"time; {name}, {variant}, total {total / 1e6:.3f} s):"]
     lines += [f"  {100 * t / total:5.1f} %  {node}" for node, t in by_node.most_common(rows)]
     lines += ["", "by (autograd node, op):"]
     lines += [f"  {100 * t / total:5.1f} %  {node}  {op}" for (node, op), t in by_node_op.most_common(2 * rows)]
