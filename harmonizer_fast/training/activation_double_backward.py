@@ -70,10 +70,6 @@ class _ElementwiseRule:
     def saved_term(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
         raise NotImplementedError
 
-    def derivative(self, saved: torch.Tensor, arg) -> Optional[torch.Tensor]:
-        """:math:`f'(x)` when the Jacobian is diagonal (then ``vjp(g) = f'(x) * g``), else None."""
-        return None
-
 
 class _SoftmaxRule(_ElementwiseRule):
     r"""Saved :math:`P`; VJP :func:`softmax_vjp`; :math:`\bar P = (u - \alpha) \odot g - c \odot u`."""
@@ -116,10 +112,6 @@ class _GeluRule(_ElementwiseRule):
     def vjp(self, grad, x, approximate):
         return _aten.gelu_backward(grad, x, approximate=approximate)
 
-    def derivative(self, x, approximate):
-        one = torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
-        return _aten.gelu_backward(one, x.detach(), approximate=approximate)
-
     def saved_term(self, upstream, grad, x, approximate):
         fused = _fused_gelu_saved_term(upstream, grad, x) if approximate == "none" else None
         if fused is not None:
@@ -146,55 +138,42 @@ def _fused_gelu_saved_term(upstream: torch.Tensor, grad: torch.Tensor, x: torch.
 
 
 class _ElementwiseInputGrad(torch.autograd.Function):
-    r"""An activation's input gradient :math:`J^\top g` (``rule.vjp``, or ``derivative * g`` when the
-    rule's Jacobian is diagonal) whose backward is the same product of the upstream and
-    ``rule.saved_term``."""
+    r"""An activation's input gradient :math:`J^\top g` (``rule.vjp``) whose backward is
+    ``rule.vjp`` of the upstream and ``rule.saved_term``."""
 
     @staticmethod
-    def forward(ctx, grad_out: torch.Tensor, saved: torch.Tensor, derivative: Optional[torch.Tensor],
-                rule: _ElementwiseRule, arg) -> torch.Tensor:
-        ctx.save_for_backward(grad_out, saved, derivative)
+    def forward(ctx, grad_out: torch.Tensor, saved: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+        ctx.save_for_backward(grad_out, saved)
         ctx.rule, ctx.arg = rule, arg
-        return rule.vjp(grad_out, saved, arg) if derivative is None else grad_out * derivative
+        return rule.vjp(grad_out, saved, arg)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, upstream: torch.Tensor):
-        grad_out, saved, derivative = ctx.saved_tensors
+        grad_out, saved = ctx.saved_tensors
         rule, arg = ctx.rule, ctx.arg
-        gg_out = None
-        if ctx.needs_input_grad[0]:
-            gg_out = rule.vjp(upstream, saved, arg) if derivative is None else upstream * derivative
+        gg_out = rule.vjp(upstream, saved, arg) if ctx.needs_input_grad[0] else None
         gg_saved = rule.saved_term(upstream, grad_out, saved, arg) if ctx.needs_input_grad[1] else None
-        return gg_out, gg_saved, None, None, None
+        return gg_out, gg_saved, None, None
 
 
 class _ElementwiseFunction(torch.autograd.Function):
     """``rule.forward(x, arg)`` whose input gradient is :class:`_ElementwiseInputGrad` when the
-    backward builds a graph (``apply(x, rule, arg)``).
-
-    For a diagonal Jacobian (GELU) the graph-building backward computes :math:`f'(x)` once and
-    keeps it on this node: the saliency pass, the double backward and this node's own training
-    backward then each multiply by it instead of recomputing :math:`f'` (three ``gelu_backward``
-    calls per layer and step before, one now; one activation-sized tensor more is kept)."""
+    backward builds a graph (``apply(x, rule, arg)``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
         y, saved = rule.forward(x, arg)
         ctx.save_for_backward(saved)
         ctx.rule, ctx.arg = rule, arg
-        ctx.derivative = None
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (saved,) = ctx.saved_tensors
         if not torch.is_grad_enabled():
-            if ctx.derivative is not None:
-                return grad_out * ctx.derivative, None, None
             return ctx.rule.vjp(grad_out, saved, ctx.arg), None, None
-        ctx.derivative = ctx.rule.derivative(saved, ctx.arg)
-        return _ElementwiseInputGrad.apply(grad_out, saved, ctx.derivative, ctx.rule, ctx.arg), None, None
+        return _ElementwiseInputGrad.apply(grad_out, saved, ctx.rule, ctx.arg), None, None
 
 
 class SoftmaxFunction(_ElementwiseFunction):
