@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from harmonizer_fast._ext import _C
 from harmonizer_fast.training._second_order import autocast_dtype, bind, needs_grad, row_dot, will_be_used
 from harmonizer_fast.training.activation_double_backward import (  # re-exported: their former home
     GeluFunction,
@@ -90,26 +89,6 @@ def _as_batched(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
-_CENTERED_KERNELS = {torch.float32: "attention_centered_products_f32", torch.float64: "attention_centered_products_f64"}
-
-
-def _centered_products(w: torch.Tensor, probs: torch.Tensor, e: torch.Tensor, need_grad_s: bool):
-    r""":math:`W_c = W - \langle W, P\rangle`, then :math:`(Z, \bar P, dS) = (P \odot W_c,\ W_c \odot E,\
-    P \odot E)` (``dS`` None unless ``need_grad_s``); ``w`` is overwritten (by :math:`\bar P`).
-    One C++ pass per row on the CPU (``csrc/attention_second_order.cpp``), else torch ops."""
-    if (_C is not None and w.dtype in _CENTERED_KERNELS and w.device.type == "cpu" and w.is_contiguous()
-            and all(t.dtype == w.dtype and t.shape == w.shape and t.is_contiguous() for t in (probs, e))):
-        z = torch.empty_like(w)
-        grad_s = torch.empty_like(w) if need_grad_s else None
-        rows = lambda t: t.detach().view(-1, t.shape[-1]).numpy()
-        getattr(_C, _CENTERED_KERNELS[w.dtype])(rows(w), rows(probs), rows(e), rows(z),
-                                                None if grad_s is None else rows(grad_s), torch.get_num_threads())
-        return z, w, grad_s
-    w_centered = w.sub_(row_dot(w, probs))
-    z = probs * w_centered  # = J^T W
-    return z, w_centered.mul_(e), probs * e if need_grad_s else None
-
-
 class _AttentionInputGrad(torch.autograd.Function):
     r"""The attention input gradient :math:`(dQ, dK, dV)` (and :math:`dS` when the bias gradient
     is needed) with the closed-form backward of the module docstring."""
@@ -143,18 +122,17 @@ class _AttentionInputGrad(torch.autograd.Function):
             w = _bmm(q, up_k.transpose(1, 2), s, add=w)
         if up_s is not None:
             w = up_s.clone() if w is None else w.add_(up_s)
-        need_grad_s = up_q is not None or up_k is not None
-        grad_s = None
         if w is not None:
-            z, gg_probs, grad_s = _centered_products(w, probs, e, need_grad_s)
+            w_centered = w.sub_(row_dot(w, probs))
+            z = probs * w_centered  # = J^T W
             gg_out = torch.bmm(z, v)
             gg_v = torch.bmm(z.transpose(1, 2), g)
+            gg_probs = w_centered.mul_(e)
         if up_v is not None:
             gg_out = _bmm(probs, up_v, add=gg_out)
             gg_probs = _bmm(g, up_v.transpose(1, 2), add=gg_probs)
-        if need_grad_s:
-            if grad_s is None:
-                grad_s = probs * e
+        if up_q is not None or up_k is not None:
+            grad_s = probs * e
             if up_k is not None:
                 gg_q = _bmm(grad_s, up_k, s).view(q_shape)
             if up_q is not None:
