@@ -373,6 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--grid", action="store_true", help="ratio table over the shape grid")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (checks that the script runs)")
     parser.add_argument("--wide", action="store_true", help="add PLS shapes where scikit-learn takes minutes")
+    parser.add_argument(
+        "--readout", choices=("both", "ridge", "pls"), default="both", help="grid: one readout only (a run in parts)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per shape and side (grid)")
     parser.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape before repeats stop")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (without --grid)")
@@ -381,6 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--repeats must be >= 1 and --budget-s > 0, got {args.repeats} and {args.budget_s}")
     if args.grid:
         grids = (TINY_GRID, TINY_GRID) if args.tiny else (RIDGE_GRID, PLS_GRID + (PLS_WIDE_GRID if args.wide else ()))
+        grids = tuple(g if args.readout in ("both", kind) else () for g, kind in zip(grids, ("ridge", "pls")))
         start = time.perf_counter()
         rows = run_grid(*grids, repeats=args.repeats, budget_s=args.budget_s)
         print(f"### IT readouts vs scikit-learn, shape grid ({len(ALPHAS)} alphas, PLS tol 1e-6)\n")
