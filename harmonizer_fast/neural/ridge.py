@@ -50,6 +50,24 @@ for all targets) the alpha with the best validation score. It matches scikit-lea
 All arithmetic is float64 (as scikit-learn >= 1.5 does for this estimator); float32 inputs
 give float32 ``coef_``/``intercept_``/predictions. The estimator is a scikit-learn estimator
 (``clone``, ``get_params``/``set_params``, grid search, ``NotFittedError``, R^2 ``score``).
+
+Where things live: this module holds the estimator (parameters, validation order, result
+attributes); :mod:`~harmonizer_fast.neural.ridge_solvers` the decompositions and the three
+routes; :mod:`~harmonizer_fast.neural.ridge_path` the alpha path and the validation scores;
+:mod:`~harmonizer_fast.neural._backend` input validation, the C++ reductions and the BLAS
+thread policy.
+
+Leave-one-out against scikit-learn when :math:`p \ge n`: scikit-learn's gram mode corrects
+the leave-one-out denominator for the intercept by subtracting :math:`(G^{-1} 1)_i / n` from
+:math:`[G^{-1}]_{ii}`, two terms of size :math:`\approx 1/(\alpha n)` whose difference is the
+:math:`\sum_k Q_{ik}^2/(\lambda_k + \alpha)` that matters (over the other eigenvectors). The
+rounding of both terms (of the subtraction, and of the computed eigenvector of the constant
+direction, whose eigenvalue is a round-off ~1e-9 instead of 0) is amplified by their size over
+their difference, so its LOO errors are off by a relative amount that grows as
+:math:`1/\alpha` (4e-9 at 500 x 50,000, alpha 1e-3). The dual route here removes that direction
+exactly and equals a refit-per-sample leave-one-out to ~1e-15, so where scikit-learn's error
+exceeds the gap between two alphas the chosen alphas can differ (a tie within scikit-learn's
+accuracy; see ``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
