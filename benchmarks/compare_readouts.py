@@ -88,24 +88,26 @@ def check_ridge_against_sklearn(ours, ref, X: np.ndarray, Y: np.ndarray, what: s
     if differ.size == 0:
         return ""
     X64 = np.asarray(X, np.float64)
-    curves = SkRidgeCV(ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X64, np.asarray(Y, np.float64)[:, differ])
+    Y64 = np.asarray(Y, np.float64)
+    curves = SkRidgeCV(ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X64, Y64[:, differ])
     sk_mse = curves.cv_results_.reshape(len(X), differ.size, len(ALPHAS)).mean(axis=0)  # (targets, alphas)
     details = []
     for row, j in enumerate(differ):
         a_ours, a_ref = (int(np.flatnonzero(ALPHAS == a)[0]) for a in (ours_alpha[j], ref_alpha[j]))
         our_mse = -ours.cv_scores_[:, j]
+        pair = [a_ours, a_ref]
         gaps = {
             "scikit-learn's curve": abs(sk_mse[row, a_ours] - sk_mse[row, a_ref]) / sk_mse[row, a_ref],
             "our curve": abs(our_mse[a_ours] - our_mse[a_ref]) / our_mse[a_ours],
-            "the two curves": float(np.max(np.abs(our_mse[[a_ours, a_ref]] - sk_mse[row, [a_ours, a_ref]]) / sk_mse[row, [a_ours, a_ref]])),
+            "the two curves": float(np.max(np.abs(our_mse[pair] - sk_mse[row, pair]) / sk_mse[row, pair])),
         }
         worst = max(gaps, key=gaps.get)
         if gaps[worst] > ALPHA_TIE_RTOL:
             raise AssertionError(
-                f"{what}: target {j} chose alpha {ours_alpha[j]:.3g}, scikit-learn {ref_alpha[j]:.3g}, and the LOO MSE of "
-                f"the two alphas differ by {gaps[worst]:.2e} relative in {worst} (tie tolerance {ALPHA_TIE_RTOL})"
+                f"{what}: target {j} chose alpha {ours_alpha[j]:.3g}, scikit-learn {ref_alpha[j]:.3g}, and the LOO "
+                f"MSE of the two alphas differ by {gaps[worst]:.2e} relative in {worst} (tie tolerance {ALPHA_TIE_RTOL})"
             )
-        at_ours = SkRidge(alpha=float(ours_alpha[j])).fit(X64, np.asarray(Y, np.float64)[:, j]).predict(X64)
+        at_ours = SkRidge(alpha=float(ours_alpha[j])).fit(X64, Y64[:, j]).predict(X64)
         _assert_predictions(pred[:, j], at_ours, 1e-5, f"{what}, target {j} at alpha {ours_alpha[j]:.3g}")
         details.append(f"{j} ({ours_alpha[j]:.3g} vs {ref_alpha[j]:.3g}, LOO MSE within {max(gaps.values()):.1e})")
     return (
@@ -125,7 +127,7 @@ def _loo_case(X, Y, label: str, quick: bool) -> Comparison:
     if tie_note:
         print(f"{label}: {tie_note}", file=sys.stderr, flush=True)
     cand = measure(lambda: RidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y), name="RidgeCV LOO", **_reps(quick))
-    note = "same alphas_ (or ties, see stderr), predictions <= 1e-5" if tie_note else "same alphas_, predictions <= 1e-5"
+    note = "same alphas_" + (" (or ties, see stderr)" if tie_note else "") + ", predictions <= 1e-5"
     return Comparison(f"{label} LOO, per-target alpha", base, [cand], note=note)
 
 

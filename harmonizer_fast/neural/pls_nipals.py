@@ -136,7 +136,9 @@ def start_column_numpy(Yk: np.ndarray, cross: np.ndarray) -> int:
     return first if largest[first] > EPS else -1
 
 
-def deflate_numpy(Yk: np.ndarray, xi: np.ndarray, delta: np.ndarray, cross: np.ndarray, g: np.ndarray, coeff: float) -> int:
+def deflate_numpy(
+    Yk: np.ndarray, xi: np.ndarray, delta: np.ndarray, cross: np.ndarray, g: np.ndarray, coeff: float
+) -> int:
     r""":math:`Y_k \mathrel{-}= \xi \delta^\top`, ``cross`` :math:`\mathrel{-}= c\, g \delta^\top` in place
     (the rank-one deflations of Y and of its cross-product), then the next start column as
     :func:`start_column_numpy` finds it. Reference of the C++ ``pls_deflate``."""
@@ -165,7 +167,9 @@ def _constant_residual(start: int, k: int) -> bool:
     return True
 
 
-def _target_direction(M: np.ndarray, start: int, tol: float, max_iter: int, n_iter: List[int]) -> Tuple[np.ndarray, float]:
+def _target_direction(
+    M: np.ndarray, start: int, tol: float, max_iter: int, n_iter: List[int]
+) -> Tuple[np.ndarray, float]:
     r"""Power iteration of one component on ``M = S^T S``: the target-space direction ``v``
     and :math:`1 / (\lVert S v \rVert + \epsilon)` (appends to ``n_iter``, warns at max_iter)."""
     if M.shape[0] == 1:
@@ -200,7 +204,9 @@ def feature_components(
     ``Yk`` in place. Components past the last extracted one stay zero."""
     n, p = X0.shape
     q = Yk.shape[1]
-    W, C, T, P, L = np.zeros((p, n_comp)), np.zeros((q, n_comp)), np.zeros((n, n_comp)), np.zeros((p, n_comp)), np.zeros((q, n_comp))
+    W, P = np.zeros((p, n_comp)), np.zeros((p, n_comp))  # x weights, x loadings
+    C, L = np.zeros((q, n_comp)), np.zeros((q, n_comp))  # y weights, y loadings
+    T = np.zeros((n, n_comp))  # x scores
     n_iter: List[int] = []
     S = X0.T @ Yk  # cross-covariance of the deflated matrices, kept up to date
     with single_blas_thread():  # only matrix-vector and t x t work from here
