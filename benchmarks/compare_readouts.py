@@ -17,7 +17,6 @@ per-shape time budget caps the repeats of slow shapes (at least one run of each 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -62,6 +61,61 @@ def _assert_predictions(ours: np.ndarray, ref: np.ndarray, rtol: float, what: st
         raise AssertionError(f"{what}: predictions differ by {err:.2e} (relative to max), tolerance {rtol}")
 
 
+#: Relative leave-one-out MSE within which a different alpha per target is accepted as a tie.
+#: scikit-learn's gram mode (p >= n) corrects the LOO denominator for the intercept by a
+#: subtraction that cancels ~1 / (alpha n) against itself, with an error ~ 1 / alpha: 4.3e-9
+#: relative at 500 x 50,000 -> 100, alpha 1e-3 (ours equals a refit-per-sample LOO there to
+#: 1e-15; see benchmarks/RESULTS.md and the test
+#: test_dual_loo_is_exact_where_sklearn_intercept_correction_cancels). Below this tolerance
+#: scikit-learn's own curve cannot order the two alphas.
+ALPHA_TIE_RTOL = 1e-7
+
+
+def check_ridge_against_sklearn(ours, ref, X: np.ndarray, Y: np.ndarray, what: str) -> str:
+    """Same ``alpha_`` per target as scikit-learn's ``ref`` and predictions within 1e-5, except
+    at ties: a target may choose another alpha only where both implementations' LOO MSE of the
+    two alphas agree within :data:`ALPHA_TIE_RTOL` (scikit-learn's curve recomputed with
+    ``store_cv_results``), and then its predictions must equal scikit-learn's ``Ridge`` at our
+    alpha. Returns a note naming the tied targets ("" when every alpha is the same)."""
+    from sklearn.linear_model import Ridge as SkRidge
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    ours_alpha, ref_alpha = np.atleast_1d(ours.alpha_), np.atleast_1d(ref.alpha_)
+    same = ours_alpha == ref_alpha
+    pred, ref_pred = ours.predict(X).reshape(len(X), -1), ref.predict(X).astype(np.float64).reshape(len(X), -1)
+    _assert_predictions(pred[:, same], ref_pred[:, same], 1e-5, what)
+    differ = np.flatnonzero(~same)
+    if differ.size == 0:
+        return ""
+    X64 = np.asarray(X, np.float64)
+    Y64 = np.asarray(Y, np.float64)
+    curves = SkRidgeCV(ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X64, Y64[:, differ])
+    sk_mse = curves.cv_results_.reshape(len(X), differ.size, len(ALPHAS)).mean(axis=0)  # (targets, alphas)
+    details = []
+    for row, j in enumerate(differ):
+        a_ours, a_ref = (int(np.flatnonzero(ALPHAS == a)[0]) for a in (ours_alpha[j], ref_alpha[j]))
+        our_mse = -ours.cv_scores_[:, j]
+        pair = [a_ours, a_ref]
+        gaps = {
+            "scikit-learn's curve": abs(sk_mse[row, a_ours] - sk_mse[row, a_ref]) / sk_mse[row, a_ref],
+            "our curve": abs(our_mse[a_ours] - our_mse[a_ref]) / our_mse[a_ours],
+            "the two curves": float(np.max(np.abs(our_mse[pair] - sk_mse[row, pair]) / sk_mse[row, pair])),
+        }
+        worst = max(gaps, key=gaps.get)
+        if gaps[worst] > ALPHA_TIE_RTOL:
+            raise AssertionError(
+                f"{what}: target {j} chose alpha {ours_alpha[j]:.3g}, scikit-learn {ref_alpha[j]:.3g}, and the LOO "
+                f"MSE of the two alphas differ by {gaps[worst]:.2e} relative in {worst} (tie tolerance {ALPHA_TIE_RTOL})"
+            )
+        at_ours = SkRidge(alpha=float(ours_alpha[j])).fit(X64, Y64[:, j]).predict(X64)
+        _assert_predictions(pred[:, j], at_ours, 1e-5, f"{what}, target {j} at alpha {ours_alpha[j]:.3g}")
+        details.append(f"{j} ({ours_alpha[j]:.3g} vs {ref_alpha[j]:.3g}, LOO MSE within {max(gaps.values()):.1e})")
+    return (
+        f"{differ.size} of {same.size} targets chose another alpha than scikit-learn at a tie (relative LOO MSE "
+        f"within {ALPHA_TIE_RTOL:g} in both implementations): target " + ", ".join(details)
+    )
+
+
 def _loo_case(X, Y, label: str, quick: bool) -> Comparison:
     from sklearn.linear_model import RidgeCV as SkRidgeCV
 
@@ -69,10 +123,12 @@ def _loo_case(X, Y, label: str, quick: bool) -> Comparison:
 
     ref, base = _fit_once(lambda: SkRidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y), "sklearn RidgeCV LOO")
     ours = RidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)
-    np.testing.assert_array_equal(ours.alpha_, ref.alpha_)
-    _assert_predictions(ours.predict(X), ref.predict(X).astype(np.float64), 1e-5, label)
+    tie_note = check_ridge_against_sklearn(ours, ref, X, Y, label)
+    if tie_note:
+        print(f"{label}: {tie_note}", file=sys.stderr, flush=True)
     cand = measure(lambda: RidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y), name="RidgeCV LOO", **_reps(quick))
-    return Comparison(f"{label} LOO, per-target alpha", base, [cand], note="same alphas_, predictions <= 1e-5")
+    note = "same alphas_" + (" (or ties, see stderr)" if tie_note else "") + ", predictions <= 1e-5"
+    return Comparison(f"{label} LOO, per-target alpha", base, [cand], note=note)
 
 
 def _kfold_case(X, Y, label: str, quick: bool, dual: bool) -> Comparison:
@@ -200,8 +256,8 @@ def _time(fn: Callable[[], object]) -> Tuple[object, float]:
 def _ridge_floor(X: np.ndarray, Y: np.ndarray, n_alphas: int) -> float:
     """Seconds of the work both RidgeCV implementations share on this shape, run under the
     package's thread rules (small decompositions and products on one BLAS thread)."""
-    from harmonizer_fast.neural._backend import single_blas_thread
-    from harmonizer_fast.neural.ridge import _SMALL_PRODUCT, _eigh
+    from harmonizer_fast.neural._backend import threads_for_product
+    from harmonizer_fast.neural.ridge_solvers import eigh_psd
 
     n, p = X.shape
     Xc = np.asarray(X, np.float64) - X.mean(axis=0, dtype=np.float64)
@@ -209,12 +265,11 @@ def _ridge_floor(X: np.ndarray, Y: np.ndarray, n_alphas: int) -> float:
     start = time.perf_counter()
     k = min(n, p)
     if p >= n:  # scikit-learn's 'eigen' mode: eigendecomposition of X X^T, as the dual route
-        _eigh(Xc @ Xc.T)
+        eigh_psd(Xc @ Xc.T)
     F = np.ascontiguousarray(Xc[:, :k])
     B = np.ones((k, Y.shape[1]))
     out = np.empty_like(Yc)
-    small = n * k * Y.shape[1] < _SMALL_PRODUCT
-    with single_blas_thread() if small else contextlib.nullcontext():
+    with threads_for_product(n * k * Y.shape[1]):
         for _ in range(n_alphas):  # the per-alpha products, (n x k) @ (k x t)
             np.matmul(F, B, out=out)
     return time.perf_counter() - start
@@ -239,9 +294,9 @@ def _grid_row(kind: str, shape: Tuple[int, int, int], repeats: int, budget_s: fl
     our_fit()  # warm-up (imports, first-touch of the BLAS buffers); also checked below
     ref, sk_first = _time(sk_fit)
     ours, our_first = _time(our_fit)
+    note = ""
     if kind == "ridge":
-        np.testing.assert_array_equal(ours.alpha_, ref.alpha_)
-        _assert_predictions(ours.predict(X), ref.predict(X).astype(np.float64), 1e-5, f"ridge {shape}")
+        note = check_ridge_against_sklearn(ours, ref, X, Y, f"ridge {shape}")
     else:
         if ours.n_iter_ != ref.n_iter_:
             raise AssertionError(f"PLS {shape}: NIPALS iteration counts differ")
@@ -258,6 +313,7 @@ def _grid_row(kind: str, shape: Tuple[int, int, int], repeats: int, budget_s: fl
         ours=statistics.median(our_times),
         ours_spread=(min(our_times), max(our_times)),
         repeats=len(sk_times),
+        note=note,
     )
     row["ratio"] = row["sklearn"] / row["ours"]
     if kind == "ridge":
@@ -290,7 +346,9 @@ def format_grid(rows: Sequence[dict]) -> str:
             f"{_fmt_s(r['ours'])} ({_fmt_s(o_lo)}-{_fmt_s(o_hi)}) | {r['ratio']:.1f}x | {floor} | {bound} | "
             f"{reached} | {r['repeats']} |"
         )
-    return "\n".join(lines)
+    notes = [f"- {'RidgeCV LOO' if r['kind'] == 'ridge' else 'PLS-25'} {' x '.join(map(str, r['shape'][:2]))} -> "
+             f"{r['shape'][2]}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _fmt_s(seconds: float) -> str:
@@ -308,7 +366,7 @@ def run_grid(
     jobs = [("ridge", s) for s in ridge_grid] + [("pls", s) for s in pls_grid]
     for kind, shape in jobs:
         rows.append(_grid_row(kind, shape, repeats, budget_s))
-        print(format_grid(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        print("\n".join(format_grid(rows[-1:]).splitlines()[2:]), file=sys.stderr, flush=True)  # row (+ note)
     return rows
 
 
@@ -317,6 +375,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--grid", action="store_true", help="ratio table over the shape grid")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (checks that the script runs)")
     parser.add_argument("--wide", action="store_true", help="add PLS shapes where scikit-learn takes minutes")
+    parser.add_argument(
+        "--readout", choices=("both", "ridge", "pls"), default="both", help="grid: one readout only (a run in parts)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per shape and side (grid)")
     parser.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape before repeats stop")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (without --grid)")
@@ -325,6 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--repeats must be >= 1 and --budget-s > 0, got {args.repeats} and {args.budget_s}")
     if args.grid:
         grids = (TINY_GRID, TINY_GRID) if args.tiny else (RIDGE_GRID, PLS_GRID + (PLS_WIDE_GRID if args.wide else ()))
+        grids = tuple(g if args.readout in ("both", kind) else () for g, kind in zip(grids, ("ridge", "pls")))
         start = time.perf_counter()
         rows = run_grid(*grids, repeats=args.repeats, budget_s=args.budget_s)
         print(f"### IT readouts vs scikit-learn, shape grid ({len(ALPHAS)} alphas, PLS tol 1e-6)\n")

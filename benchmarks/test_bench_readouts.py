@@ -52,3 +52,24 @@ def test_grid_runs_at_tiny_sizes(capsys):
     table = format_grid(rows)
     assert [r["kind"] for r in rows] == ["ridge", "pls"] and all(r["ratio"] > 0 for r in rows)
     assert "RidgeCV LOO | 60 x 30 -> 3" in table and "PLS-25 | 60 x 30 -> 3" in table
+
+
+def test_ridge_check_accepts_another_alpha_only_at_a_tie():
+    from types import SimpleNamespace
+
+    from benchmarks.compare_readouts import check_ridge_against_sklearn
+
+    X, Y = make_problem(40, 400, 4)  # p >> n: the smallest alphas nearly interpolate, their LOO MSE tie
+    ours = RidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)
+    ref = SkRidgeCV(ALPHAS, alpha_per_target=True).fit(X, Y)
+    assert check_ridge_against_sklearn(ours, ref, X, Y, "same") == ""
+    j = int(np.flatnonzero(ours.alpha_ == ALPHAS[0])[0])
+    for other, tie in ((ALPHAS[1], True), (ALPHAS[-1], False)):
+        forged = SimpleNamespace(alpha_=np.where(np.arange(Y.shape[1]) == j, other, ref.alpha_), predict=ref.predict)
+        if tie:
+            assert "1 of 4 targets chose another alpha than scikit-learn at a tie" in check_ridge_against_sklearn(
+                ours, forged, X, Y, "tie"
+            )
+        else:
+            with pytest.raises(AssertionError, match="tie tolerance"):
+                check_ridge_against_sklearn(ours, forged, X, Y, "no tie")

@@ -29,8 +29,19 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from timm.data import ImageNetInfo
 
 from harmonizer_fast._io import atomic_write_text
+from harmonizer_fast.common import ClickMeRecords
+from harmonizer_fast.evaluation import Saliency, evaluate_clickme
+from harmonizer_fast.evaluation.figure import agg_pyplot, plot_alignment, save_figure_atomically
+from harmonizer_fast.models import load_efficientnet_lite, model_preprocess
+from harmonizer_fast.models.efficientnet_lite import weights_path
+from harmonizer_fast.sample_data import sample_shards
+from harmonizer_fast.training import Trainer, TrainerConfig
+from harmonizer_fast.training.data_mix import ShuffledBatches
+from harmonizer_fast.training.trainer import seed_everything
 
 #: full photographs checked for ImageNet predictions: name -> (loader, accepted classes).
 NATURAL_IMAGES = {
@@ -44,8 +55,7 @@ NATURAL_IMAGES = {
 
 def _natural_images() -> Dict[str, torch.Tensor]:
     """(1, 3, 224, 224) 0..255 float tensors of the full photographs (bilinear, antialiased)."""
-    import torch.nn.functional as F
-    from skimage import data
+    from skimage import data  # optional: scikit-image (the `test` extra, which scripts/setup.sh installs)
 
     out = {}
     for name, (loader, _) in NATURAL_IMAGES.items():
@@ -69,8 +79,6 @@ class ResizedRecords:
         return len(self.records)
 
     def get_batch(self, indices):
-        import torch.nn.functional as F
-
         batch = self.records.get_batch(indices)
         if batch.images.shape[-1] == self.size:
             return batch
@@ -98,8 +106,6 @@ def top5(model: torch.nn.Module, preprocess, images: Dict[str, torch.Tensor]) ->
 
 def _class_names(indices: List[int]) -> List[str]:
     try:
-        from timm.data import ImageNetInfo
-
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in indices]
     except Exception:  # names are cosmetic
@@ -108,26 +114,17 @@ def _class_names(indices: List[int]) -> List[str]:
 
 def alignment(model, preprocess, val_batch) -> np.ndarray:
     """Per-image Spearman correlation of the model's saliency with the validation maps."""
-    from harmonizer_fast.evaluation import evaluate_clickme
 
     scores = evaluate_clickme(model, clickme_val_dataset=[val_batch[:3]], preprocess_inputs=preprocess, progress=False)
     return np.asarray(scores["spearman"])
 
 
 def saliency_maps(model, preprocess, val_batch) -> torch.Tensor:
-    from harmonizer_fast.evaluation import Saliency
-
     return Saliency(model)(preprocess(val_batch.images), val_batch.labels)
 
 
 def plot_curves(history: List[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from harmonizer_fast.evaluation.figure import save_figure_atomically
-
+    plt = agg_pyplot()
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     axes[0].plot(steps, [r["cross_entropy"] for r in history], label="cross entropy")
@@ -152,13 +149,6 @@ def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = 
              eval_every: int = 6, threads: Optional[int] = None, progress: bool = True, seed: int = 0,
              image_size: int = 128) -> dict:
     """Run the demo (see the module docstring); returns the summary also written to ``summary.json``."""
-    from harmonizer_fast.common import ClickMeRecords
-    from harmonizer_fast.evaluation.figure import plot_alignment
-    from harmonizer_fast.models import load_efficientnet_lite, model_preprocess
-    from harmonizer_fast.sample_data import sample_shards
-    from harmonizer_fast.training import Trainer, TrainerConfig
-    from harmonizer_fast.training.data_mix import ShuffledBatches
-    from harmonizer_fast.training.trainer import seed_everything
 
     if threads:
         torch.set_num_threads(threads)
@@ -228,8 +218,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        from harmonizer_fast.models.efficientnet_lite import weights_path
-
         weights_path(0)
     except ImportError as err:
         print(f"demo: {err}", file=sys.stderr)

@@ -18,8 +18,16 @@ import json
 from pathlib import Path
 from typing import Dict, Iterator, List
 
+import numpy as np
+import torch
+
 from harmonizer_fast._io import atomic_write_text
 from harmonizer_fast._argtypes import positive_int
+from harmonizer_fast.common import ClickMeRecords
+from harmonizer_fast.evaluation import Saliency, evaluate_clickme
+from harmonizer_fast.evaluation.figure import plot_alignment
+from harmonizer_fast.models import create_model, model_preprocess, preprocess_input
+from harmonizer_fast.sample_data import sample_shards
 
 
 
@@ -49,18 +57,8 @@ def scores_csv(rows: List[Dict[str, object]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from harmonizer_fast.common import ClickMeRecords
-    from harmonizer_fast.evaluation import Saliency, evaluate_clickme
-    from harmonizer_fast.evaluation.figure import plot_alignment
-    from harmonizer_fast.models import create_model, model_preprocess, preprocess_input
-
     paths = list(args.shards)
     if args.sample:
-        from harmonizer_fast.sample_data import sample_shards
-
         paths += sample_shards("val")
     if not paths:
         raise SystemExit("eval-clickme: pass --shards (ClickMe validation shards) or --sample")

@@ -15,6 +15,18 @@ def _to_numpy(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
 
 
+def agg_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (every figure here is written to a file)."""
+    # lazy: matplotlib.pyplot is the costliest import left out of CLI start-up (measured, benchmarks/RESULTS.md);
+    # the backend is chosen before pyplot loads
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # lazy, as above: after the backend is chosen
+
+    return plt
+
+
 def save_figure_atomically(fig, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
     """``fig.savefig`` as PNG through :func:`harmonizer_fast._io.atomic_open`."""
     with atomic_open(path, "wb") as handle:
@@ -42,11 +54,7 @@ def plot_alignment(
         titles: per-image row labels (e.g. class names).
         max_images: rows drawn at most.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     images = _to_numpy(images)
     heatmaps = _to_numpy(heatmaps)
     maps = {name: _to_numpy(m) for name, m in saliency.items()}

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from scipy.io import loadmat
+from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 from tqdm.auto import tqdm
 
 from harmonizer_fast._io import atomic_write_text
@@ -67,7 +69,6 @@ _WNID = re.compile(r"^n\d{8}$")
 
 def imagenet_synsets() -> List[str]:
     """The 1,000 ILSVRC-2012 WordNet ids in class-index order (sorted), from timm's ``ImageNetInfo``."""
-    from timm.data import ImageNetInfo
 
     return list(ImageNetInfo().label_names())
 
@@ -86,7 +87,6 @@ def _class_index(name: str, synset_index: Mapping[str, int], where: str) -> int:
 
 def _devkit_ids_to_wnids(meta: Path) -> Dict[int, str]:
     """ILSVRC2012_ID -> WordNet id from the devkit's ``meta.mat`` (``synsets`` struct)."""
-    from scipy.io import loadmat
 
     synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
     return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
@@ -229,7 +229,6 @@ def evaluate_imagenet(model: nn.Module, data_dir: PathLike, labels: Optional[Pat
         data_config: overrides of the model's timm data config (e.g. ``{"crop_pct": 1.0}``).
         progress: tqdm progress bar.
     """
-    from timm.data import create_transform, resolve_model_data_config
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
-from harmonizer_fast.models.keras_convert import KERAS_ARCHITECTURES, keras_to_timm
+# The reference's ImageNet normalisation, the same function as harmonizer_fast.common's.
+from harmonizer_fast.common.preprocessing import preprocess_input
 from harmonizer_fast.models.efficientnet_lite import (
     LITE_BN_EPSILON,
     LITE_MEAN,
@@ -24,7 +27,8 @@ from harmonizer_fast.models.efficientnet_lite import (
     convert_lite_state_dict,
     load_efficientnet_lite,
 )
-
+from harmonizer_fast.models.keras_convert import KERAS_ARCHITECTURES, keras_to_timm
+from harmonizer_fast.models.pretrained import create_pretrained
 from harmonizer_fast.spec import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -34,16 +38,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: carries the reference preprocessing x / 255 then ImageNet mean/std).
 MODEL_REGISTRY: Dict[str, str] = {name: arch.timm_name for name, arch in KERAS_ARCHITECTURES.items()}
 
-
-
-def preprocess_input(images: torch.Tensor) -> torch.Tensor:
-    """The reference's ImageNet normalisation (``harmonizer_fast.common.preprocess_input``)."""
-    try:
-        from harmonizer_fast.common import preprocess_input as common_preprocess_input
-    except ImportError:  # package __init__ not re-exporting it (yet): the defining module
-        from harmonizer_fast.common.preprocessing import preprocess_input as common_preprocess_input
-
-    return common_preprocess_input(images)
 
 
 def load_weights(model: nn.Module, weights: PathLike, strict: bool = True) -> nn.Module:
@@ -56,8 +50,6 @@ def load_weights(model: nn.Module, weights: PathLike, strict: bool = True) -> nn
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -72,8 +64,6 @@ def load_weights(model: nn.Module, weights: PathLike, strict: bool = True) -> nn
 def resolve_name(name: str) -> str:
     """timm architecture of a reference name (``ResNet50``, ``load_ResNet50``) or a timm name
     (``arch`` or a published ``arch.tag``, kept as given)."""
-    import timm
-
     if not isinstance(name, str) or not name:
         raise TypeError(f"model name must be a non-empty str, got {name!r}")
     key = name[len("load_"):] if name.startswith("load_") else name
@@ -112,12 +102,6 @@ def create_model(
         cache_dir: Hugging Face cache for ``pretrained`` (default ``HF_HUB_CACHE``).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``drop_rate``).
     """
-    import timm
-
-    # Imported here like timm (which it imports at its top): `import harmonizer_fast.models`
-    # stays free of timm's import cost until a model is built.
-    from harmonizer_fast.models.pretrained import create_pretrained
-
     arch = resolve_name(name)
     if pretrained and weights is not None:
         raise ValueError(f"give `pretrained=True` or `weights` ({str(weights)!r}), not both, for {name!r}")

@@ -12,10 +12,17 @@ import hashlib
 import json
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+from harmonizer_fast.models.keras_convert import (
+    CONVERTER_VERSION,
+    KERAS_ARCHITECTURES,
+    keras_architecture,
+    keras_to_timm,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from harmonizer_fast.models.keras_convert import KERAS_ARCHITECTURES  # deferred: the CLI starts fast
-
     parser.add_argument("name", choices=sorted(KERAS_ARCHITECTURES), help="reference model name")
     parser.add_argument("source", metavar="IN.h5", help="the Keras file (model.save or save_weights layout)")
     parser.add_argument("output", metavar="OUT.safetensors", help="converted weights")
@@ -35,10 +42,6 @@ def file_sha256(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
-    from harmonizer_fast.models.keras_convert import CONVERTER_VERSION, keras_architecture, keras_to_timm
-
     source, output = Path(args.source), Path(args.output)
     if output.suffix != ".safetensors":
         raise ValueError(f"OUT must end in .safetensors, got {str(output)!r}")

@@ -13,6 +13,7 @@ import importlib
 import re
 from typing import Dict, List, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -98,7 +99,6 @@ def load_efficientnet_lite(n: int = 0, pretrained: bool = True, num_classes: int
         pretrained: False builds the same architecture with random weights.
         num_classes: other than 1000 replaces the classifier (random init).
     """
-    import timm
 
     if n not in LITE_PACKAGES:
         raise ValueError(f"`n` must be one of {sorted(LITE_PACKAGES)}, got {n!r}")

@@ -22,6 +22,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import constants, try_to_load_from_cache
 from timm.data import resolve_model_data_config
 
 __all__ = [
@@ -46,7 +47,6 @@ class WeightsNotAvailableError(FileNotFoundError):
 
 def is_offline() -> bool:
     """True when downloads are forbidden: ``HF_HUB_OFFLINE`` (as Hugging Face reads it)."""
-    from huggingface_hub import constants
 
     return bool(constants.is_offline_mode()) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -102,8 +102,6 @@ def check_pretrained_available(name: str, cache_dir: Optional[PathLike] = None) 
     if not is_offline():
         return
     if kind == "hf-hub":
-        from huggingface_hub import try_to_load_from_cache
-
         repo, _, revision = location.partition("@")
         for filename in _HF_WEIGHT_FILES:
             found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision or None)
@@ -124,8 +122,6 @@ def check_pretrained_available(name: str, cache_dir: Optional[PathLike] = None) 
 
 
 def _hf_cache() -> str:
-    from huggingface_hub import constants
-
     return constants.HF_HUB_CACHE
 
 

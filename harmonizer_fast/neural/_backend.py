@@ -31,7 +31,20 @@ __all__ = [
     "centre_gram",
     "centre_cross_gram",
     "single_blas_thread",
+    "threads_for_product",
+    "threads_for_decomposition",
 ]
+
+
+#: Multiply-adds below which a product (or a whole small fit) runs on one BLAS thread.
+SMALL_PRODUCT = 50_000_000
+#: Order below which a decomposition runs on one BLAS thread: threading a small ``eigh`` or
+#: Cholesky costs more than it saves, and far more on a busy machine (a 39 x 39 ``eigh`` took
+#: 37 ms on two OpenBLAS threads at load 6, 0.3 ms on one). A rule on the size only, so the
+#: result bits never depend on the load.
+SMALL_DECOMPOSITION = 512
+
+_single_thread_depth = 0  # nesting depth of single_blas_thread (the limit is set once, outermost)
 
 
 @contextlib.contextmanager
@@ -41,8 +54,11 @@ def single_blas_thread() -> Iterator[None]:
     The many small products of a PLS component (matrix-vector, t x t) and the per-alpha
     products of a small ridge path lose more to thread start-up and spin-waiting than they
     gain: PLSRegression(25) on 3200 x 2048 x 168 took 1.5-1.8 s on one OpenBLAS thread and
-    5.9-7.7 s on two (shared 2-core machine). Large products and the decompositions outside
-    this context keep all threads.
+    5.9-7.7 s on two (shared 2-core machine); a 500 x 200 by 200 x 200 product took 8.0 ms
+    on two threads and 0.5 ms on one at load ~2.5. Large products and the decompositions
+    outside this context keep all threads. Nested uses cost nothing: only the outermost sets
+    and restores the limit (each ``threadpoolctl`` limit costs ~13 us, a tenth of a percent of
+    a small fit per call).
 
     Reproducibility: OpenBLAS results depend, in the last bits, on its thread count (the
     blocked sums are split differently). The thread count used here is fixed (one) and every
@@ -52,8 +68,28 @@ def single_blas_thread() -> Iterator[None]:
     ``threadpoolctl.threadpool_limits(1)``): OpenBLAS's threaded ``eigh`` spin-waits when the
     cores are busy (2048 x 2048: 27-33 s on two threads at load ~8, 5.1-5.7 s on one).
     """
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    global _single_thread_depth
+    if _single_thread_depth:
         yield
+        return
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        _single_thread_depth += 1
+        try:
+            yield
+        finally:
+            _single_thread_depth -= 1
+
+
+def threads_for_product(multiply_adds: int) -> "contextlib.AbstractContextManager[None]":
+    """The BLAS thread policy of products (and of whole fits) of ``multiply_adds`` multiply-adds:
+    one thread below :data:`SMALL_PRODUCT`, the process's configured count above."""
+    return single_blas_thread() if multiply_adds < SMALL_PRODUCT else contextlib.nullcontext()
+
+
+def threads_for_decomposition(order: int) -> "contextlib.AbstractContextManager[None]":
+    """The BLAS thread policy of an ``order`` x ``order`` decomposition (``eigh``, Cholesky): one
+    thread below :data:`SMALL_DECOMPOSITION`, the process's configured count above."""
+    return single_blas_thread() if order < SMALL_DECOMPOSITION else contextlib.nullcontext()
 
 
 _CONTROLLER: Optional[ThreadpoolController] = None

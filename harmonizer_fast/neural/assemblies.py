@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from harmonizer_fast.neural.stimuli import StimulusSet, load_stimulus_set
+
 __all__ = ["NeuralAssembly", "load_netcdf_assembly", "DEFAULT_TIME_RANGE"]
 
 #: Time window (ms) of Brain-Score's MajajHong2015 benchmarks: the bins inside it are averaged.
@@ -127,7 +129,7 @@ class NeuralAssembly:
 
 def _open_netcdf(path: Path):
     """The file's data array, loaded; unreadable files raise ``ValueError`` naming the file."""
-    import xarray as xr
+    import xarray as xr  # optional: the `xarray` extra (netCDF assemblies only)
 
     if not path.is_file():
         raise FileNotFoundError(f"assembly file {path} not found")
@@ -218,7 +220,7 @@ def load_netcdf_assembly(
     Unreadable, empty or truncated files raise ``ValueError`` naming the file.
     """
     try:
-        import xarray  # noqa: F401  (optional extra)
+        import xarray  # noqa: F401  (optional: the `xarray` extra; a clear message when it is absent)
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError("reading netCDF assemblies needs xarray: pip install 'harmonizer_fast[xarray]'") from err
     path = Path(path)
@@ -256,8 +258,6 @@ def load_netcdf_assembly(
     if object_coord in da.coords:
         objects = _unique_per_image(image_of, np.asarray(da[object_coord].values), image_ids, object_coord, path)
     elif stimulus_set is not None:
-        from harmonizer_fast.neural.stimuli import StimulusSet, load_stimulus_set
-
         if not isinstance(stimulus_set, StimulusSet):
             stimulus_set = load_stimulus_set(stimulus_set)
         objects = stimulus_set.metadata(object_coord, image_ids)

@@ -44,6 +44,7 @@ from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 from tqdm.auto import tqdm
 
 from harmonizer_fast.neural.assemblies import NeuralAssembly
+from harmonizer_fast.neural.gram import gram_ridge_predict
 from harmonizer_fast.neural.pls import PLSRegression
 from harmonizer_fast.neural.ridge import RidgeCV, pearson_per_target
 
@@ -85,9 +86,6 @@ def _ridge_readout(features: np.ndarray, targets: np.ndarray, train: np.ndarray,
 
 
 def _gram_ridge_readout(gram: np.ndarray, targets: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    # features.py imports torch model hooks: loaded only for this readout.
-    from harmonizer_fast.neural.features import gram_ridge_predict
-
     return gram_ridge_predict(gram, targets, train, test, alphas=RIDGE_ALPHAS)
 
 

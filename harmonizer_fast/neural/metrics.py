@@ -19,6 +19,7 @@ import torch
 from scipy.stats import rankdata
 
 from harmonizer_fast.spec import ArrayLike, check_rank, check_same_shape, compute_dtype, shape_of, tf_resize_bilinear
+from harmonizer_fast.neural.pls import PLSRegression
 
 __all__ = [
     "tf_pearson_loss",
@@ -119,8 +120,6 @@ def _lookup(registry: Dict[str, object], key: str, name: str):
 
 
 def _make_pls(n_components: int):
-    from harmonizer_fast.neural.pls import PLSRegression
-
     return PLSRegression(n_components, scale=False, tol=1e-4)
 
 

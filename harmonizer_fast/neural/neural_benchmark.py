@@ -21,6 +21,7 @@ from harmonizer_fast.spec import ArrayLike, check_rank, shape_of
 from harmonizer_fast.neural.features import LayerSpec, LayerTaps
 from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.neural.metrics import as_tensor, brain_score, ceiling_score, spearmanr_sim
+from harmonizer_fast.neural.data import Neural_dataset
 
 __all__ = [
     "resizing_activity",
@@ -298,7 +299,6 @@ def neural_benchmark_score(
     ``stimuli`` said and passed an argument ``ceiling_score`` does not take; its ``scores`` list was
     never created.
     """
-    from harmonizer_fast.neural.data import Neural_dataset
 
     ds = dataset if dataset is not None else Neural_dataset(data_root)
     _, x_pre, y = ds.load_data(stimuli=stimuli, time_a=time_a, time_b=time_b)

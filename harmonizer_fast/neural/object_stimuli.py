@@ -63,7 +63,7 @@ def _ellipse(h: int, w: int) -> np.ndarray:
 
 def _object_sources() -> List[Tuple[str, np.ndarray, np.ndarray]]:
     """(name, RGB float image, alpha) of every object, cropped to its bounding box."""
-    import skimage.data as data
+    import skimage.data as data  # optional: scikit-image (the `test` extra), needed only for these stimuli
 
     def boxed(name: str, image: np.ndarray, box: Tuple[int, int, int, int]):
         y0, y1, x0, x1 = box
@@ -96,7 +96,7 @@ OBJECT_NAMES: Tuple[str, ...] = ("cat", "cup", "rocket", "astronaut", "cameraman
 
 def _texture_sources() -> List[Tuple[np.ndarray, bool]]:
     """(RGB float image, is_grey) of every background texture."""
-    import skimage.data as data
+    import skimage.data as data  # optional: scikit-image (the `test` extra), needed only for these stimuli
 
     images = [data.brick(), data.grass(), data.gravel(), data.moon(), data.hubble_deep_field(),
               data.immunohistochemistry(), data.retina(), data.coins(), data.page()]

@@ -30,8 +30,9 @@ def triton_error() -> Optional[str]:
     if not _triton_checked:
         _triton_checked = True
         try:
+            # optional at run time: Triton may be absent or broken (no GPU build); the torch path serves then
             import triton  # noqa: F401
-            import triton.language  # noqa: F401
+            import triton.language  # noqa: F401  (optional, as above)
         except Exception as exc:  # pragma: no cover - depends on the installation
             _triton_error = f"{type(exc).__name__}: {exc}"
     return _triton_error

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonizer_fast.sample_data import SAMPLE_DIR
+from harmonizer_fast.common import write_clickme_shard
 
 RECORD_SIZE = 256
 
@@ -48,7 +49,7 @@ def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _sources() -> Dict[str, SourceImage]:
-    from skimage import data
+    from skimage import data  # optional: scikit-image (the `test` extra), only to regenerate the sample
 
     return {
         "chelsea": SourceImage(data.chelsea, 285,  # Egyptian cat
@@ -111,7 +112,6 @@ def make_records(views_per_image: int, seed: int) -> List[Tuple[str, np.ndarray,
 def write_sample(out_dir: Path = SAMPLE_DIR, train_views: int = 6, val_views: int = 2, seed: int = 0,
                  quality: int = 90) -> Dict[str, Path]:
     """Write ``out_dir/train/train-0.tfrecords`` and ``out_dir/val/val-0.tfrecords``."""
-    from harmonizer_fast.common import write_clickme_shard
 
     records = make_records(train_views + val_views, seed)
     per_source: Dict[str, list] = {}

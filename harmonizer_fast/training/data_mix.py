@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from harmonizer_fast.spec import shape_of
 from harmonizer_fast.common.batch_order import BatchOrder
@@ -89,8 +90,6 @@ class TensorRecords:
 
 
 def _read_image(path: Path, image_size: int) -> torch.Tensor:
-    from PIL import Image
-
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)

@@ -17,7 +17,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from itertools import islice
 from typing import Any, Dict, List
+
+import torch.distributed as dist
+
+from harmonizer_fast.common import ClickMeRecords
+from harmonizer_fast.evaluation import evaluate_clickme
+from harmonizer_fast.models import model_preprocess, preprocess_input
+from harmonizer_fast.sample_data import sample_shards
+from harmonizer_fast.training.data_mix import build_train_stream
+from harmonizer_fast.training.trainer import (
+    OPTIMIZERS,
+    SCHEDULES,
+    Trainer,
+    TrainerConfig,
+    TrainingDiverged,
+    init_distributed_from_env,
+)
 
 #: types of the config fields whose default is None (argparse cannot infer them).
 _OPTIONAL_FIELD_TYPES = {"weights": str, "max_grad_norm": float, "loss_backend": str, "output_dir": str}
@@ -26,14 +43,11 @@ _CLI_OWNED = {"model", "progress"}
 
 
 def _config_fields():
-    from harmonizer_fast.training.trainer import TrainerConfig
-
     return dataclasses.fields(TrainerConfig)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
     """One option per :class:`TrainerConfig` field (``--snake-case``), defaults from the dataclass."""
-    from harmonizer_fast.training.trainer import OPTIMIZERS, SCHEDULES
 
     choices = {"optimizer": sorted(OPTIMIZERS), "schedule": sorted(SCHEDULES), "preprocess": ["imagenet", "model", "none"]}
     group = parser.add_argument_group("training configuration (TrainerConfig)")
@@ -54,7 +68,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
 
 def config_from_args(args: argparse.Namespace, **overrides):
     """A :class:`TrainerConfig` from parsed options (``overrides`` win)."""
-    from harmonizer_fast.training.trainer import TrainerConfig
 
     values: Dict[str, Any] = {f.name: getattr(args, f.name) for f in _config_fields() if hasattr(args, f.name)}
     values.update(overrides)
@@ -84,12 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_records(args):
-    from harmonizer_fast.common import ClickMeRecords
-
     paths: List = list(args.train_shards)
     if args.sample:
-        from harmonizer_fast.sample_data import sample_shards
-
         paths += sample_shards("train")
     return ClickMeRecords(paths, num_classes=args.num_classes, progress=not args.no_progress) if paths else None
 
@@ -97,11 +106,6 @@ def _train_records(args):
 def _eval_fn(args, preprocess_for):
     if not args.eval_shards:
         return None
-    from itertools import islice
-
-    from harmonizer_fast.common import ClickMeRecords
-    from harmonizer_fast.evaluation import evaluate_clickme
-
     records = ClickMeRecords(args.eval_shards, num_classes=args.num_classes, progress=False)
     size = args.batch_size
 
@@ -116,11 +120,6 @@ def _eval_fn(args, preprocess_for):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from harmonizer_fast.training.data_mix import build_train_stream
-    from harmonizer_fast.training.trainer import Trainer, TrainingDiverged, init_distributed_from_env
-
     if args.output_dir is None:
         raise SystemExit("train: --output-dir is required (checkpoints and logs go there)")
     distributed = init_distributed_from_env()
@@ -130,8 +129,6 @@ def run(args: argparse.Namespace) -> int:
                                 seed=config.seed, rank=rank, world_size=world)
 
     def preprocess_for(model):
-        from harmonizer_fast.models import model_preprocess, preprocess_input
-
         return {"imagenet": preprocess_input, "model": model_preprocess(model), "none": None}[config.preprocess]
 
     trainer = Trainer(args.model, config, train_data=stream, eval_fn=_eval_fn(args, preprocess_for), eval_every=args.eval_every)

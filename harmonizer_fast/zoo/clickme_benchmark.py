@@ -48,6 +48,7 @@ from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import HUMAN_SPEARMAN_CEILING, Saliency, evaluate_clickme
 from harmonizer_fast.models import model_preprocess
 from harmonizer_fast.zoo.results import COLUMNS, SweepRow
+from harmonizer_fast.sample_data import sample_shards
 
 __all__ = ["CLICKME_LAYER_METHOD", "CLICKME_METRICS", "ClickMeBenchmark", "load_clickme_benchmark", "run_model_level_unit", "ModelScores"]
 
@@ -117,8 +118,6 @@ def load_clickme_benchmark(path: Optional[str] = None, limit: int = 0, batch_siz
             "--bench-option clickme:path=DIR (val-*.tfrecords), or clickme:path=sample for the bundled sample"
         )
     if str(path) == "sample":
-        from harmonizer_fast.sample_data import sample_shards
-
         paths = sample_shards("val")
     else:
         paths = path

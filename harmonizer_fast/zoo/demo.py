@@ -24,17 +24,21 @@ weights and a warning.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
+import io
 import math
 import os
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from harmonizer_fast.models.efficientnet_lite import LITE_PACKAGES
 from harmonizer_fast.zoo.clickme_benchmark import CLICKME_LAYER_METHOD
 from harmonizer_fast.zoo.report import ceiled_error
 from harmonizer_fast.zoo.results import SweepRow, atomic_write_bytes, model_table
 from harmonizer_fast.zoo.sweep import PACKAGED_WEIGHTS, ModelSpec, sweep
+from harmonizer_fast.zoo.sweep_cli import parse_pairs
 
 __all__ = ["demo_sweep", "PUBLISHED_TOP1", "CHANCE_TOP1", "UNTRAINED_CONTROL"]
 
@@ -47,8 +51,6 @@ UNTRAINED_CONTROL = "efficientnet_lite0_untrained"
 
 
 def _package_module(arch: str) -> str:
-    from harmonizer_fast.models.efficientnet_lite import LITE_PACKAGES
-
     return LITE_PACKAGES[int(arch[-1])][0]
 
 
@@ -156,7 +158,6 @@ def summary_lines(rows: Sequence[SweepRow]) -> List[str]:
 
 def _write_accuracy_csv(accuracies: Mapping[str, float], path: str) -> None:
     """The accuracies used, in the ``--accuracy-csv`` format, so the CLI can rerun the same sweep."""
-    import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -168,9 +169,6 @@ def _write_accuracy_csv(accuracies: Mapping[str, float], path: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m harmonizer_fast.zoo OUT [--quick] [--harmonized LABEL=PATH ...] [--top1 LABEL=ACC ...]
     [--clickme DIR|sample|none] [--imagenet DIR [--imagenet-limit N]]``."""
-    import argparse
-
-    from harmonizer_fast.zoo.sweep_cli import parse_pairs
 
     parser = argparse.ArgumentParser(description="EfficientNet-Lite (+ harmonized, untrained control) on IT and "
                                                  "ClickMe alignment, against ImageNet accuracy")

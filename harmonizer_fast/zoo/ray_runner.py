@@ -24,6 +24,9 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
+from tqdm.auto import tqdm
+
 from harmonizer_fast.zoo.results import SweepRow
 
 __all__ = ["run_units_on_ray", "run_units_in_processes", "LOCAL"]
@@ -34,7 +37,7 @@ LOCAL = "local"
 
 def _import_ray():
     try:
-        import ray
+        import ray  # optional: the `ray` extra (only --ray ADDRESS needs it)
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError(
             "`--ray ADDRESS` needs Ray: pip install 'harmonizer_fast[ray]' (or run without --ray, in-process)"
@@ -125,8 +128,6 @@ def run_units_on_ray(
 
 
 def _run_with_threads(run_unit: Callable[[object], List[SweepRow]], unit: object, threads: int) -> List[SweepRow]:
-    import torch
-
     # A worker owns `threads` CPUs; torch's default (all cores) would oversubscribe the node.
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -134,6 +135,4 @@ def _run_with_threads(run_unit: Callable[[object], List[SweepRow]], unit: object
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="model", disable=not enabled)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import os
 import re
 from typing import Dict, List, Optional, Sequence
 
+from harmonizer_fast.evaluation.figure import agg_pyplot
 from harmonizer_fast.zoo.clickme_benchmark import CLICKME_LAYER_METHOD
 from harmonizer_fast.zoo.results import COLUMNS, SweepRow, atomic_write_bytes, model_table
 
@@ -32,15 +34,6 @@ _HARMONIZED = re.compile(r"harmoni[sz]ed|(^|[_.-])harmonizer?($|[_.-])", re.IGNO
 def is_harmonized_name(model: str) -> bool:
     """Name rule for marking harmonized models: the name contains 'harmonized' or a 'harmonizer' word."""
     return bool(_HARMONIZED.search(model))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _safe(name: str) -> str:
@@ -128,7 +121,7 @@ def plot_tradeoff(rows: Sequence[SweepRow], benchmark: str, path: str) -> List[s
     Models without a top-1 are drawn hollow in a grey "top-1 unknown" strip left of the others;
     returns their names. Vertical bars: the raw score's standard error on the ceiled axis.
     """
-    plt = _pyplot()
+    plt = agg_pyplot()
     chosen = [r for r in model_table(rows) if r.benchmark == benchmark]
     points, strip, unknown = _accuracy_points(chosen, lambda r: (r.ceiled_score, ceiled_error(r)))
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
@@ -151,7 +144,7 @@ def plot_tradeoff(rows: Sequence[SweepRow], benchmark: str, path: str) -> List[s
 def plot_alignment_vs_it(rows: Sequence[SweepRow], clickme: str, benchmark: str, path: str) -> List[str]:
     """Each model's ClickMe alignment (x) vs its ceiled score on the IT ``benchmark`` (y), both
     with their standard errors; returns the models scored on only one of the two (listed in the title)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     table = model_table(rows)
     alignment = {r.model: r for r in table if r.benchmark == clickme}
     it = {r.model: r for r in table if r.benchmark == benchmark}
@@ -190,7 +183,7 @@ def _is_model_level(rows: Sequence[SweepRow]) -> bool:
 
 def plot_layer_curves(rows: Sequence[SweepRow], benchmark: str, path: str) -> None:
     """Report score of every layer against its depth (layer index), one curve per model."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
     by_model: Dict[str, List[SweepRow]] = {}
     for r in rows:
@@ -215,7 +208,6 @@ def plot_layer_curves(rows: Sequence[SweepRow], benchmark: str, path: str) -> No
 
 def _finish(plt, fig, ax, title: str, legend: bool, path: str) -> None:
     """Title, legend, grid; then the PNG is written atomically and the figure closed."""
-    import io
 
     ax.set_title(title, fontsize=9)
     if legend:

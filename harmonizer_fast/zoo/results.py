@@ -154,8 +154,8 @@ def read_table(path: str) -> List[SweepRow]:
 
 def _write_parquet(rows: Sequence[SweepRow], path: str) -> bool:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # optional: pyarrow (the `test` extra); without it no Parquet copy is written
+        import pyarrow.parquet as pq  # optional, as above
     except ImportError:
         return False
     table = pa.Table.from_pylist([asdict(r) for r in rows])

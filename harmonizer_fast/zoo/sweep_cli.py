@@ -19,6 +19,9 @@ import inspect
 from typing import Dict, List
 
 from harmonizer_fast._argtypes import positive_int
+from harmonizer_fast.zoo.benchmarks import BENCHMARKS
+from harmonizer_fast.zoo.results import model_table
+from harmonizer_fast.zoo.sweep import sweep
 
 __all__ = ["add_arguments", "run", "parse_pairs", "parse_bench_options", "positive_int"]
 
@@ -103,10 +106,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harmonizer_fast.zoo.benchmarks import BENCHMARKS
-    from harmonizer_fast.zoo.results import model_table
-    from harmonizer_fast.zoo.sweep import sweep
-
     options = parse_bench_options(args.bench_option)
     if args.pca_images:
         takers = [b for b in args.benchmarks if b in BENCHMARKS and "pca_images" in inspect.signature(BENCHMARKS[b]).parameters]

@@ -155,3 +155,28 @@ def test_power_iteration_extension_matches_numpy():
         v, it = ext.pls_power_iteration(M, 3, tol, max_iter, np.finfo(float).eps)
         assert it == it_ref
         np.testing.assert_allclose(v, v_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_deflation_and_start_column_extension_match_numpy():
+    from harmonizer_fast._ext import extension
+    from harmonizer_fast.neural.pls_nipals import EPS, deflate_numpy, start_column_numpy
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("C++ extension not built")
+    rng = np.random.default_rng(8)
+    Y, cross = rng.standard_normal((40, 6)), rng.standard_normal((9, 6))
+    xi, delta, g = rng.standard_normal(40), rng.standard_normal(6), rng.standard_normal(9)
+    delta[2] = 0.0
+    Y[:, 2] = xi * delta[2]  # column 2 deflates to exactly zero: zeroed in both, never the start
+    Y[:, 0] = xi * delta[0]  # column 0 too, so the next start column is 1
+    Y_ref, cross_ref, Y_ext, cross_ext = Y.copy(), cross.copy(), Y.copy(), cross.copy()
+    assert deflate_numpy(Y_ref, xi, delta, cross_ref, g, 2.5) == 1
+    assert ext.pls_deflate(Y_ext, xi, delta, cross_ext, g, 2.5, EPS) == 1
+    np.testing.assert_array_equal(Y_ext, Y_ref)  # same operations in the same order: same bits
+    np.testing.assert_array_equal(cross_ext, cross_ref)
+    assert not Y_ext[:, [0, 2]].any() and not cross_ext[:, [0, 2]].any()
+    constant = np.zeros((5, 3))
+    assert start_column_numpy(constant, np.ones((2, 3))) == ext.pls_start_column(constant, np.ones((2, 3)), EPS) == -1
+    with pytest.raises(ValueError, match="writable C-contiguous float64"):
+        ext.pls_start_column(np.asfortranarray(Y), cross, EPS)

@@ -273,6 +273,45 @@ def test_zero_samples_and_overflow_name_the_argument():
                 RidgeCV(cv=cv).fit(X, Y * 1e160)
 
 
+def exact_loo_mse(X, Y, alphas):
+    """Leave-one-out MSE by refitting without each sample (dual form, intercept by centring)."""
+    n = X.shape[0]
+    out = np.zeros((len(alphas), Y.shape[1]))
+    for i in range(n):
+        keep = np.arange(n) != i
+        x_mean, y_mean = X[keep].mean(axis=0), Y[keep].mean(axis=0)
+        Xs = X[keep] - x_mean
+        K, k_i = Xs @ Xs.T, (X[i] - x_mean) @ Xs.T
+        for a, alpha in enumerate(alphas):
+            c = scipy.linalg.solve(K + alpha * np.eye(n - 1), Y[keep] - y_mean, assume_a="pos")
+            out[a] += (Y[i] - y_mean - k_i @ c) ** 2
+    return out / n
+
+
+def test_dual_loo_is_exact_where_sklearn_intercept_correction_cancels():
+    # The 500 x 50,000 -> 100 grid shape: 2 targets chose alpha 1e-3 where scikit-learn chose
+    # 8.9e-3. scikit-learn's gram mode eigendecomposes the centred Gram, whose constant
+    # direction has a round-off eigenvalue instead of 0, and corrects the leave-one-out
+    # denominator for the intercept by subtracting (G^-1 1)_i / n ~ 1 / (alpha n) from
+    # diag(G^-1) ~ 1 / (alpha n) + sum_k Q_ik^2 / lambda_k: the cancellation costs an error
+    # ~ 1 / alpha (x10 per decade of alpha), large when ||K|| is large against alpha. Ours
+    # removes the constant direction exactly (eigh_orthogonal_to_ones) and never subtracts.
+    rng = np.random.default_rng(1)
+    n, p, t = 40, 600, 6
+    X = 300.0 * rng.standard_normal((n, p))
+    Y = X[:, :5] @ rng.standard_normal((5, t)) / 300.0 + rng.standard_normal((n, t))
+    alphas = np.logspace(-4, 2, 7)
+    exact = exact_loo_mse(X, Y, alphas)
+    ours = RidgeCV(alphas, alpha_per_target=True).fit(X, Y)
+    assert ours.solver_ == "dual"
+    np.testing.assert_allclose(-ours.cv_scores_, exact, rtol=1e-12)
+    np.testing.assert_array_equal(ours.alpha_, alphas[np.argmin(exact, axis=0)])
+    ref = SkRidgeCV(alphas, alpha_per_target=True, store_cv_results=True).fit(X, Y)
+    sk_error = np.abs(ref.cv_results_.reshape(n, t, -1).mean(axis=0).T - exact).max(axis=1) / exact.max(axis=1)
+    assert sk_error[0] > 1e-7 and sk_error[0] > 5 * sk_error[1] > 25 * sk_error[2]  # ~ 1 / alpha
+    assert (ref.alpha_ != ours.alpha_).any()  # and it moves scikit-learn's choice
+
+
 # ----------------------------------------------------------------- kernel (Gram) form
 
 

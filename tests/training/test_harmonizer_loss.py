@@ -1,83 +1,28 @@
-"""harmonizer_loss and its pieces against the TensorFlow fixture (a small Keras network rebuilt here)."""
-import numpy as np
+"""harmonizer_loss and its pieces against the TensorFlow fixture (its small Keras network is rebuilt in _reference_net.py)."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from _loss_testing import assert_matches
 from harmonizer_fast.training import (
     HarmonizerLoss,
     alignment_loss,
-    decayed_parameters,
     harmonizer_loss,
     harmonizer_loss_components,
     input_saliency,
-    is_weight_decayed,
-    pyramidal_mse_with_tokens,
     saliency_standardize_cut,
     smoothed_cross_entropy,
-    standardize_cut,
     weight_decay_loss,
 )
-from harmonizer_fast.training.pyramid import same_padding
-
-#: Keras' trainable_variables order, matched by the PyTorch parameter order below.
-KERAS_NAMES = ["conv/kernel", "conv/bias", "bn/gamma", "bn/beta", "conv2/kernel", "conv2/bias",
-               "dense/kernel", "dense/bias"]
-TORCH_NAMES = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "conv2.weight", "conv2.bias",
-               "dense.weight", "dense.bias"]
-
-
-class KerasReferenceNet(nn.Module):
-    """The fixture's tf-keras network: conv -> BN -> ReLU -> conv stride 2 ('SAME') -> ReLU -> GAP -> dense."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        # Keras' BN epsilon is 1e-3; its momentum 0.99 on the old value is PyTorch's 0.01 on the new one.
-        self.bn = nn.BatchNorm2d(4, eps=1e-3, momentum=0.01)
-        self.conv2 = nn.Conv2d(4, 6, 3, stride=2)
-        self.dense = nn.Linear(6, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        # TF 'SAME' for a 3x3 stride-2 kernel: (0, 1) on a side of 32, not PyTorch's (1, 1).
-        (top, bottom), (left, right) = same_padding(x.shape[2], 3, 2), same_padding(x.shape[3], 3, 2)
-        x = F.relu(self.conv2(F.pad(x, (left, right, top, bottom))))
-        return self.dense(x.mean(dim=(2, 3)))
-
-
-def keras_to_torch(name: str, value: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(value)
-    if name.endswith("kernel") and tensor.ndim == 4:
-        return tensor.permute(3, 2, 0, 1)  # HWIO -> OIHW
-    if name.endswith("kernel"):
-        return tensor.T  # dense (in, out) -> (out, in)
-    return tensor
-
-
-@pytest.fixture(scope="module")
-def reference(fixtures_dir):
-    return dict(np.load(fixtures_dir / "harmonizer_loss.npz"))
-
-
-def build_net(reference) -> KerasReferenceNet:
-    net = KerasReferenceNet()
-    state = {torch_name: keras_to_torch(keras_name, reference[f"var/{keras_name}:0"])
-             for keras_name, torch_name in zip(KERAS_NAMES, TORCH_NAMES)}
-    state["bn.running_mean"] = torch.from_numpy(reference["var/bn/moving_mean:0"])
-    state["bn.running_var"] = torch.from_numpy(reference["var/bn/moving_variance:0"])
-    state["bn.num_batches_tracked"] = torch.tensor(0)
-    net.load_state_dict(state)
-    return net
-
-
-def loss_inputs(reference):
-    """images (NCHW), tokens, labels, true_heatmaps."""
-    return (torch.from_numpy(reference["images"]).permute(0, 3, 1, 2).contiguous(),
-            torch.from_numpy(reference["tokens"]), torch.from_numpy(reference["labels"]),
-            torch.from_numpy(reference["true_heatmaps"]))
+from _reference_net import (  # noqa: F401  (reference: a pytest fixture, used by name)
+    KERAS_NAMES,
+    TORCH_NAMES,
+    KerasReferenceNet,
+    build_net,
+    keras_to_torch,
+    loss_inputs,
+    reference,
+)
 
 
 def test_parameter_order_matches_keras(reference):
@@ -140,55 +85,6 @@ def test_logits_and_saliency_match_tensorflow(reference):
     assert_matches(alignment_loss(saliency, true_heatmaps, tokens), reference["harmonization_loss"])
     assert_matches(smoothed_cross_entropy(labels, logits), reference["cce_per_sample"], what="cce_per_sample")
 
-
-def test_alignment_loss_rescales_the_human_map_to_the_saliency(reference):
-    saliency = torch.from_numpy(reference["sa_maps_preprocess"])
-    true_heatmaps, tokens = torch.from_numpy(reference["true_heatmaps"]), torch.from_numpy(reference["tokens"])
-    human = standardize_cut(true_heatmaps.double())
-    peak = human.amax(dim=(1, 2), keepdim=True)
-    rescaled = human / (peak + 1e-6) * (saliency.double().amax(dim=(1, 2), keepdim=True) + 1e-6)
-    assert_matches(rescaled, reference["heatmaps_preprocess"], what="heatmaps_preprocess")
-    assert_matches(alignment_loss(saliency, true_heatmaps, tokens),
-                   pyramidal_mse_with_tokens(saliency.double(), rescaled, tokens))
-
-
-def test_alignment_loss_stops_the_gradient_of_the_saliency_maximum():
-    saliency = standardize_cut(torch.randn(2, 12, 11, dtype=torch.float64)).requires_grad_(True)
-    true_heatmaps, tokens = torch.rand(2, 12, 11, dtype=torch.float64), torch.tensor([1.0, 0.7], dtype=torch.float64)
-    alignment_loss(saliency, true_heatmaps, tokens).backward()
-    # Same loss with the rescaled human map built from a detached copy: a plain MSE gradient.
-    fixed = saliency.detach().clone().requires_grad_(True)
-    human = standardize_cut(true_heatmaps)
-    human = human / (human.amax(dim=(1, 2), keepdim=True) + 1e-6) * (fixed.detach().amax(dim=(1, 2), keepdim=True) + 1e-6)
-    pyramidal_mse_with_tokens(fixed, human, tokens).backward()
-    torch.testing.assert_close(saliency.grad, fixed.grad, rtol=1e-12, atol=1e-15)
-
-
-def test_alignment_loss_gradcheck_in_the_human_maps():
-    saliency = standardize_cut(torch.randn(2, 7, 6, dtype=torch.float64))
-    true_heatmaps = torch.rand(2, 7, 6, dtype=torch.float64, requires_grad=True)
-    tokens = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, t: alignment_loss(saliency, h, t, nb_levels=3), (true_heatmaps, tokens))
-
-
-def test_alignment_loss_constant_maps_are_finite():
-    saliency = torch.zeros(2, 10, 10, requires_grad=True)  # standardize_cut of a constant map
-    # 0.25 sums exactly, so its std is exactly 0 (as in the TF fixture's constant map).
-    true_heatmaps = torch.full((2, 10, 10), 0.25, requires_grad=True)
-    loss = alignment_loss(saliency, true_heatmaps, torch.ones(2))
-    loss.backward()
-    assert loss.item() == 0.0
-    assert torch.isfinite(saliency.grad).all() and torch.isfinite(true_heatmaps.grad).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_alignment_loss_half_precision_is_computed_in_float32(reference, dtype):
-    gradient = torch.randn(4, 3, 32, 32).to(dtype)
-    true_heatmaps, tokens = torch.from_numpy(reference["true_heatmaps"]).to(dtype), torch.from_numpy(reference["tokens"])
-    loss = alignment_loss(saliency_standardize_cut(gradient), true_heatmaps, tokens)
-    assert loss.dtype == torch.float32
-    expected = alignment_loss(saliency_standardize_cut(gradient.float()), true_heatmaps.float(), tokens)
-    assert_matches(loss, expected)
 
 
 def test_module_and_backward_match_the_returned_gradients(reference):
@@ -284,67 +180,6 @@ def test_non_contiguous_inputs(reference):
     out = harmonizer_loss_components(build_net(reference), images_nc, tokens_nc, labels, heatmaps_nc)
     for got, want in zip(out, expected):
         assert_matches(got, want)
-
-
-# --------------------------------------------------------------------------- weight decay
-
-
-def test_weight_decay_rule_on_the_reference_net(reference):
-    net = build_net(reference)
-    assert [name for name, _ in decayed_parameters(net)] == [
-        "conv.weight", "conv.bias", "conv2.weight", "conv2.bias", "dense.weight", "dense.bias"]
-    expected = sum(float((reference[f"var/{k}:0"].astype(np.float64) ** 2).sum()) / 2
-                   for k in KERAS_NAMES if not k.startswith("bn/"))
-    assert_matches(weight_decay_loss(net), expected)
-
-
-class ScaleNorm(nn.Module):
-    """A user-defined normalization layer: excluded by its class name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(4))
-
-    def forward(self, x):
-        return x * self.gain
-
-
-def test_weight_decay_rule_uses_module_types_not_only_names():
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), ScaleNorm(), nn.Flatten(),
-        nn.Linear(4, 5), nn.LayerNorm(5),
-    )
-    model.add_module("lookup", nn.Embedding(3, 5))
-    frozen = nn.Linear(5, 5)
-    frozen.weight.requires_grad_(False)
-    model.add_module("frozen", frozen)
-    decayed = [name for name, _ in decayed_parameters(model)]
-    # "1" (BatchNorm2d), "2" (GroupNorm), "3" (ScaleNorm), "6" (LayerNorm), "lookup" have no
-    # norm/bn/embed in their names: only their module type excludes them.
-    assert decayed == ["0.weight", "0.bias", "5.weight", "5.bias", "frozen.bias"]
-    assert not is_weight_decayed("features.1.weight", nn.BatchNorm2d(4))
-    assert is_weight_decayed("features.0.bias", nn.Conv2d(1, 1, 1))
-    assert not is_weight_decayed("blocks.0.norm1.weight", None)
-    # Batch-norm names count as whole components (Keras matched the scope "bn/"), not substrings.
-    for name in ("bn.weight", "layer1.0.bn2.bias", "conv1_bn.weight", "bn_act.bias"):
-        assert not is_weight_decayed(name, None), name
-    for name in ("subnet.fc.weight", "fbnet.conv.bias"):
-        assert is_weight_decayed(name, nn.Linear(1, 1)), name
-
-
-def test_weight_decay_rule_on_a_timm_vit():
-    timm = pytest.importorskip("timm")
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=16)
-    decayed = {name for name, _ in decayed_parameters(vit)}
-    all_names = {name for name, _ in vit.named_parameters()}
-    excluded = all_names - decayed
-    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-            "norm.weight", "norm.bias"} <= excluded
-    assert all("norm" in name or "embed" in name or name == "cls_token" for name in excluded)
-    # Attention, MLP and head weights and biases are decayed.
-    assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.mlp.fc1.weight",
-            "head.weight", "head.bias"} <= decayed
-    assert not any("norm" in name for name in decayed)
 
 
 # --------------------------------------------------------------------------- timm models

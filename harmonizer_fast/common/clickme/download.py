@@ -6,7 +6,7 @@ import urllib.request
 from pathlib import Path
 from typing import List, Sequence, Union
 
-
+from tqdm.auto import tqdm
 
 from harmonizer_fast.common.tfrecord import (
     TFRecordError,
@@ -32,7 +32,6 @@ def download_clickme(dest: PathLike, splits: Sequence[str] = ("train", "val"), b
         TFRecordError: a downloaded shard is corrupt (nothing is written for it).
         urllib.error.URLError: the server cannot be reached.
     """
-    from tqdm.auto import tqdm
 
     counts = {"train": NB_TRAIN_SHARDS, "val": NB_VAL_SHARDS}
     unknown = [s for s in splits if s not in counts]

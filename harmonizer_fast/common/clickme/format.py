@@ -9,6 +9,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from harmonizer_fast.spec import one_hot, tf_resize_bilinear as _bilinear
 from harmonizer_fast.common.blur import gaussian_blur, gaussian_kernel
@@ -153,7 +154,6 @@ def _as_uint8_array(x, name: str, ndim: Tuple[int, ...], layout: str) -> np.ndar
 def encode_clickme_example(image: np.ndarray, heatmap: np.ndarray, label: int, token: Optional[float] = None,
                            quality: int = 95) -> bytes:
     """Serialize one ClickMe record: (H, W, 3) uint8 image and (H, W) uint8 heatmap as JPEG."""
-    from PIL import Image
 
     def jpeg(array: np.ndarray, mode: str) -> bytes:
         buffer = io.BytesIO()

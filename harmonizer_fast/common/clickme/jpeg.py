@@ -7,8 +7,12 @@ import warnings
 from typing import Optional, Union
 
 import numpy as np
+from PIL import Image
 
-
+try:  # a listed dependency, but a platform without its wheel still decodes, with PIL (jpeg_backend warns)
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the installation
+    simplejpeg = None
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -17,8 +21,6 @@ _JPEG_COLORSPACES = {"RGB": ("YCbCr", "RGB"), "L": ("Gray",)}
 
 def _decode_simplejpeg(data: bytes, mode: str, what: str) -> np.ndarray:
     """TensorFlow's ``decode_jpeg`` defaults: integer-fast IDCT, fancy (smooth) chroma upsampling."""
-    import simplejpeg
-
     try:
         colorspace = simplejpeg.decode_jpeg_header(data)[2]
     except ValueError as exc:
@@ -31,7 +33,6 @@ def _decode_simplejpeg(data: bytes, mode: str, what: str) -> np.ndarray:
 
 def _decode_pil(data: bytes, mode: str, what: str) -> np.ndarray:
     """PIL's defaults (accurate IDCT): up to a few grey levels off TensorFlow's decoding."""
-    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         if image.format != "JPEG":
@@ -51,11 +52,9 @@ def jpeg_backend() -> str:
     """Name of the JPEG decoder in use: ``"simplejpeg"`` when installed, else ``"pil"`` (warns once)."""
     global _JPEG_BACKEND
     if _JPEG_BACKEND is None:
-        try:
-            import simplejpeg  # noqa: F401
-
+        if simplejpeg is not None:
             _JPEG_BACKEND = "simplejpeg"
-        except ImportError:
+        else:
             _JPEG_BACKEND = "pil"
             warnings.warn(
                 "simplejpeg is not installed: ClickMe JPEGs are decoded by PIL (accurate IDCT), which "

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 from harmonizer_fast.common.tfrecord import (
@@ -81,8 +82,6 @@ class ClickMeRecords:
 
     def __init__(self, shards_paths: Union[PathLike, Sequence[PathLike]], num_classes: int = NUM_CLASSES,
                  check_crc: bool = True, progress: bool = True):
-        from tqdm.auto import tqdm
-
         self.paths = [str(p) for p in find_clickme_shards(shards_paths)]
         self.num_classes = int(num_classes)
         self.check_crc = bool(check_crc)
