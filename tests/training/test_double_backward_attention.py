@@ -135,6 +135,22 @@ def test_gelu_fused_kernel_float32_mlp_shape(monkeypatch):
     assert counter.calls == (1 if DEVICE.type == "cpu" else 0)
 
 
+def test_gelu_non_contiguous_input_stays_on_the_torch_formula(monkeypatch):
+    # ConvNeXt's blocks run GELU on permuted (non-contiguous) activations: copying them for the
+    # C++ pass cost more than it saved, so the torch formula runs there, with the same result
+    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, "gelu_second_order_term")
+    gen = torch.Generator().manual_seed(10)
+    base = _randn(2, 6, 5, 4, gen=gen, scale=2.0)
+    permuted = lambda t: t.permute(0, 2, 3, 1)
+    assert not permuted(base).is_contiguous()
+    expected = _second_order(lambda x: F.gelu(permuted(x)), (base,))
+    actual = _second_order(lambda x: gelu_fast_double_backward(permuted(x)), (base,))
+    assert actual[0].grad_fn.name().startswith("GeluFunction")
+    _assert_all_close(actual, expected)
+    if counter is not None:
+        assert counter.calls == 0
+
+
 def test_attention_bias_gradient_inside_a_graph_building_backward():
     # A penalty on the bias gradient itself needs its derivative (the U_S term).
     q, k, v, bias = _attention_inputs(ATTENTION_CASES["relative-position bias (1, H, L, S), trained"], seed=9)
