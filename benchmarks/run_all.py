@@ -27,6 +27,7 @@ COMPARISONS = {
     "ops": "benchmarks.compare_ops",
     "train_step": "benchmarks.compare_train_step",
     "train_overhead": "benchmarks.compare_train_overhead",
+    "attention_layer": "benchmarks.compare_attention_layer",
 }
 
 

@@ -1,0 +1,97 @@
+"""One attention layer of a harmonized step, alone: where a ViT's second-order cost lies.
+
+The harmonized step runs, per attention layer, the forward, the saliency pass (the input
+gradient of q, k, v with ``create_graph=True``) and the backward of a loss of both. This times that
+flow for the closed-form attention of ``fast_double_backward`` and for native math attention,
+against the plain step's work (the fused flash forward and backward), on the shapes of one
+ViT-Tiny and one ViT-B/16 layer (batch 8, 197 tokens). Before every run a 64 MB buffer is written,
+so no operand starts in L2, as inside a real step.
+
+    python -m benchmarks.compare_attention_layer [--repeats 15] [--batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks._timing import Comparison, Timing, format_table
+from harmonizer_fast.training.attention_double_backward import scaled_dot_product_attention_fast_double_backward
+
+#: (label, heads, tokens, head dim): one layer of each model at 224 px
+SHAPES = (("vit_tiny_patch16_224 layer", 3, 197, 64), ("vit_base_patch16_224 layer", 12, 197, 64))
+_EVICT = torch.zeros(16 * 2**20)  # 64 MB
+
+
+def _measure_evicted(fn: Callable[[], None], name: str, repeats: int, warmup: int = 2) -> Timing:
+    """Median of ``repeats`` runs of ``fn``, the 64 MB buffer written (untimed) before each."""
+    times = []
+    for i in range(warmup + repeats):
+        _EVICT.add_(1.0)
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return Timing(name, statistics.median(times), min(times), max(times), repeats)
+
+
+def _math_attention(q, k, v):
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _harmonized_flow(attention: Callable, q, k, v, grad_out) -> Callable[[], None]:
+    """Forward, the saliency pass, and the backward of a loss of the output and the saliency."""
+
+    def run():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = attention(*leaves)
+        saliency = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
+        (sum(g.square().sum() for g in saliency) + out.square().sum()).backward()
+
+    return run
+
+
+def _plain_flow(q, k, v, grad_out) -> Callable[[], None]:
+    def run():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        F.scaled_dot_product_attention(*leaves).backward(grad_out)
+
+    return run
+
+
+def compare(quick: bool = False, repeats: Optional[int] = None, batch: int = 8) -> Tuple[str, List[Comparison]]:
+    """The ratio table (``benchmarks.run_all`` protocol); ``quick``: 3 repeats instead of 15."""
+    repeats = repeats or (3 if quick else 15)
+    comparisons = []
+    gen = torch.Generator().manual_seed(0)
+    for label, heads, tokens, dim in SHAPES:
+        q, k, v, grad_out = (torch.randn(batch, heads, tokens, dim, generator=gen) for _ in range(4))
+        timed = lambda name, fn: _measure_evicted(fn, name, repeats)
+        base = timed("plain step's attention (flash forward + backward)", _plain_flow(q, k, v, grad_out))
+        fast = timed("harmonized, closed form (Trainer)",
+                     _harmonized_flow(scaled_dot_product_attention_fast_double_backward, q, k, v, grad_out))
+        native = timed("harmonized, native math attention", _harmonized_flow(_math_attention, q, k, v, grad_out))
+        comparisons.append(Comparison(f"{label} b{batch}", base, [fast, native],
+                                      note="speed-up < 1: cost over the plain step's attention"))
+    title = f"One attention layer: harmonized flow vs the plain step's (CPU, {torch.get_num_threads()} threads)"
+    return title, comparisons
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    title, comparisons = compare(args.quick, None if args.quick else args.repeats, args.batch)
+    print(format_table(comparisons, title))
+
+
+if __name__ == "__main__":
+    main()
