@@ -5,10 +5,12 @@ import torch
 import torch.distributed as dist
 
 
-def train_rank(rank: int, world_size: int, port: int, out_path: str, steps: int, accumulations) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+def train_rank(rank: int, world_size: int, store_file: str, out_path: str, steps: int, accumulations) -> None:
+    # the ranks meet through a file store, not a TCP port: no port can be taken by another process
+    # between choosing it and binding it
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
     try:
         from harmonizer_fast.training.trainer import Trainer
         from tests.training._tiny import make_stream, train_config, tiny_net
