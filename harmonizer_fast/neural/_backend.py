@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import scipy.sparse
+import torch  # imported anyway by harmonizer_fast.neural (feature extraction): no added import cost
 from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from harmonizer_fast._ext import extension
@@ -31,6 +32,7 @@ __all__ = [
     "centre_gram",
     "centre_cross_gram",
     "single_blas_thread",
+    "single_torch_thread",
     "threads_for_product",
     "threads_for_decomposition",
 ]
@@ -78,6 +80,29 @@ def single_blas_thread() -> Iterator[None]:
             yield
         finally:
             _single_thread_depth -= 1
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run the enclosed torch CPU calls (and the MKL LAPACK under them) on one thread, then
+    restore the caller's count.
+
+    For the small decompositions of :func:`~harmonizer_fast.neural.ridge_solvers.eigh_psd`:
+    torch's thread count is its OpenMP/MKL pool, which OpenBLAS (NumPy's pool) does not see, so
+    a threaded MKL call inside a fit would compete with OpenBLAS for the cores (a ridge grid run
+    with torch's ``eigh`` on its default two threads was slower on every shape). On one thread
+    nothing competes. ``torch.set_num_threads`` is cheap (a set-and-restore pair: ~0.2 us) and
+    sets the calling thread's OpenMP and MKL limits.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def threads_for_product(multiply_adds: int) -> "contextlib.AbstractContextManager[None]":
