@@ -73,54 +73,66 @@ std::vector<double> reduce_rows(int64_t n, int64_t width, int nt, Body body) {
   return total;
 }
 
-// out[0, j] = sum_i r_ij, out[1, j] = sum_i r_ij^2, out[2, j] = sum_i y_ij r_ij,
-// with r_ij = (y_ij - m_ij) / d_i (d = 1 when absent), or r_ij = m_ij / d_i when
-// m_is_residual (the caller formed the residual without the cancellation of y - m).
+// For each of c alphas a: out[a, 0, j] = sum_i r_aij, out[a, 1, j] = sum_i r_aij^2,
+// out[a, 2, j] = sum_i y_ij r_aij, with r_aij = (y_ij - m_iaj) / d_ai (d = 1 when absent), or
+// r_aij = m_iaj / d_ai when m_is_residual (the caller formed the residual without the
+// cancellation of y - m). M is (n, t) (c = 1, d of shape (n,), result (3, t)) or (n, c, t),
+// the layout of one product F @ [W_1 B, ..., W_c B] (d of shape (c, n), result (c, 3, t)): a
+// chunk of the alpha path in one pass over its rows, Y read once per row for all c alphas.
 py::array_t<double> residual_moments(f64_array y, f64_array m, py::object d_obj, bool m_is_residual) {
-  if (y.ndim() != 2 || m.ndim() != 2 || y.shape(0) != m.shape(0) || y.shape(1) != m.shape(1))
-    throw std::invalid_argument("residual_moments: Y and M must be 2-D of the same shape, got " +
+  const bool stacked = m.ndim() == 3;
+  if (y.ndim() != 2 || (m.ndim() != 2 && !stacked) || y.shape(0) != m.shape(0) ||
+      y.shape(1) != m.shape(m.ndim() - 1))
+    throw std::invalid_argument("residual_moments: Y must be (n, t) and M (n, t) or (n, c, t), got " +
                                 shape_str(y) + " and " + shape_str(m));
-  const int64_t n = y.shape(0), t = y.shape(1);
+  const int64_t n = y.shape(0), t = y.shape(1), c = stacked ? m.shape(1) : 1;
   f64_array d;
   const double* dp = nullptr;
   if (!d_obj.is_none()) {
     d = d_obj.cast<f64_array>();
-    if (d.ndim() != 1 || d.shape(0) != n)
-      throw std::invalid_argument("residual_moments: d must have shape (" + std::to_string(n) +
-                                  ",), got " + shape_str(d));
+    const bool ok = stacked ? (d.ndim() == 2 && d.shape(0) == c && d.shape(1) == n) : (d.ndim() == 1 && d.shape(0) == n);
+    if (!ok)
+      throw std::invalid_argument("residual_moments: d must have shape " +
+                                  (stacked ? "(" + std::to_string(c) + ", " + std::to_string(n) + ")"
+                                           : "(" + std::to_string(n) + ",)") +
+                                  ", got " + shape_str(d));
     dp = d.data();
   }
-  py::array_t<double> out({(py::ssize_t)3, (py::ssize_t)t});
+  py::array_t<double> out = stacked ? py::array_t<double>({(py::ssize_t)c, (py::ssize_t)3, (py::ssize_t)t})
+                                    : py::array_t<double>({(py::ssize_t)3, (py::ssize_t)t});
   const double* yp = y.data();
   const double* mp = m.data();
   double* op = out.mutable_data();
   {
     py::gil_scoped_release release;
-    const std::vector<double> sums = reduce_rows(n, 3 * t, n_threads_for(n * t), [&](int64_t i, double* acc) {
-      const double inv = dp ? 1.0 / dp[i] : 1.0;
-      const double* yr = yp + i * t;
-      const double* mr = mp + i * t;
-      double* s1 = acc;
-      double* s2 = acc + t;
-      double* s3 = acc + 2 * t;
-      if (m_is_residual) {
+    const std::vector<double> sums =
+        reduce_rows(n, 3 * c * t, n_threads_for(n * c * t), [&](int64_t i, double* acc) {
+          const double* yr = yp + i * t;
+          for (int64_t a = 0; a < c; ++a) {
+            const double inv = dp ? 1.0 / dp[a * n + i] : 1.0;
+            const double* mr = mp + (i * c + a) * t;
+            double* s1 = acc + 3 * a * t;
+            double* s2 = s1 + t;
+            double* s3 = s2 + t;
+            if (m_is_residual) {
 #pragma omp simd
-        for (int64_t j = 0; j < t; ++j) {
-          const double r = mr[j] * inv;
-          s1[j] += r;
-          s2[j] += r * r;
-          s3[j] += yr[j] * r;
-        }
-      } else {
+              for (int64_t j = 0; j < t; ++j) {
+                const double r = mr[j] * inv;
+                s1[j] += r;
+                s2[j] += r * r;
+                s3[j] += yr[j] * r;
+              }
+            } else {
 #pragma omp simd
-        for (int64_t j = 0; j < t; ++j) {
-          const double r = (yr[j] - mr[j]) * inv;
-          s1[j] += r;
-          s2[j] += r * r;
-          s3[j] += yr[j] * r;
-        }
-      }
-    });
+              for (int64_t j = 0; j < t; ++j) {
+                const double r = (yr[j] - mr[j]) * inv;
+                s1[j] += r;
+                s2[j] += r * r;
+                s3[j] += yr[j] * r;
+              }
+            }
+          }
+        });
     std::copy(sums.begin(), sums.end(), op);
   }
   return out;
@@ -195,7 +207,9 @@ void register_ridge(py::module_& m) {
   m.def("ridge_residual_moments", &residual_moments, py::arg("Y"), py::arg("M"), py::arg("d") = py::none(),
         py::arg("m_is_residual") = false,
         "Per-column sums of r, r^2 and Y*r for r = (Y - M) / d[:, None], or r = M / d[:, None] when "
-        "m_is_residual (float64, (3, n_targets)). Bitwise identical whatever the thread count.");
+        "m_is_residual (float64, (3, n_targets)); with M of shape (n, c, t) and d of shape (c, n), the "
+        "same for each of c stacked alphas ((c, 3, n_targets)). Bitwise identical whatever the thread "
+        "count.");
   m.def("pearson_per_target", &pearson_per_target, py::arg("Y_true"), py::arg("Y_pred"),
         "Pearson correlation of each column pair of two (n_samples, n_targets) arrays (NaN where a "
         "column is constant).");

@@ -33,6 +33,7 @@ __all__ = [
     "centre_cross_gram",
     "single_blas_thread",
     "single_torch_thread",
+    "matmul",
     "threads_for_product",
     "threads_for_decomposition",
 ]
@@ -51,7 +52,8 @@ _single_thread_depth = 0  # nesting depth of single_blas_thread (the limit is se
 
 @contextlib.contextmanager
 def single_blas_thread() -> Iterator[None]:
-    """Run the enclosed small products on one BLAS thread.
+    """Run the enclosed small products on one BLAS thread (NumPy's OpenBLAS and torch's
+    MKL: see :func:`matmul`).
 
     The many small products of a PLS component (matrix-vector, t x t) and the per-alpha
     products of a small ridge path lose more to thread start-up and spin-waiting than they
@@ -59,8 +61,10 @@ def single_blas_thread() -> Iterator[None]:
     5.9-7.7 s on two (shared 2-core machine); a 500 x 200 by 200 x 200 product took 8.0 ms
     on two threads and 0.5 ms on one at load ~2.5. Large products and the decompositions
     outside this context keep all threads. Nested uses cost nothing: only the outermost sets
-    and restores the limit (each ``threadpoolctl`` limit costs ~13 us, a tenth of a percent of
-    a small fit per call).
+    and restores the limit. The limit is set through the BLAS libraries' own
+    ``set_num_threads`` (threadpoolctl's per-library controllers, found once): ~2 us per
+    set-and-restore, where a ``threadpoolctl`` ``limit()`` cost ~30 us (0.7 % of a 500 x 200
+    fit each way).
 
     Reproducibility: OpenBLAS results depend, in the last bits, on its thread count (the
     blocked sums are split differently). The thread count used here is fixed (one) and every
@@ -74,25 +78,33 @@ def single_blas_thread() -> Iterator[None]:
     if _single_thread_depth:
         yield
         return
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        _single_thread_depth += 1
-        try:
+    libraries = _blas_libraries()
+    previous = [lib.get_num_threads() for lib in libraries]
+    for lib in libraries:
+        lib.set_num_threads(1)
+    _single_thread_depth += 1
+    try:
+        with single_torch_thread():
             yield
-        finally:
-            _single_thread_depth -= 1
+    finally:
+        _single_thread_depth -= 1
+        for lib, count in zip(libraries, previous):
+            if count is not None:
+                lib.set_num_threads(count)
 
 
 @contextlib.contextmanager
 def single_torch_thread() -> Iterator[None]:
-    """Run the enclosed torch CPU calls (and the MKL LAPACK under them) on one thread, then
-    restore the caller's count.
+    """Run the enclosed torch CPU calls (and the MKL BLAS/LAPACK under them) on one thread,
+    then restore the caller's count.
 
-    For the small decompositions of :func:`~harmonizer_fast.neural.ridge_solvers.eigh_psd`:
-    torch's thread count is its OpenMP/MKL pool, which OpenBLAS (NumPy's pool) does not see, so
-    a threaded MKL call inside a fit would compete with OpenBLAS for the cores (a ridge grid run
-    with torch's ``eigh`` on its default two threads was slower on every shape). On one thread
-    nothing competes. ``torch.set_num_threads`` is cheap (a set-and-restore pair: ~0.2 us) and
-    sets the calling thread's OpenMP and MKL limits.
+    For the small products of :func:`matmul` and the small decompositions of
+    :func:`~harmonizer_fast.neural.ridge_solvers.eigh_psd`: torch's thread count is its
+    OpenMP/MKL pool, which OpenBLAS (NumPy's pool) does not see, so a threaded MKL call inside
+    a fit would compete with OpenBLAS for the cores (a ridge grid run with torch's ``eigh`` on
+    its default two threads was slower on every shape). On one thread nothing competes.
+    ``torch.set_num_threads`` is cheap (a set-and-restore pair: ~0.2 us) and sets the calling
+    thread's OpenMP and MKL limits.
     """
     previous = torch.get_num_threads()
     if previous == 1:
@@ -103,6 +115,35 @@ def single_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _as_tensor(a: np.ndarray) -> Optional[torch.Tensor]:
+    """A zero-copy float64 tensor view of ``a``, or None where torch cannot view it (read-only
+    memory, negative strides, another dtype)."""
+    if a.dtype != np.float64 or not a.flags.writeable or any(s < 0 for s in a.strides):
+        return None
+    return torch.from_numpy(a)
+
+
+def matmul(A: np.ndarray, B: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    r"""The float64 product :math:`A B` (into ``out`` when given, C-contiguous of shape
+    (A.shape[0], B.shape[1])), on the BLAS that is faster for its size.
+
+    Below :data:`SMALL_PRODUCT` multiply-adds: torch's ``dgemm`` (MKL in torch's x86 wheels)
+    on one torch thread, zero-copy (one thread, quiet machine: 500 x 200 by 200 x 200 0.38 ms
+    vs OpenBLAS's 0.49 ms; 500 x 200 by 200 x 40 0.47 ms for twenty such products vs
+    0.63 ms for twenty 200 x 10 products on OpenBLAS). Above: NumPy's OpenBLAS on the
+    process's threads. A rule on the size only, so the bits never depend on the load.
+    """
+    if A.shape[0] * A.shape[1] * B.shape[1] < SMALL_PRODUCT:
+        if out is None:
+            out = np.empty((A.shape[0], B.shape[1]))
+        tA, tB, tout = _as_tensor(A), _as_tensor(B), _as_tensor(out)
+        if tA is not None and tB is not None and tout is not None and out.flags.c_contiguous:
+            with single_torch_thread():
+                torch.mm(tA, tB, out=tout)
+            return out
+    return np.matmul(A, B, out=out)
 
 
 def threads_for_product(multiply_adds: int) -> "contextlib.AbstractContextManager[None]":
@@ -117,16 +158,17 @@ def threads_for_decomposition(order: int) -> "contextlib.AbstractContextManager[
     return single_blas_thread() if order < SMALL_DECOMPOSITION else contextlib.nullcontext()
 
 
-_CONTROLLER: Optional[ThreadpoolController] = None
+_BLAS_LIBRARIES: Optional[list] = None
 
 
-def _blas_controller() -> ThreadpoolController:
-    """One controller for the process: ``threadpool_limits`` rescans the loaded libraries at
-    every call (2-5 ms, as long as a whole small PLS fit); NumPy's BLAS is loaded by now."""
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries, found once for the process:
+    ``threadpool_limits`` rescans the loaded libraries at every call (2-5 ms, as long as a whole
+    small PLS fit); NumPy's BLAS is loaded by now."""
+    global _BLAS_LIBRARIES
+    if _BLAS_LIBRARIES is None:
+        _BLAS_LIBRARIES = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _BLAS_LIBRARIES
 
 
 def _to_numpy(x: object, name: str) -> np.ndarray:
@@ -257,6 +299,10 @@ def residual_moments_numpy(
     Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = None, m_is_residual: bool = False
 ) -> np.ndarray:
     """Reference of :func:`residual_moments` in plain NumPy."""
+    if M.ndim == 3:  # stacked alphas: one (n, t) slice at a time
+        return np.stack(
+            [residual_moments_numpy(Y, M[:, a], None if d is None else d[a], m_is_residual) for a in range(M.shape[1])]
+        )
     R = M.copy() if m_is_residual else Y - M  # the only (n, t) temporary
     if d is not None:
         R /= d[:, None]
@@ -278,16 +324,21 @@ def residual_moments(
 
     Parameters
     ----------
-    Y, M : float64 arrays of shape (n_samples, n_targets)
-    d : float64 array of shape (n_samples,), optional (1 when absent)
+    Y : float64 array of shape (n_samples, n_targets)
+    M : float64 array of shape (n_samples, n_targets), or (n_samples, c, n_targets): ``c``
+        alphas stacked (the layout of one product :math:`F\,[W_1 B, \dots, W_c B]`), each
+        reduced against the same ``Y``
+    d : float64 array of shape (n_samples,) (or (c, n_samples) with a stacked ``M``), optional
+        (1 when absent)
     m_is_residual : bool
         ``M`` already holds :math:`Y - \hat Y` (computed without cancellation by the caller):
         :math:`r = M / d`.
 
     Returns
     -------
-    float64 array of shape (3, n_targets). The C++ kernel sums rows in fixed blocks, so the
-    result is bitwise the same whatever the number of OpenMP threads.
+    float64 array of shape (3, n_targets), or (c, 3, n_targets) for a stacked ``M``. The C++
+    kernel sums rows in fixed blocks, so the result is bitwise the same whatever the number of
+    OpenMP threads (and each alpha's sums the same whether it is stacked or not).
     """
     ext = extension()
     if ext is None:

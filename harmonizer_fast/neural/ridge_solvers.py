@@ -23,7 +23,12 @@ import scipy.linalg
 import torch
 
 from harmonizer_fast.spec import shape_of
-from harmonizer_fast.neural._backend import SMALL_DECOMPOSITION, single_torch_thread, threads_for_decomposition
+from harmonizer_fast.neural._backend import (
+    SMALL_DECOMPOSITION,
+    matmul,
+    single_torch_thread,
+    threads_for_decomposition,
+)
 from harmonizer_fast.neural.ridge_path import SCORERS, alpha_path_moments, path_stats
 
 __all__ = [
@@ -203,11 +208,12 @@ def primal_loo(
     """
     n = Xc.shape[0]
     lam, V = eigh_psd(G)
-    F = Xc @ V
+    F = matmul(Xc, V)
     W = 1.0 / (lam[None, :] + alphas[:, None])
-    B = F.T @ Yc
+    B = matmul(F.T, Yc)
     # leverage of every sample under every alpha: (n_alphas, n); p < n keeps it small
-    D = 1.0 - W @ (F * F).T - (1.0 / n if intercept else 0.0)
+    D = matmul(W, np.square(F).T)
+    np.subtract(1.0 - (1.0 / n if intercept else 0.0), D, out=D)
     scores = SCORERS[scoring](path_stats(alpha_path_moments(F, W, B, Yc, D), Yc))
     return scores, lambda chosen: V @ (B / (lam[:, None] + chosen[None, :]))
 
