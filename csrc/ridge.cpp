@@ -138,6 +138,53 @@ py::array_t<double> residual_moments(f64_array y, f64_array m, py::object d_obj,
   return out;
 }
 
+// Centres the columns of a row-major (n, p) float32/float64 array in float64: returns
+// (Xc = X - mean, mean, sum_i Xc_ij^2). Two passes (the column sums, in row order as NumPy's
+// X.mean(axis=0, dtype=float64); then the centred copy and its column sums of squares), where
+// NumPy needs four calls (mean, subtract, square-sum, isfinite) that each read the data again.
+// A non-finite value of X makes its column's mean non-finite (the caller checks the p means).
+template <typename T>
+py::tuple centre_columns_impl(py::array_t<T, py::array::c_style | py::array::forcecast> x) {
+  if (x.ndim() != 2) throw std::invalid_argument("centre_columns: X must be 2-D, got " + shape_str(x));
+  const int64_t n = x.shape(0), p = x.shape(1);
+  py::array_t<double> centred({(py::ssize_t)n, (py::ssize_t)p});
+  py::array_t<double> mean((py::ssize_t)p);
+  py::array_t<double> sumsq((py::ssize_t)p);
+  const T* xp = x.data();
+  double* cp = centred.mutable_data();
+  double* mp = mean.mutable_data();
+  double* sp = sumsq.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::fill(mp, mp + p, 0.0);
+    std::fill(sp, sp + p, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = xp + i * p;
+#pragma omp simd
+      for (int64_t j = 0; j < p; ++j) mp[j] += (double)row[j];
+    }
+    for (int64_t j = 0; j < p; ++j) mp[j] /= (double)n;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = xp + i * p;
+      double* out = cp + i * p;
+#pragma omp simd
+      for (int64_t j = 0; j < p; ++j) {
+        const double v = (double)row[j] - mp[j];
+        out[j] = v;
+        sp[j] += v * v;
+      }
+    }
+  }
+  return py::make_tuple(centred, mean, sumsq);
+}
+
+py::tuple centre_columns(py::array x) {
+  // float32 is read as float32 (no converted copy); everything else as float64
+  if (py::isinstance<py::array_t<float>>(x))
+    return centre_columns_impl<float>(x.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>());
+  return centre_columns_impl<double>(x.cast<f64_array>());
+}
+
 // Column means of a row-major (n, t) array, accumulated in float64.
 template <typename T>
 std::vector<double> column_means(const T* a, int64_t n, int64_t t, int nt) {
@@ -210,6 +257,8 @@ void register_ridge(py::module_& m) {
         "m_is_residual (float64, (3, n_targets)); with M of shape (n, c, t) and d of shape (c, n), the "
         "same for each of c stacked alphas ((c, 3, n_targets)). Bitwise identical whatever the thread "
         "count.");
+  m.def("centre_columns", &centre_columns, py::arg("X"),
+        "(X - mean, mean, column sums of squares of X - mean) in float64 for a 2-D float32/float64 array.");
   m.def("pearson_per_target", &pearson_per_target, py::arg("Y_true"), py::arg("Y_pred"),
         "Pearson correlation of each column pair of two (n_samples, n_targets) arrays (NaN where a "
         "column is constant).");

@@ -27,7 +27,9 @@ __all__ = [
     "pearson_per_target",
     "residual_moments",
     "check_features",
+    "check_finite",
     "check_targets",
+    "centre_columns",
     "check_gram",
     "centre_gram",
     "centre_cross_gram",
@@ -201,7 +203,8 @@ def _float_dtype(arr: np.ndarray) -> np.dtype:
     return np.dtype(np.float32) if arr.dtype == np.float32 else np.dtype(np.float64)
 
 
-def _check_finite(arr: np.ndarray, name: str) -> None:
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Raise a ValueError naming ``name``, its shape and its count of NaN/inf values, if any."""
     if not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         raise ValueError(
@@ -211,12 +214,17 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
 
 
 def check_features(
-    X: object, name: str = "X", n_features: Optional[int] = None, estimator: str = "the estimator"
+    X: object,
+    name: str = "X",
+    n_features: Optional[int] = None,
+    estimator: str = "the estimator",
+    finite: bool = True,
 ) -> np.ndarray:
     """Validate a (n_samples, n_features) design matrix; returns float32/float64 C-ordered.
 
     At least one sample and one feature; ``n_features`` (the fitted width) is checked with
-    scikit-learn's wording, naming ``estimator``."""
+    scikit-learn's wording, naming ``estimator``. ``finite=False`` leaves the NaN/inf check to
+    the caller (:func:`check_finite`), who reads the data anyway (as :func:`centre_columns`)."""
     arr = _to_numpy(X, name)
     if arr.ndim != 2:
         raise ValueError(
@@ -233,8 +241,32 @@ def check_features(
             f"input (got shape {shape_of(arr)})"
         )
     arr = np.ascontiguousarray(arr, dtype=_float_dtype(arr))
-    _check_finite(arr, name)
+    if finite:
+        check_finite(arr, name)
     return arr
+
+
+def centre_columns_numpy(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference of :func:`centre_columns` in plain NumPy."""
+    mean = X.mean(axis=0, dtype=np.float64)
+    centred = X - mean
+    return centred, mean, np.einsum("ij,ij->j", centred, centred)
+
+
+def centre_columns(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Column-centred copy of a float32/float64 (n, p) array in float64, in two passes.
+
+    Returns :math:`X_c = X - 1 \bar x^\top`, :math:`\bar x` (the column means, summed in row
+    order in float64: the bits of ``X.mean(axis=0, dtype=np.float64)``) and the column sums of
+    squares :math:`\sum_i X_{c,ij}^2`. A NaN or inf in a column makes its mean non-finite, so
+    a caller checks finiteness on the ``p`` means instead of the ``n p`` values. No overflow
+    warnings (a finite ``X`` whose sums overflow gives non-finite means and sums).
+    """
+    ext = extension()
+    if ext is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return centre_columns_numpy(X)
+    return ext.centre_columns(X)
 
 
 def check_gram(K: object, name: str = "K") -> np.ndarray:
@@ -246,7 +278,7 @@ def check_gram(K: object, name: str = "K") -> np.ndarray:
     if arr.shape[0] == 0:
         raise ValueError(f"`{name}` has 0 sample(s) (shape={shape_of(arr)}) while a minimum of 1 is required")
     arr = np.asarray(arr, dtype=np.float64)
-    _check_finite(arr, name)
+    check_finite(arr, name)
     asym = float(np.max(np.abs(arr - arr.T)))
     if asym > 1e-6 * max(float(np.max(np.abs(arr))), np.finfo(float).tiny):
         raise ValueError(
@@ -288,7 +320,7 @@ def check_targets(Y: object, n_samples: int, x_shape: Tuple[int, ...], name: str
     arr = np.ascontiguousarray(arr.reshape(n_samples, -1), dtype=np.float64)
     if arr.shape[1] == 0:
         raise ValueError(f"`{name}` has no targets (shape {shape_of(arr)})")
-    _check_finite(arr, name)
+    check_finite(arr, name)
     return arr, one_d
 
 
@@ -393,8 +425,8 @@ def pearson_per_target(Y_true: object, Y_pred: object) -> np.ndarray:
     dtype = np.float32 if (a.dtype == np.float32 and b.dtype == np.float32) else np.float64
     a = np.ascontiguousarray(a, dtype=dtype)
     b = np.ascontiguousarray(b, dtype=dtype)
-    _check_finite(a, "Y_true")
-    _check_finite(b, "Y_pred")
+    check_finite(a, "Y_true")
+    check_finite(b, "Y_pred")
     ext = extension()
     out = pearson_per_target_numpy(a, b) if ext is None else ext.pearson_per_target(a, b)
     n_nan = int(np.isnan(out).sum())

@@ -10,6 +10,7 @@ function of those sums and the moments of the targets (:class:`PathStats`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -25,15 +26,23 @@ class PathStats:
     """Sums over validation samples, per alpha and target, of residuals ``r = y - y_hat``.
 
     ``y`` is the target centred by the training offset; ``sr``, ``srr``, ``syr`` have shape
-    (n_alphas, n_targets); ``sy``, ``syy`` shape (n_targets,); ``n`` the sample count.
+    (n_alphas, n_targets); ``sy``, ``syy`` shape (n_targets,), computed from ``y`` when first
+    used (the leave-one-out MSE needs neither); ``n`` the sample count.
     """
 
     n: int
-    sy: np.ndarray
-    syy: np.ndarray
+    y: np.ndarray
     sr: np.ndarray
     srr: np.ndarray
     syr: np.ndarray
+
+    @functools.cached_property
+    def sy(self) -> np.ndarray:
+        return self.y.sum(axis=0)
+
+    @functools.cached_property
+    def syy(self) -> np.ndarray:
+        return np.einsum("ij,ij->j", self.y, self.y)
 
     def total_sum_of_squares(self) -> np.ndarray:
         return self.syy - self.sy**2 / self.n
@@ -158,13 +167,4 @@ def alpha_path_moments(
 
 def path_stats(moments: np.ndarray, Y: np.ndarray) -> PathStats:
     """The sums of :func:`alpha_path_moments` (``moments``) with the moments of the targets ``Y``."""
-    return PathStats(
-        n=Y.shape[0],
-        sy=Y.sum(axis=0),
-        syy=np.einsum("ij,ij->j", Y, Y),
-        sr=moments[:, 0],
-        srr=moments[:, 1],
-        syr=moments[:, 2],
-    )
-
-
+    return PathStats(n=Y.shape[0], y=Y, sr=moments[:, 0], srr=moments[:, 1], syr=moments[:, 2])

@@ -209,13 +209,13 @@ def primal_loo(
     n = Xc.shape[0]
     lam, V = eigh_psd(G)
     F = matmul(Xc, V)
-    W = 1.0 / (lam[None, :] + alphas[:, None])
-    B = matmul(F.T, Yc)
+    W = np.reciprocal(np.add.outer(alphas, lam))
+    B = matmul(Yc.T, F).T  # as F^T Y_c: the (t, n) x (n, k) order is the faster product here
     # leverage of every sample under every alpha: (n_alphas, n); p < n keeps it small
     D = matmul(W, np.square(F).T)
     np.subtract(1.0 - (1.0 / n if intercept else 0.0), D, out=D)
     scores = SCORERS[scoring](path_stats(alpha_path_moments(F, W, B, Yc, D), Yc))
-    return scores, lambda chosen: V @ (B / (lam[:, None] + chosen[None, :]))
+    return scores, lambda chosen: matmul(V, B / np.add.outer(lam, chosen))
 
 def primal_kfold(
     Xc: np.ndarray,

@@ -253,6 +253,25 @@ def test_residual_moments_of_stacked_alphas_equal_one_alpha_at_a_time():
         _backend.residual_moments(Y, M[:, :, :4])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_centre_columns_equals_numpy_and_flags_non_finite_columns(dtype):
+    rng = np.random.default_rng(7)
+    X = (rng.standard_normal((301, 17)) * 5.0 + 40.0).astype(dtype)
+    centred, mean, sums = _backend.centre_columns(X)
+    ref_centred, ref_mean, ref_sums = _backend.centre_columns_numpy(X)
+    np.testing.assert_array_equal(mean, X.mean(axis=0, dtype=np.float64))  # same bits as NumPy's mean
+    np.testing.assert_array_equal(centred, ref_centred)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-13)
+    assert centred.dtype == np.float64
+    X[5, 3], X[7, 9] = np.inf, np.nan
+    mean = _backend.centre_columns(X)[1]
+    assert not np.isfinite(mean[[3, 9]]).any() and np.isfinite(np.delete(mean, [3, 9])).all()
+    Y = rng.standard_normal((301, 2))
+    for fit_intercept in (True, False):  # the centring pass and the plain check name the same count
+        with pytest.raises(ValueError, match=r"`X` \(shape \(301, 17\)\) contains 2 non-finite"):
+            RidgeCV(fit_intercept=fit_intercept).fit(X, Y)
+
+
 def test_alpha_path_chunks_equal_one_alpha_at_a_time(monkeypatch):
     # chunks of equal size and a shorter last one give the same sums as one alpha per product
     from harmonizer_fast.neural import ridge_path
