@@ -69,8 +69,15 @@ def eigh_psd(G: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     here is invariant to them.
     """
     if G.shape[0] < SMALL_DECOMPOSITION and torch._C.has_lapack:
+        if G.flags.f_contiguous and G.flags.writeable:
+            column_major, triangle = G, "L"
+        else:  # G^T is G in column-major order: torch's LAPACK copy is then a plain memcpy, not a
+            # transposing one (order 200: 1.46 vs 1.53 ms); its upper triangle is G's lower one
+            column_major, triangle = np.ascontiguousarray(G).T, "U"
+            if not column_major.flags.writeable:
+                column_major = column_major.copy(order="F")
         with single_torch_thread():
-            lam_t, vecs_t = torch.linalg.eigh(torch.from_numpy(G if G.flags.writeable else G.copy()))
+            lam_t, vecs_t = torch.linalg.eigh(torch.from_numpy(column_major), UPLO=triangle)
         lam, vecs = lam_t.numpy(), vecs_t.numpy()
     else:
         with threads_for_decomposition(G.shape[0]):

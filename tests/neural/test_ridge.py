@@ -312,6 +312,9 @@ def test_small_products_and_decompositions_match_numpy_and_restore_thread_counts
     np.testing.assert_allclose(lam, np.linalg.eigvalsh(G), rtol=1e-12, atol=1e-12 * lam.max())
     np.testing.assert_allclose(V @ np.diag(lam) @ V.T, G, atol=1e-11 * lam.max())
     np.testing.assert_allclose(V.T @ V, np.eye(50), atol=1e-13)
+    lower = np.tril(G) + np.triu(rng.standard_normal((50, 50)), 1)  # only the lower triangle is read
+    for layout in (lower, np.asfortranarray(lower)):
+        np.testing.assert_allclose(eigh_psd(layout)[0], lam, rtol=1e-12, atol=1e-12 * lam.max())
     with _backend.single_blas_thread():
         assert torch.get_num_threads() == 1
         assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} == {1}
