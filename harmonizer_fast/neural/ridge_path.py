@@ -18,7 +18,7 @@ import numpy as np
 
 from harmonizer_fast.neural._backend import matmul, residual_moments, threads_for_product
 
-__all__ = ["PathStats", "SCORERS", "DEFAULT_SCORING", "alpha_path_moments", "path_stats"]
+__all__ = ["PathStats", "SCORERS", "DEFAULT_SCORING", "PATH_COLUMNS", "alpha_path_moments", "path_chunk", "path_stats"]
 
 
 @dataclass
@@ -97,6 +97,16 @@ PATH_COLUMNS = 256
 # --------------------------------------------------------------------------- alpha path
 
 
+def path_chunk(n_alphas: int, n_targets: int) -> int:
+    """Alphas per product of the alpha path: the fewest chunks of at most ``PATH_COLUMNS //
+    n_targets`` alphas (at least one), split evenly (20 alphas of 10 targets: one chunk of
+    20; of 80 targets: seven chunks of 3, the last of 2)."""
+    n_chunks = -(-n_alphas // max(1, PATH_COLUMNS // n_targets))
+    return -(-n_alphas // n_chunks)
+
+
+
+
 def alpha_path_moments(
     F: np.ndarray,
     W: np.ndarray,
@@ -143,8 +153,7 @@ def alpha_path_moments(
     """
     n_alphas, k = W.shape
     n, t = Y.shape
-    n_chunks = -(-n_alphas // max(1, PATH_COLUMNS // t))
-    chunk = -(-n_alphas // n_chunks)
+    chunk = path_chunk(n_alphas, t)
     out = np.empty((n_alphas, 3, t))
     # reused by every chunk (a shorter last chunk uses the first values): the products and the
     # scaled copies of B, laid out (k, alpha, target) so that the scaling writes them directly
