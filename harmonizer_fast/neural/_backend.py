@@ -2,12 +2,19 @@
 input validation and the per-target reductions, with a C++ fast path (``csrc/ridge.cpp``)
 and the NumPy reference it is tested against.
 
-What runs where (measured on the shared 2-core machine): every matrix product stays in
-NumPy's BLAS (OpenBLAS dsyrk forms X^T X of a 3200 x 2048 design in 0.25 s, torch's CPU
-matmul in 0.40 s; a 3200 x 2048 by 2048 x 168 product takes 32 ms vs 42 ms). The per-target
-epilogues run in C++, one pass without temporaries: at 3200 x 168, residual moments take
-0.3-0.6 ms against 1.1-18 ms for the NumPy expressions below, Pearson 0.6-1.5 ms against
-30-70 ms (min-median under load).
+What runs where (measured on the shared 2-core machine): large products stay in NumPy's BLAS
+on the process's threads (OpenBLAS dsyrk forms X^T X of a 3200 x 2048 design in 0.25 s,
+torch's CPU matmul in 0.40 s; a 3200 x 2048 by 2048 x 168 product takes 32 ms vs 42 ms), and
+so do Grams (dsyrk: half the flops of torch's gemm). Products below :data:`SMALL_PRODUCT`
+multiply-adds go to torch's MKL ``dgemm`` on one thread (:func:`matmul`: ~25 % faster than
+OpenBLAS's at 500 x 200 x 200), and decompositions below :data:`SMALL_DECOMPOSITION` to
+torch's MKL ``dsyevd`` on one thread
+(:func:`~harmonizer_fast.neural.ridge_solvers.eigh_psd`). Both pools are held at one thread
+for a whole small fit (:func:`single_blas_thread`), so they never compete for the cores. The
+per-target epilogues run in C++, one pass without temporaries: at 3200 x 168, residual
+moments take 0.3-0.6 ms against 1.1-18 ms for the NumPy expressions below, Pearson 0.6-1.5 ms
+against 30-70 ms (min-median under load); the column centring of a design is one C++ pass
+(:func:`centre_columns`).
 """
 from __future__ import annotations
 
