@@ -71,9 +71,9 @@ def single_blas_thread() -> Iterator[None]:
     on two threads and 0.5 ms on one at load ~2.5. Large products and the decompositions
     outside this context keep all threads. Nested uses cost nothing: only the outermost sets
     and restores the limit. The limit is set through the BLAS libraries' own
-    ``set_num_threads`` (threadpoolctl's per-library controllers, found once): ~2 us per
-    set-and-restore, where a ``threadpoolctl`` ``limit()`` cost ~30 us (0.7 % of a 500 x 200
-    fit each way).
+    ``set_num_threads`` (threadpoolctl's per-library controllers, found once): entering and
+    leaving costs ~35-45 us for both OpenBLAS copies (NumPy's and SciPy's) and torch together,
+    where two ``threadpoolctl`` ``limit()`` calls alone cost ~60 us (1.5 % of a 500 x 200 fit).
 
     Reproducibility: OpenBLAS results depend, in the last bits, on its thread count (the
     blocked sums are split differently). The thread count used here is fixed (one) and every
@@ -112,8 +112,10 @@ def single_torch_thread() -> Iterator[None]:
     OpenMP/MKL pool, which OpenBLAS (NumPy's pool) does not see, so a threaded MKL call inside
     a fit would compete with OpenBLAS for the cores (a ridge grid run with torch's ``eigh`` on
     its default two threads was slower on every shape). On one thread nothing competes.
-    ``torch.set_num_threads`` is cheap (a set-and-restore pair: ~0.2 us) and sets the calling
-    thread's OpenMP and MKL limits.
+    ``torch.set_num_threads`` is cheap (a set-and-restore pair: ~0.2 us warm, ~20 us right after
+    other work has evicted the caches). It sets the calling thread's OpenMP and MKL limits and
+    torch's process-wide intra-op count: torch CPU work in other Python threads runs on one
+    thread while a small fit holds it.
     """
     previous = torch.get_num_threads()
     if previous == 1:
