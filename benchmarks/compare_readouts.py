@@ -9,7 +9,8 @@ against scikit-learn on a grid of shapes (n samples x p features -> t targets), 
 interleaved (scikit-learn, ours, scikit-learn, ...), and prints one row per shape: medians,
 spreads (min-max), the ratio, and for ridge the *floor*: the time of the work scikit-learn and
 this package both must do (the dual Gram and its eigendecomposition when p >= n, and in
-every case the per-alpha products F diag(w) B), so that ``bound = sklearn / floor`` is the
+every case the per-alpha products F diag(w) B, timed as the package forms them: alphas
+stacked into wide products on the BLAS its size rule picks), so that ``bound = sklearn / floor`` is the
 largest ratio any implementation sharing that work could reach, and ``reached = ratio /
 bound``. PLS has no shared decomposition (scikit-learn iterates on the full data). A
 per-shape time budget caps the repeats of slow shapes (at least one run of each side).
@@ -256,22 +257,26 @@ def _time(fn: Callable[[], object]) -> Tuple[object, float]:
 def _ridge_floor(X: np.ndarray, Y: np.ndarray, n_alphas: int) -> float:
     """Seconds of the work both RidgeCV implementations share on this shape, run under the
     package's thread rules (small decompositions and products on one BLAS thread)."""
-    from harmonizer_fast.neural._backend import threads_for_product
+    from harmonizer_fast.neural._backend import matmul, threads_for_product
+    from harmonizer_fast.neural.ridge_path import path_chunk
     from harmonizer_fast.neural.ridge_solvers import eigh_psd
 
     n, p = X.shape
+    t = Y.shape[1]
     Xc = np.asarray(X, np.float64) - X.mean(axis=0, dtype=np.float64)
-    Yc = np.asarray(Y, np.float64) - Y.mean(axis=0)
     start = time.perf_counter()
     k = min(n, p)
     if p >= n:  # scikit-learn's 'eigen' mode: eigendecomposition of X X^T, as the dual route
         eigh_psd(Xc @ Xc.T)
     F = np.ascontiguousarray(Xc[:, :k])
-    B = np.ones((k, Y.shape[1]))
-    out = np.empty_like(Yc)
-    with threads_for_product(n * k * Y.shape[1]):
-        for _ in range(n_alphas):  # the per-alpha products, (n x k) @ (k x t)
-            np.matmul(F, B, out=out)
+    # the per-alpha products (n x k) @ (k x t), formed as the package forms them: up to
+    # PATH_COLUMNS columns of stacked alphas per product, on the BLAS of the size rule
+    chunk = path_chunk(n_alphas, t)
+    B = np.ones((k, chunk * t))
+    out = np.empty((n, chunk * t))
+    with threads_for_product(n * k * t):
+        for _ in range(-(-n_alphas // chunk)):
+            matmul(F, B, out=out)
     return time.perf_counter() - start
 
 

@@ -73,57 +73,116 @@ std::vector<double> reduce_rows(int64_t n, int64_t width, int nt, Body body) {
   return total;
 }
 
-// out[0, j] = sum_i r_ij, out[1, j] = sum_i r_ij^2, out[2, j] = sum_i y_ij r_ij,
-// with r_ij = (y_ij - m_ij) / d_i (d = 1 when absent), or r_ij = m_ij / d_i when
-// m_is_residual (the caller formed the residual without the cancellation of y - m).
+// For each of c alphas a: out[a, 0, j] = sum_i r_aij, out[a, 1, j] = sum_i r_aij^2,
+// out[a, 2, j] = sum_i y_ij r_aij, with r_aij = (y_ij - m_iaj) / d_ai (d = 1 when absent), or
+// r_aij = m_iaj / d_ai when m_is_residual (the caller formed the residual without the
+// cancellation of y - m). M is (n, t) (c = 1, d of shape (n,), result (3, t)) or (n, c, t),
+// the layout of one product F @ [W_1 B, ..., W_c B] (d of shape (c, n), result (c, 3, t)): a
+// chunk of the alpha path in one pass over its rows, Y read once per row for all c alphas.
 py::array_t<double> residual_moments(f64_array y, f64_array m, py::object d_obj, bool m_is_residual) {
-  if (y.ndim() != 2 || m.ndim() != 2 || y.shape(0) != m.shape(0) || y.shape(1) != m.shape(1))
-    throw std::invalid_argument("residual_moments: Y and M must be 2-D of the same shape, got " +
+  const bool stacked = m.ndim() == 3;
+  if (y.ndim() != 2 || (m.ndim() != 2 && !stacked) || y.shape(0) != m.shape(0) ||
+      y.shape(1) != m.shape(m.ndim() - 1))
+    throw std::invalid_argument("residual_moments: Y must be (n, t) and M (n, t) or (n, c, t), got " +
                                 shape_str(y) + " and " + shape_str(m));
-  const int64_t n = y.shape(0), t = y.shape(1);
+  const int64_t n = y.shape(0), t = y.shape(1), c = stacked ? m.shape(1) : 1;
   f64_array d;
   const double* dp = nullptr;
   if (!d_obj.is_none()) {
     d = d_obj.cast<f64_array>();
-    if (d.ndim() != 1 || d.shape(0) != n)
-      throw std::invalid_argument("residual_moments: d must have shape (" + std::to_string(n) +
-                                  ",), got " + shape_str(d));
+    const bool ok = stacked ? (d.ndim() == 2 && d.shape(0) == c && d.shape(1) == n) : (d.ndim() == 1 && d.shape(0) == n);
+    if (!ok)
+      throw std::invalid_argument("residual_moments: d must have shape " +
+                                  (stacked ? "(" + std::to_string(c) + ", " + std::to_string(n) + ")"
+                                           : "(" + std::to_string(n) + ",)") +
+                                  ", got " + shape_str(d));
     dp = d.data();
   }
-  py::array_t<double> out({(py::ssize_t)3, (py::ssize_t)t});
+  py::array_t<double> out = stacked ? py::array_t<double>({(py::ssize_t)c, (py::ssize_t)3, (py::ssize_t)t})
+                                    : py::array_t<double>({(py::ssize_t)3, (py::ssize_t)t});
   const double* yp = y.data();
   const double* mp = m.data();
   double* op = out.mutable_data();
   {
     py::gil_scoped_release release;
-    const std::vector<double> sums = reduce_rows(n, 3 * t, n_threads_for(n * t), [&](int64_t i, double* acc) {
-      const double inv = dp ? 1.0 / dp[i] : 1.0;
-      const double* yr = yp + i * t;
-      const double* mr = mp + i * t;
-      double* s1 = acc;
-      double* s2 = acc + t;
-      double* s3 = acc + 2 * t;
-      if (m_is_residual) {
+    const std::vector<double> sums =
+        reduce_rows(n, 3 * c * t, n_threads_for(n * c * t), [&](int64_t i, double* acc) {
+          const double* yr = yp + i * t;
+          for (int64_t a = 0; a < c; ++a) {
+            const double inv = dp ? 1.0 / dp[a * n + i] : 1.0;
+            const double* mr = mp + (i * c + a) * t;
+            double* s1 = acc + 3 * a * t;
+            double* s2 = s1 + t;
+            double* s3 = s2 + t;
+            if (m_is_residual) {
 #pragma omp simd
-        for (int64_t j = 0; j < t; ++j) {
-          const double r = mr[j] * inv;
-          s1[j] += r;
-          s2[j] += r * r;
-          s3[j] += yr[j] * r;
-        }
-      } else {
+              for (int64_t j = 0; j < t; ++j) {
+                const double r = mr[j] * inv;
+                s1[j] += r;
+                s2[j] += r * r;
+                s3[j] += yr[j] * r;
+              }
+            } else {
 #pragma omp simd
-        for (int64_t j = 0; j < t; ++j) {
-          const double r = (yr[j] - mr[j]) * inv;
-          s1[j] += r;
-          s2[j] += r * r;
-          s3[j] += yr[j] * r;
-        }
-      }
-    });
+              for (int64_t j = 0; j < t; ++j) {
+                const double r = (yr[j] - mr[j]) * inv;
+                s1[j] += r;
+                s2[j] += r * r;
+                s3[j] += yr[j] * r;
+              }
+            }
+          }
+        });
     std::copy(sums.begin(), sums.end(), op);
   }
   return out;
+}
+
+// Centres the columns of a row-major (n, p) float32/float64 array in float64: returns
+// (Xc = X - mean, mean, sum_i Xc_ij^2). Two passes (the column sums, in row order as NumPy's
+// X.mean(axis=0, dtype=float64); then the centred copy and its column sums of squares), where
+// NumPy needs four calls (mean, subtract, square-sum, isfinite) that each read the data again.
+// A non-finite value of X makes its column's mean non-finite (the caller checks the p means).
+template <typename T>
+py::tuple centre_columns_impl(py::array_t<T, py::array::c_style | py::array::forcecast> x) {
+  if (x.ndim() != 2) throw std::invalid_argument("centre_columns: X must be 2-D, got " + shape_str(x));
+  const int64_t n = x.shape(0), p = x.shape(1);
+  py::array_t<double> centred({(py::ssize_t)n, (py::ssize_t)p});
+  py::array_t<double> mean((py::ssize_t)p);
+  py::array_t<double> sumsq((py::ssize_t)p);
+  const T* xp = x.data();
+  double* cp = centred.mutable_data();
+  double* mp = mean.mutable_data();
+  double* sp = sumsq.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::fill(mp, mp + p, 0.0);
+    std::fill(sp, sp + p, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = xp + i * p;
+#pragma omp simd
+      for (int64_t j = 0; j < p; ++j) mp[j] += (double)row[j];
+    }
+    for (int64_t j = 0; j < p; ++j) mp[j] /= (double)n;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = xp + i * p;
+      double* out = cp + i * p;
+#pragma omp simd
+      for (int64_t j = 0; j < p; ++j) {
+        const double v = (double)row[j] - mp[j];
+        out[j] = v;
+        sp[j] += v * v;
+      }
+    }
+  }
+  return py::make_tuple(centred, mean, sumsq);
+}
+
+py::tuple centre_columns(py::array x) {
+  // float32 is read as float32 (no converted copy); everything else as float64
+  if (py::isinstance<py::array_t<float>>(x))
+    return centre_columns_impl<float>(x.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>());
+  return centre_columns_impl<double>(x.cast<f64_array>());
 }
 
 // Column means of a row-major (n, t) array, accumulated in float64.
@@ -195,7 +254,11 @@ void register_ridge(py::module_& m) {
   m.def("ridge_residual_moments", &residual_moments, py::arg("Y"), py::arg("M"), py::arg("d") = py::none(),
         py::arg("m_is_residual") = false,
         "Per-column sums of r, r^2 and Y*r for r = (Y - M) / d[:, None], or r = M / d[:, None] when "
-        "m_is_residual (float64, (3, n_targets)). Bitwise identical whatever the thread count.");
+        "m_is_residual (float64, (3, n_targets)); with M of shape (n, c, t) and d of shape (c, n), the "
+        "same for each of c stacked alphas ((c, 3, n_targets)). Bitwise identical whatever the thread "
+        "count.");
+  m.def("centre_columns", &centre_columns, py::arg("X"),
+        "(X - mean, mean, column sums of squares of X - mean) in float64 for a 2-D float32/float64 array.");
   m.def("pearson_per_target", &pearson_per_target, py::arg("Y_true"), py::arg("Y_pred"),
         "Pearson correlation of each column pair of two (n_samples, n_targets) arrays (NaN where a "
         "column is constant).");

@@ -2,12 +2,19 @@
 input validation and the per-target reductions, with a C++ fast path (``csrc/ridge.cpp``)
 and the NumPy reference it is tested against.
 
-What runs where (measured on the shared 2-core machine): every matrix product stays in
-NumPy's BLAS (OpenBLAS dsyrk forms X^T X of a 3200 x 2048 design in 0.25 s, torch's CPU
-matmul in 0.40 s; a 3200 x 2048 by 2048 x 168 product takes 32 ms vs 42 ms). The per-target
-epilogues run in C++, one pass without temporaries: at 3200 x 168, residual moments take
-0.3-0.6 ms against 1.1-18 ms for the NumPy expressions below, Pearson 0.6-1.5 ms against
-30-70 ms (min-median under load).
+What runs where (measured on the shared 2-core machine): large products stay in NumPy's BLAS
+on the process's threads (OpenBLAS dsyrk forms X^T X of a 3200 x 2048 design in 0.25 s,
+torch's CPU matmul in 0.40 s; a 3200 x 2048 by 2048 x 168 product takes 32 ms vs 42 ms), and
+so do Grams (dsyrk: half the flops of torch's gemm). Products below :data:`SMALL_PRODUCT`
+multiply-adds go to torch's MKL ``dgemm`` on one thread (:func:`matmul`: ~25 % faster than
+OpenBLAS's at 500 x 200 x 200), and decompositions below :data:`SMALL_DECOMPOSITION` to
+torch's MKL ``dsyevd`` on one thread
+(:func:`~harmonizer_fast.neural.ridge_solvers.eigh_psd`). Both pools are held at one thread
+for a whole small fit (:func:`single_blas_thread`), so they never compete for the cores. The
+per-target epilogues run in C++, one pass without temporaries: at 3200 x 168, residual
+moments take 0.3-0.6 ms against 1.1-18 ms for the NumPy expressions below, Pearson 0.6-1.5 ms
+against 30-70 ms (min-median under load); the column centring of a design is one C++ pass
+(:func:`centre_columns`).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import scipy.sparse
+import torch  # imported anyway by harmonizer_fast.neural (feature extraction): no added import cost
 from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from harmonizer_fast._ext import extension
@@ -26,11 +34,15 @@ __all__ = [
     "pearson_per_target",
     "residual_moments",
     "check_features",
+    "check_finite",
     "check_targets",
+    "centre_columns",
     "check_gram",
     "centre_gram",
     "centre_cross_gram",
     "single_blas_thread",
+    "single_torch_thread",
+    "matmul",
     "threads_for_product",
     "threads_for_decomposition",
 ]
@@ -49,7 +61,8 @@ _single_thread_depth = 0  # nesting depth of single_blas_thread (the limit is se
 
 @contextlib.contextmanager
 def single_blas_thread() -> Iterator[None]:
-    """Run the enclosed small products on one BLAS thread.
+    """Run the enclosed small products on one BLAS thread (NumPy's OpenBLAS and torch's
+    MKL: see :func:`matmul`).
 
     The many small products of a PLS component (matrix-vector, t x t) and the per-alpha
     products of a small ridge path lose more to thread start-up and spin-waiting than they
@@ -57,8 +70,10 @@ def single_blas_thread() -> Iterator[None]:
     5.9-7.7 s on two (shared 2-core machine); a 500 x 200 by 200 x 200 product took 8.0 ms
     on two threads and 0.5 ms on one at load ~2.5. Large products and the decompositions
     outside this context keep all threads. Nested uses cost nothing: only the outermost sets
-    and restores the limit (each ``threadpoolctl`` limit costs ~13 us, a tenth of a percent of
-    a small fit per call).
+    and restores the limit. The limit is set through the BLAS libraries' own
+    ``set_num_threads`` (threadpoolctl's per-library controllers, found once): entering and
+    leaving costs ~35-45 us for both OpenBLAS copies (NumPy's and SciPy's) and torch together,
+    where two ``threadpoolctl`` ``limit()`` calls alone cost ~60 us (1.5 % of a 500 x 200 fit).
 
     Reproducibility: OpenBLAS results depend, in the last bits, on its thread count (the
     blocked sums are split differently). The thread count used here is fixed (one) and every
@@ -72,12 +87,74 @@ def single_blas_thread() -> Iterator[None]:
     if _single_thread_depth:
         yield
         return
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        _single_thread_depth += 1
-        try:
+    libraries = _blas_libraries()
+    previous = [lib.get_num_threads() for lib in libraries]
+    for lib in libraries:
+        lib.set_num_threads(1)
+    _single_thread_depth += 1
+    try:
+        with single_torch_thread():
             yield
-        finally:
-            _single_thread_depth -= 1
+    finally:
+        _single_thread_depth -= 1
+        for lib, count in zip(libraries, previous):
+            if count is not None:
+                lib.set_num_threads(count)
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run the enclosed torch CPU calls (and the MKL BLAS/LAPACK under them) on one thread,
+    then restore the caller's count.
+
+    For the small products of :func:`matmul` and the small decompositions of
+    :func:`~harmonizer_fast.neural.ridge_solvers.eigh_psd`: torch's thread count is its
+    OpenMP/MKL pool, which OpenBLAS (NumPy's pool) does not see, so a threaded MKL call inside
+    a fit would compete with OpenBLAS for the cores (a ridge grid run with torch's ``eigh`` on
+    its default two threads was slower on every shape). On one thread nothing competes.
+    ``torch.set_num_threads`` is cheap (a set-and-restore pair: ~0.2 us warm, ~20 us right after
+    other work has evicted the caches). It sets the calling thread's OpenMP and MKL limits and
+    torch's process-wide intra-op count: torch CPU work in other Python threads runs on one
+    thread while a small fit holds it.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _as_tensor(a: np.ndarray) -> Optional[torch.Tensor]:
+    """A zero-copy float64 tensor view of ``a``, or None where torch cannot view it (read-only
+    memory, negative strides, another dtype)."""
+    if a.dtype != np.float64 or not a.flags.writeable or any(s < 0 for s in a.strides):
+        return None
+    return torch.from_numpy(a)
+
+
+def matmul(A: np.ndarray, B: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    r"""The float64 product :math:`A B` (into ``out`` when given, C-contiguous of shape
+    (A.shape[0], B.shape[1])), on the BLAS that is faster for its size.
+
+    Below :data:`SMALL_PRODUCT` multiply-adds: torch's ``dgemm`` (MKL in torch's x86 wheels)
+    on one torch thread, zero-copy (one thread, quiet machine: 500 x 200 by 200 x 200 0.38 ms
+    vs OpenBLAS's 0.49 ms; 500 x 200 by 200 x 40 0.47 ms for twenty such products vs
+    0.63 ms for twenty 200 x 10 products on OpenBLAS). Above: NumPy's OpenBLAS on the
+    process's threads. A rule on the size only, so the bits never depend on the load.
+    """
+    if A.shape[0] * A.shape[1] * B.shape[1] < SMALL_PRODUCT:
+        if out is None:
+            out = np.empty((A.shape[0], B.shape[1]))
+        tA, tB, tout = _as_tensor(A), _as_tensor(B), _as_tensor(out)
+        if tA is not None and tB is not None and tout is not None and out.flags.c_contiguous:
+            with single_torch_thread():
+                torch.mm(tA, tB, out=tout)
+            return out
+    return np.matmul(A, B, out=out)
 
 
 def threads_for_product(multiply_adds: int) -> "contextlib.AbstractContextManager[None]":
@@ -92,16 +169,17 @@ def threads_for_decomposition(order: int) -> "contextlib.AbstractContextManager[
     return single_blas_thread() if order < SMALL_DECOMPOSITION else contextlib.nullcontext()
 
 
-_CONTROLLER: Optional[ThreadpoolController] = None
+_BLAS_LIBRARIES: Optional[list] = None
 
 
-def _blas_controller() -> ThreadpoolController:
-    """One controller for the process: ``threadpool_limits`` rescans the loaded libraries at
-    every call (2-5 ms, as long as a whole small PLS fit); NumPy's BLAS is loaded by now."""
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries, found once for the process:
+    ``threadpool_limits`` rescans the loaded libraries at every call (2-5 ms, as long as a whole
+    small PLS fit); NumPy's BLAS is loaded by now."""
+    global _BLAS_LIBRARIES
+    if _BLAS_LIBRARIES is None:
+        _BLAS_LIBRARIES = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _BLAS_LIBRARIES
 
 
 def _to_numpy(x: object, name: str) -> np.ndarray:
@@ -134,7 +212,8 @@ def _float_dtype(arr: np.ndarray) -> np.dtype:
     return np.dtype(np.float32) if arr.dtype == np.float32 else np.dtype(np.float64)
 
 
-def _check_finite(arr: np.ndarray, name: str) -> None:
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Raise a ValueError naming ``name``, its shape and its count of NaN/inf values, if any."""
     if not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         raise ValueError(
@@ -144,12 +223,17 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
 
 
 def check_features(
-    X: object, name: str = "X", n_features: Optional[int] = None, estimator: str = "the estimator"
+    X: object,
+    name: str = "X",
+    n_features: Optional[int] = None,
+    estimator: str = "the estimator",
+    finite: bool = True,
 ) -> np.ndarray:
     """Validate a (n_samples, n_features) design matrix; returns float32/float64 C-ordered.
 
     At least one sample and one feature; ``n_features`` (the fitted width) is checked with
-    scikit-learn's wording, naming ``estimator``."""
+    scikit-learn's wording, naming ``estimator``. ``finite=False`` leaves the NaN/inf check to
+    the caller (:func:`check_finite`), who reads the data anyway (as :func:`centre_columns`)."""
     arr = _to_numpy(X, name)
     if arr.ndim != 2:
         raise ValueError(
@@ -166,8 +250,32 @@ def check_features(
             f"input (got shape {shape_of(arr)})"
         )
     arr = np.ascontiguousarray(arr, dtype=_float_dtype(arr))
-    _check_finite(arr, name)
+    if finite:
+        check_finite(arr, name)
     return arr
+
+
+def centre_columns_numpy(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference of :func:`centre_columns` in plain NumPy."""
+    mean = X.mean(axis=0, dtype=np.float64)
+    centred = X - mean
+    return centred, mean, np.einsum("ij,ij->j", centred, centred)
+
+
+def centre_columns(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Column-centred copy of a float32/float64 (n, p) array in float64, in two passes.
+
+    Returns :math:`X_c = X - 1 \bar x^\top`, :math:`\bar x` (the column means, summed in row
+    order in float64: the bits of ``X.mean(axis=0, dtype=np.float64)``) and the column sums of
+    squares :math:`\sum_i X_{c,ij}^2`. A NaN or inf in a column makes its mean non-finite, so
+    a caller checks finiteness on the ``p`` means instead of the ``n p`` values. No overflow
+    warnings (a finite ``X`` whose sums overflow gives non-finite means and sums).
+    """
+    ext = extension()
+    if ext is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return centre_columns_numpy(X)
+    return ext.centre_columns(X)
 
 
 def check_gram(K: object, name: str = "K") -> np.ndarray:
@@ -179,7 +287,7 @@ def check_gram(K: object, name: str = "K") -> np.ndarray:
     if arr.shape[0] == 0:
         raise ValueError(f"`{name}` has 0 sample(s) (shape={shape_of(arr)}) while a minimum of 1 is required")
     arr = np.asarray(arr, dtype=np.float64)
-    _check_finite(arr, name)
+    check_finite(arr, name)
     asym = float(np.max(np.abs(arr - arr.T)))
     if asym > 1e-6 * max(float(np.max(np.abs(arr))), np.finfo(float).tiny):
         raise ValueError(
@@ -221,7 +329,7 @@ def check_targets(Y: object, n_samples: int, x_shape: Tuple[int, ...], name: str
     arr = np.ascontiguousarray(arr.reshape(n_samples, -1), dtype=np.float64)
     if arr.shape[1] == 0:
         raise ValueError(f"`{name}` has no targets (shape {shape_of(arr)})")
-    _check_finite(arr, name)
+    check_finite(arr, name)
     return arr, one_d
 
 
@@ -232,6 +340,10 @@ def residual_moments_numpy(
     Y: np.ndarray, M: np.ndarray, d: Optional[np.ndarray] = None, m_is_residual: bool = False
 ) -> np.ndarray:
     """Reference of :func:`residual_moments` in plain NumPy."""
+    if M.ndim == 3:  # stacked alphas: one (n, t) slice at a time
+        return np.stack(
+            [residual_moments_numpy(Y, M[:, a], None if d is None else d[a], m_is_residual) for a in range(M.shape[1])]
+        )
     R = M.copy() if m_is_residual else Y - M  # the only (n, t) temporary
     if d is not None:
         R /= d[:, None]
@@ -253,16 +365,21 @@ def residual_moments(
 
     Parameters
     ----------
-    Y, M : float64 arrays of shape (n_samples, n_targets)
-    d : float64 array of shape (n_samples,), optional (1 when absent)
+    Y : float64 array of shape (n_samples, n_targets)
+    M : float64 array of shape (n_samples, n_targets), or (n_samples, c, n_targets): ``c``
+        alphas stacked (the layout of one product :math:`F\,[W_1 B, \dots, W_c B]`), each
+        reduced against the same ``Y``
+    d : float64 array of shape (n_samples,) (or (c, n_samples) with a stacked ``M``), optional
+        (1 when absent)
     m_is_residual : bool
         ``M`` already holds :math:`Y - \hat Y` (computed without cancellation by the caller):
         :math:`r = M / d`.
 
     Returns
     -------
-    float64 array of shape (3, n_targets). The C++ kernel sums rows in fixed blocks, so the
-    result is bitwise the same whatever the number of OpenMP threads.
+    float64 array of shape (3, n_targets), or (c, 3, n_targets) for a stacked ``M``. The C++
+    kernel sums rows in fixed blocks, so the result is bitwise the same whatever the number of
+    OpenMP threads (and each alpha's sums the same whether it is stacked or not).
     """
     ext = extension()
     if ext is None:
@@ -317,8 +434,8 @@ def pearson_per_target(Y_true: object, Y_pred: object) -> np.ndarray:
     dtype = np.float32 if (a.dtype == np.float32 and b.dtype == np.float32) else np.float64
     a = np.ascontiguousarray(a, dtype=dtype)
     b = np.ascontiguousarray(b, dtype=dtype)
-    _check_finite(a, "Y_true")
-    _check_finite(b, "Y_pred")
+    check_finite(a, "Y_true")
+    check_finite(b, "Y_pred")
     ext = extension()
     out = pearson_per_target_numpy(a, b) if ext is None else ext.pearson_per_target(a, b)
     n_nan = int(np.isnan(out).sum())

@@ -80,9 +80,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from harmonizer_fast.spec import shape_of
 from harmonizer_fast.neural._backend import (
+    centre_columns,
     centre_cross_gram,
     centre_gram,
     check_features,
+    check_finite,
     check_gram,
     check_targets,
     pearson_per_target,
@@ -172,7 +174,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         alphas = np.atleast_1d(np.asarray(self.alphas, dtype=np.float64))
         if alphas.ndim != 1 or alphas.size == 0:
             raise ValueError(f"alphas must be a non-empty 1-D sequence, got shape {shape_of(alphas)}")
-        if not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
+        if not (alphas.min() > 0 and alphas.max() < np.inf):  # False for a NaN too
             raise ValueError(f"alphas must be finite and > 0, got {alphas.tolist()}")
         kind = "loo" if self.cv is None else "kfold"
         scoring = DEFAULT_SCORING[kind] if self.scoring is None else self.scoring
@@ -205,28 +207,47 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
 
     @staticmethod
     def _centred_targets(Y2: np.ndarray, intercept: bool) -> Tuple[np.ndarray, np.ndarray]:
-        y_mean = Y2.mean(axis=0) if intercept else np.zeros(Y2.shape[1])
-        Yc = Y2 - y_mean
-        if not np.isfinite(np.einsum("ij,ij->j", Yc, Yc)).all():
+        if intercept:
+            Yc, y_mean, sums_of_squares = centre_columns(Y2)
+        else:
+            Yc, y_mean = Y2, np.zeros(Y2.shape[1])
+            sums_of_squares = np.einsum("ij,ij->j", Yc, Yc)
+        if not np.isfinite(sums_of_squares).all():
             raise ValueError(
                 f"`Y` (shape {shape_of(Y2)}, largest |value| {float(np.max(np.abs(Y2))):.3g}) is finite but its "
                 "sums of squares overflow float64; rescale Y"
             )
         return y_mean, Yc
 
+    @staticmethod
+    def _centred_features(X: np.ndarray, intercept: bool) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """(X_c in float64 for the primal route (p < n), else None; the column means, or None
+        without an intercept), after checking that ``X`` is finite. With an intercept on the
+        primal route the finiteness comes from the column means of the centring pass (a NaN or
+        inf makes its column's mean non-finite): one pass over ``X`` instead of two."""
+        n, p = X.shape
+        if intercept and p < n:
+            Xc, x_mean, _ = centre_columns(X)
+            if not np.isfinite(x_mean).all():
+                check_finite(X, "X")  # names the NaN/inf; finite data whose sums overflow go on
+            return Xc, x_mean  # to check_no_overflow, which names the overflow
+        check_finite(X, "X")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by check_no_overflow
+            x_mean = X.mean(axis=0, dtype=np.float64) if intercept else None
+        return (X.astype(np.float64) if p < n else None), x_mean
+
     # ---------------------------------------------------------------- fitting
 
     def fit(self, X: object, Y: object) -> "RidgeCV":
         """Fit on ``X`` (n_samples, n_features) and ``Y`` (n_samples,) or (n_samples, n_targets)."""
         alphas, scoring = self._check_params()
-        X = check_features(X, "X")
+        X = check_features(X, "X", finite=False)  # checked by _centred_features
+        intercept = bool(self.fit_intercept)
+        Xc, x_mean = self._centred_features(X, intercept)
         Y2, one_d = check_targets(Y, X.shape[0], X.shape, "Y")
         n, p = X.shape
         self._check_n_samples(n, X.shape, "X")
-        intercept = bool(self.fit_intercept)
         y_mean, Yc = self._centred_targets(Y2, intercept)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by check_no_overflow
-            x_mean = X.mean(axis=0, dtype=np.float64) if intercept else None
         splits = None if self.cv is None else self._splits(X, Y2)
         k = min(n, p)
         # a small fit runs on one BLAS thread from end to end (see threads_for_product): its Gram,
@@ -235,7 +256,6 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             if p < n:
                 self.solver_ = "primal"
                 with np.errstate(over="ignore", invalid="ignore"):
-                    Xc = X - x_mean if x_mean is not None else X.astype(np.float64)
                     G = Xc.T @ Xc
                 check_no_overflow(G, X, "X^T X")
                 if splits is None:

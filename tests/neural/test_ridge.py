@@ -232,6 +232,95 @@ def test_residual_moments_extension_matches_numpy():
         np.testing.assert_allclose(_backend.residual_moments(Y, M, dd), ref, rtol=1e-12, atol=1e-10)
 
 
+def test_residual_moments_of_stacked_alphas_equal_one_alpha_at_a_time():
+    # the alpha path reduces c alphas of one product F [W_1 B, ..., W_c B] in one pass: each
+    # alpha's sums must be the bits of its own (n, t) call, and the NumPy reference's values
+    rng = np.random.default_rng(4)
+    n, c, t = 700, 3, 9
+    Y, M, D = rng.standard_normal((n, t)), rng.standard_normal((n, c, t)), 0.5 + rng.random((c, n))
+    for residual in (False, True):
+        for DD in (D, None):
+            stacked = _backend.residual_moments(Y, M, DD, residual)
+            assert stacked.shape == (c, 3, t)
+            for a in range(c):
+                alone = _backend.residual_moments(Y, np.ascontiguousarray(M[:, a]), None if DD is None else DD[a], residual)
+                np.testing.assert_array_equal(stacked[a], alone)
+            ref = _backend.residual_moments_numpy(Y, M, DD, residual)
+            np.testing.assert_allclose(stacked, ref, rtol=1e-12, atol=1e-10)
+    with pytest.raises(ValueError, match=r"d must have shape \(3, 700\)"):
+        _backend.residual_moments(Y, M, D[:, :10])
+    with pytest.raises(ValueError, match="M \\(n, t\\) or \\(n, c, t\\)"):
+        _backend.residual_moments(Y, M[:, :, :4])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_centre_columns_equals_numpy_and_flags_non_finite_columns(dtype):
+    rng = np.random.default_rng(7)
+    X = (rng.standard_normal((301, 17)) * 5.0 + 40.0).astype(dtype)
+    centred, mean, sums = _backend.centre_columns(X)
+    ref_centred, ref_mean, ref_sums = _backend.centre_columns_numpy(X)
+    np.testing.assert_array_equal(mean, X.mean(axis=0, dtype=np.float64))  # same bits as NumPy's mean
+    np.testing.assert_array_equal(centred, ref_centred)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-13)
+    assert centred.dtype == np.float64
+    X[5, 3], X[7, 9] = np.inf, np.nan
+    mean = _backend.centre_columns(X)[1]
+    assert not np.isfinite(mean[[3, 9]]).any() and np.isfinite(np.delete(mean, [3, 9])).all()
+    Y = rng.standard_normal((301, 2))
+    for fit_intercept in (True, False):  # the centring pass and the plain check name the same count
+        with pytest.raises(ValueError, match=r"`X` \(shape \(301, 17\)\) contains 2 non-finite"):
+            RidgeCV(fit_intercept=fit_intercept).fit(X, Y)
+
+
+def test_alpha_path_chunks_equal_one_alpha_at_a_time(monkeypatch):
+    # chunks of equal size and a shorter last one give the same sums as one alpha per product
+    from harmonizer_fast.neural import ridge_path
+
+    rng = np.random.default_rng(5)
+    n, k, t, n_alphas = 300, 40, 7, 11
+    F, B, Y = rng.standard_normal((n, k)), rng.standard_normal((k, t)), rng.standard_normal((n, t))
+    W, D = rng.random((n_alphas, k)), 1.0 + rng.random((n_alphas, n))
+    monkeypatch.setattr(ridge_path, "PATH_COLUMNS", t)  # one alpha per product
+    single = alpha_path_moments(F, W, B, Y, D)
+    for columns in (3 * t, 4 * t, 256):  # chunks of 3 (last 2), of 4 (last 3), all 11 at once
+        monkeypatch.setattr(ridge_path, "PATH_COLUMNS", columns)
+        np.testing.assert_allclose(alpha_path_moments(F, W, B, Y, D), single, rtol=1e-12, atol=1e-10)
+        products = np.stack([F @ (W[a][:, None] * B) for a in range(n_alphas)])  # the residuals
+        np.testing.assert_allclose(
+            alpha_path_moments(F, W, B, Y, residual=True)[:, 1], (products**2).sum(axis=1), rtol=1e-12
+        )
+
+
+def test_small_products_and_decompositions_match_numpy_and_restore_thread_counts():
+    import threadpoolctl
+    import torch
+
+    from harmonizer_fast.neural.ridge_solvers import eigh_psd
+
+    rng = np.random.default_rng(6)
+    A, B = rng.standard_normal((120, 50)), rng.standard_normal((50, 30))
+    threads_before = (torch.get_num_threads(), [i["num_threads"] for i in threadpoolctl.threadpool_info()])
+    out = np.empty((120, 30))
+    assert _backend.matmul(A, B, out=out) is out  # torch's BLAS on one thread (small)
+    np.testing.assert_allclose(out, A @ B, rtol=1e-13, atol=1e-12)
+    read_only = A.copy()
+    read_only.flags.writeable = False  # torch cannot view it: NumPy's product, same values
+    np.testing.assert_allclose(_backend.matmul(read_only, B), A @ B, rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(_backend.matmul(A[:, ::-1], B[::-1]), A @ B, rtol=1e-13, atol=1e-12)  # negative strides
+    G = A.T @ A
+    lam, V = eigh_psd(G)  # order 50: torch's LAPACK on one thread
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(G), rtol=1e-12, atol=1e-12 * lam.max())
+    np.testing.assert_allclose(V @ np.diag(lam) @ V.T, G, atol=1e-11 * lam.max())
+    np.testing.assert_allclose(V.T @ V, np.eye(50), atol=1e-13)
+    lower = np.tril(G) + np.triu(rng.standard_normal((50, 50)), 1)  # only the lower triangle is read
+    for layout in (lower, np.asfortranarray(lower)):
+        np.testing.assert_allclose(eigh_psd(layout)[0], lam, rtol=1e-12, atol=1e-12 * lam.max())
+    with _backend.single_blas_thread():
+        assert torch.get_num_threads() == 1
+        assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} == {1}
+    assert threads_before == (torch.get_num_threads(), [i["num_threads"] for i in threadpoolctl.threadpool_info()])
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_pearson_per_target_matches_scipy(dtype):
     rng = np.random.default_rng(2)
