@@ -144,5 +144,6 @@ def run(args: argparse.Namespace) -> int:
               f"{last['harmonization']:.4f}, weight decay {last['weight_decay']:.1f}); checkpoint "
               f"{trainer.output_dir / 'last.pt'}")
     if distributed:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
     return 0

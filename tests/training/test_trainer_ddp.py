@@ -5,6 +5,8 @@ hooks must fire once, on the final backward, and average per-rank gradients of p
 means, which equals the gradient of the global mean. TinyNet has no BatchNorm: with BN,
 each rank would normalise with its own batch statistics and the equality would not hold.
 """
+import socket
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,10 +19,16 @@ from tests.training._tiny import make_stream, tiny_net, train_config
 ACCUMULATIONS = (1, 2)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing")
 def test_ddp_two_ranks_match_single_process(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(train_rank, args=(2, str(tmp_path / "store"), str(out), 2, ACCUMULATIONS), nprocs=2, join=True)
+    mp.spawn(train_rank, args=(2, _free_port(), str(out), 2, ACCUMULATIONS), nprocs=2, join=True)
     results = torch.load(out, weights_only=True)
     init = tiny_net().state_dict()
     for grad_accum_steps in ACCUMULATIONS:
