@@ -84,13 +84,21 @@ __all__ = [
 ]
 
 
+#: Bytes of resized float32 amplitude maps rendered at once by :func:`render_stimuli`: images are
+#: rendered in blocks of this size, so memory does not grow with the image count (3,200 images of
+#: 24 channels at 224 px were 15.4 GB of maps in one piece, a 20 GiB peak before a sweep began).
+RENDER_BLOCK_BYTES = 256 * 2**20
+
+
 def render_stimuli(amplitudes: np.ndarray, size: int, seed: int = 0) -> torch.Tensor:
     r"""Render (n, h, w, K) amplitude maps as (n, 3, size, size) uint8 images.
 
     Each of the K channels gets a fixed random grating :math:`T_k` (orientation, spatial
     frequency, phase and RGB colour drawn from ``seed``); the image is
     :math:`255\,\sigma\big(\sum_k \tilde A_k \odot T_k / \sqrt{K}\big)`, with :math:`\tilde A_k`
-    the amplitude map resized bilinearly to ``size`` (a constant map for h = w = 1).
+    the amplitude map resized bilinearly to ``size`` (a constant map for h = w = 1). Images are
+    rendered in blocks of :data:`RENDER_BLOCK_BYTES` of resized maps (each image on its own: the
+    same pixels whatever the block).
     """
     amplitudes = np.asarray(amplitudes, dtype=np.float32)
     if amplitudes.ndim != 4:
@@ -108,10 +116,14 @@ def render_stimuli(amplitudes: np.ndarray, size: int, seed: int = 0) -> torch.Te
     wave = np.cos(2 * np.pi * freq[:, None, None] * (np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy)
                   + phase[:, None, None])
     carriers = torch.from_numpy((wave[:, None] * colour[:, :, None, None]).astype(np.float32))  # K, 3, S, S
-    maps = torch.from_numpy(amplitudes).permute(0, 3, 1, 2)
-    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-    images = torch.einsum("nkyx,kcyx->ncyx", maps, carriers) / math.sqrt(k)
-    return (255.0 * torch.sigmoid(images)).round().to(torch.uint8)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    block = max(1, RENDER_BLOCK_BYTES // (4 * k * size * size))
+    for start in range(0, n, block):
+        maps = torch.from_numpy(amplitudes[start:start + block]).permute(0, 3, 1, 2)
+        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+        images = torch.einsum("nkyx,kcyx->ncyx", maps, carriers) / math.sqrt(k)
+        out[start:start + block] = (255.0 * torch.sigmoid(images)).round().to(torch.uint8)
+    return out
 
 
 # --------------------------------------------------------------------------- loaders

@@ -150,6 +150,19 @@ def test_render_stimuli_is_seeded_and_follows_the_amplitudes():
         render_stimuli(np.zeros((2, 3)), 8)
 
 
+def test_render_stimuli_in_blocks_gives_the_same_pixels(monkeypatch):
+    # memory stays bounded (blocks of RENDER_BLOCK_BYTES of resized maps) and the pixels do not
+    # depend on the block size: rendering one image per block equals rendering all at once
+    from harmonizer_fast.zoo import benchmarks as zoo_benchmarks
+
+    amps = np.random.default_rng(4).normal(size=(7, 2, 3, 6)).astype(np.float32)
+    whole = render_stimuli(amps, 24, seed=5)
+    per_image_bytes = 4 * 6 * 24 * 24
+    for images_per_block in (1, 3):
+        monkeypatch.setattr(zoo_benchmarks, "RENDER_BLOCK_BYTES", images_per_block * per_image_bytes)
+        assert torch.equal(render_stimuli(amps, 24, seed=5), whole)
+
+
 def _write_arcaro_george(root, rng, n_images=4, grid=8, n_time=10, n_channels=36):
     import scipy.io
     from PIL import Image
