@@ -21,13 +21,19 @@ class Timing:
     extra: Dict[str, str] = field(default_factory=dict)
 
 
-def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, name: str = "") -> Timing:
-    """Run ``fn`` ``warmup`` times, then ``repeats`` timed times; report the median."""
+def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, name: str = "",
+            setup: Optional[Callable[[], object]] = None) -> Timing:
+    """Run ``fn`` ``warmup`` times, then ``repeats`` timed times; report the median. ``setup``
+    runs untimed before every run (e.g. evicting the caches)."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times = []
     for _ in range(repeats):
         gc.collect()
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)

@@ -12,32 +12,18 @@ so no operand starts in L2, as inside a real step.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks._timing import Comparison, Timing, format_table
+from benchmarks._timing import Comparison, format_table, measure
 from harmonizer_fast.training.attention_double_backward import scaled_dot_product_attention_fast_double_backward
 
 #: (label, heads, tokens, head dim): one layer of each model at 224 px
 SHAPES = (("vit_tiny_patch16_224 layer", 3, 197, 64), ("vit_base_patch16_224 layer", 12, 197, 64))
 _EVICT = torch.zeros(16 * 2**20)  # 64 MB
-
-
-def _measure_evicted(fn: Callable[[], None], name: str, repeats: int, warmup: int = 2) -> Timing:
-    """Median of ``repeats`` runs of ``fn``, the 64 MB buffer written (untimed) before each."""
-    times = []
-    for i in range(warmup + repeats):
-        _EVICT.add_(1.0)
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return Timing(name, statistics.median(times), min(times), max(times), repeats)
 
 
 def _math_attention(q, k, v):
@@ -72,7 +58,7 @@ def compare(quick: bool = False, repeats: Optional[int] = None, batch: int = 8) 
     gen = torch.Generator().manual_seed(0)
     for label, heads, tokens, dim in SHAPES:
         q, k, v, grad_out = (torch.randn(batch, heads, tokens, dim, generator=gen) for _ in range(4))
-        timed = lambda name, fn: _measure_evicted(fn, name, repeats)
+        timed = lambda name, fn: measure(fn, repeats=repeats, warmup=2, name=name, setup=lambda: _EVICT.add_(1.0))
         base = timed("plain step's attention (flash forward + backward)", _plain_flow(q, k, v, grad_out))
         fast = timed("harmonized, closed form (Trainer)",
                      _harmonized_flow(scaled_dot_product_attention_fast_double_backward, q, k, v, grad_out))
