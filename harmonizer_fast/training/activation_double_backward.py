@@ -1,4 +1,4 @@
-r"""Softmax and GELU whose double backward is a closed form (part of
+r"""Softmax, GELU and hard sigmoid whose double backward is a closed form (part of
 :func:`harmonizer_fast.training.double_backward.fast_double_backward`).
 
 The harmonization loss differentiates a network's input gradient again; GELU's generic second
@@ -23,8 +23,14 @@ For the input gradient :math:`g_S = J^\top g` and an upstream :math:`u` of it, w
 input gradient :math:`g_x = y' \odot g` and an upstream :math:`u`:
 :math:`\bar g = y' \odot u`, :math:`\bar x = y'' \odot g \odot u`.
 
+**Hard sigmoid** :math:`y = \min(\max(x/6 + 1/2, 0), 1)`: :math:`y' = 1/6` on :math:`(-3, 3)`,
+:math:`y'' = 0`, so :math:`\bar g = y' \odot u` and :math:`\bar x = 0`. PyTorch raises on this
+double backward ("derivative for aten::hardsigmoid_backward is not implemented"); routed, the
+squeeze-excitation gates of MobileNetV3 and its relatives train with the harmonizer.
+
 Routes (used by the mode in :mod:`.double_backward`): ``softmax`` (``torch``, ``F`` and the
-tensor method; not under autocast, whose CUDA policy computes it in float32) and ``F.gelu``.
+tensor method; not under autocast, whose CUDA policy computes it in float32), ``F.gelu`` and
+``F.hardsigmoid`` (``nn.Hardsigmoid``).
 Other calls run natively. Third-order derivatives are not supported (``once_differentiable``).
 """
 from __future__ import annotations
@@ -41,9 +47,11 @@ from harmonizer_fast.training._second_order import autocast_dtype, bind, row_dot
 
 __all__ = [
     "GeluFunction",
+    "HardsigmoidFunction",
     "SoftmaxFunction",
     "functional_softmax_fast_double_backward",
     "gelu_fast_double_backward",
+    "hardsigmoid_fast_double_backward",
     "softmax_fast_double_backward",
 ]
 
@@ -141,6 +149,24 @@ def _fused_gelu_saved_term(upstream: torch.Tensor, grad: torch.Tensor, x: torch.
     return out
 
 
+class _HardsigmoidRule(_ElementwiseRule):
+    r"""Saved :math:`x`; VJP the native ``hardsigmoid_backward`` (:math:`g / 6` where
+    :math:`-3 < x < 3`, else 0); :math:`\bar x = 0`: the function is piecewise linear, so its input
+    gradient does not depend on :math:`x` where it is differentiable. PyTorch has no derivative of
+    ``hardsigmoid_backward`` at all (its double backward raises), which is what stops the
+    harmonizer on the squeeze-excitation gates of MobileNetV3, GhostNet, LCNet, FBNetV3,
+    HardCoReNAS, RDNet and VoVNet-eSE natively."""
+
+    def forward(self, x, arg):
+        return _aten.hardsigmoid(x), x
+
+    def vjp(self, grad, x, arg):
+        return _aten.hardsigmoid_backward(grad, x)
+
+    def saved_term(self, upstream, grad, x, arg):
+        return None  # zero, as no tensor
+
+
 class _ElementwiseInputGrad(torch.autograd.Function):
     r"""An activation's input gradient :math:`J^\top g` (``rule.vjp``) whose backward is
     ``rule.vjp`` of the upstream and ``rule.saved_term``."""
@@ -188,13 +214,18 @@ class GeluFunction(_ElementwiseFunction):
     """``F.gelu(x, approximate)``: ``GeluFunction.apply(x, GELU, approximate)``."""
 
 
-SOFTMAX, GELU = _SoftmaxRule(), _GeluRule()
+class HardsigmoidFunction(_ElementwiseFunction):
+    """``F.hardsigmoid(x)``: ``HardsigmoidFunction.apply(x, HARDSIGMOID, None)``."""
+
+
+SOFTMAX, GELU, HARDSIGMOID = _SoftmaxRule(), _GeluRule(), _HardsigmoidRule()
 
 
 
 _SOFTMAX = (("input", None), ("dim", None), ("dtype", None))  # torch.softmax, Tensor.softmax
 _F_SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
 _GELU = (("input", None), ("approximate", "none"))
+_HARDSIGMOID = (("input", None), ("inplace", False))
 
 
 def softmax_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
@@ -231,9 +262,23 @@ def gelu_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
 
 
 
+def hardsigmoid_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
+    """``F.hardsigmoid(input, inplace)`` through :class:`HardsigmoidFunction`, or None when the
+    call is not one it handles (no gradient, not a float tensor). ``inplace=True`` writes the
+    result into ``input`` as the native call does, through a differentiable copy (the function
+    keeps its own copy of the input for its backward)."""
+    x, inplace = bind(_HARDSIGMOID, args, kwargs)
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or not x.is_floating_point():
+        return None
+    if inplace:
+        return x.copy_(HardsigmoidFunction.apply(x.clone(), HARDSIGMOID, None))
+    return HardsigmoidFunction.apply(x, HARDSIGMOID, None)
+
+
 ROUTES = {
     torch.softmax: softmax_fast_double_backward,
     F.softmax: functional_softmax_fast_double_backward,
     torch.Tensor.softmax: softmax_fast_double_backward,
     F.gelu: gelu_fast_double_backward,
+    F.hardsigmoid: hardsigmoid_fast_double_backward,
 }

@@ -21,7 +21,9 @@ evaluation-mode batch norm and normalization under autocast run natively. The fi
 computes only the gradients the running backward pass uses (the saliency pass needs input
 gradients, not weight gradients). Third-order derivatives are not supported
 (``once_differentiable``). The same mode routes ``F.scaled_dot_product_attention``, softmax and
-``F.gelu`` (transformers) through :mod:`harmonizer_fast.training.attention_double_backward`.
+``F.gelu`` (transformers) through :mod:`harmonizer_fast.training.attention_double_backward`,
+and ``F.hardsigmoid``, which native autograd cannot differentiate twice at all
+(:data:`NATIVE_GAPS_COVERED`).
 """
 from __future__ import annotations
 
@@ -73,13 +75,19 @@ _ROUTES = {
 }
 
 
+#: ops whose double backward PyTorch does not implement but the mode's closed forms cover
+#: (autograd's name for the op -> the layer a user knows)
+NATIVE_GAPS_COVERED = {"aten::hardsigmoid_backward": "nn.Hardsigmoid / F.hardsigmoid"}
+
+
 @contextlib.contextmanager
 def fast_double_backward() -> Iterator[None]:
     """Route the ``F.conv2d``, training-mode ``F.batch_norm`` and ``F.layer_norm`` calls of the
     enclosed code through :class:`Conv2dFunction`, :class:`BatchNormFunction` and
     :class:`LayerNormFunction`, and its ``F.scaled_dot_product_attention``, softmax and
     ``F.gelu`` calls through :mod:`~harmonizer_fast.training.attention_double_backward`
-    (``AttentionFunction``, ``SoftmaxFunction``, ``GeluFunction``).
+    (``AttentionFunction``, ``SoftmaxFunction``, ``GeluFunction``) and ``F.hardsigmoid`` through
+    ``HardsigmoidFunction`` (whose double backward PyTorch lacks).
 
     Only the graph built inside matters: a ``backward()`` called after the block still uses
     the fast kernels for the layers recorded in it.

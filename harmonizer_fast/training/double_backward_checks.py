@@ -9,6 +9,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from harmonizer_fast.training.double_backward import NATIVE_GAPS_COVERED
+
 @contextlib.contextmanager
 def unfused_attention(model: nn.Module) -> Iterator[int]:
     """Turn fused attention off in ``model`` (and timm's global default) and restore both after.
@@ -132,10 +134,15 @@ def diagnose_double_backward(error: RuntimeError, model: nn.Module, images: torc
         return None
     module = locate_op(model, images.detach(), op)
     where = f"module `{module}` ({type(model.get_submodule(module)).__name__})" if module else "an unidentified module"
+    if op in NATIVE_GAPS_COVERED:
+        remedy = (f"fast_double_backward=True (the default; --fast-double-backward) covers "
+                  f"{NATIVE_GAPS_COVERED[op]} with a closed form: train with it on")
+    else:
+        remedy = ("replace that op/module with a twice-differentiable one (or train with "
+                  "lambda_harmonization=0)")
     return DoubleBackwardError(
         f"{type(model).__name__} cannot be harmonized: op `{op}` in {where} has no double "
         f"backward (autograd: 'derivative for {op} is not implemented'). The harmonization loss "
-        "differentiates the input gradient again; replace that op/module with a twice-differentiable "
-        "one (or train with lambda_harmonization=0).",
+        f"differentiates the input gradient again; {remedy}.",
         op, module,
     )

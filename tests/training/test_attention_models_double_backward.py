@@ -1,27 +1,15 @@
 """End to end on small timm MaxViT and LeViT models (random weights, 32 px): the Trainer's fast
 double backward gives the parameter gradients of native autograd in float64, and its attention,
 softmax, GELU and normalization routes are the ones that ran (so a silent fallback fails)."""
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harmonizer_fast.training import activation_double_backward, attention_double_backward, norm_double_backward
-from harmonizer_fast.training.double_backward import fast_double_backward
-from harmonizer_fast.training.loss import harmonizer_loss_components
+from tests.training._routes import count_route_calls, harmonizer_gradients
 
 timm = pytest.importorskip("timm")
 from timm.models.levit import Levit  # noqa: E402
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitTransformerCfg  # noqa: E402
-
-ROUTED = {
-    "attention": (attention_double_backward, "AttentionFunction"),
-    "softmax": (activation_double_backward, "SoftmaxFunction"),
-    "gelu": (activation_double_backward, "GeluFunction"),
-    "layer_norm": (norm_double_backward, "LayerNormFunction"),
-    "batch_norm": (norm_double_backward, "BatchNormFunction"),
-}
 
 
 def _maxvit(fused_attn: bool) -> torch.nn.Module:
@@ -51,17 +39,7 @@ MODELS = {
 @pytest.fixture
 def route_calls(monkeypatch):
     """Counts the calls of each closed-form Function the mode routes to."""
-    calls = collections.Counter()
-    for name, (module, cls_name) in ROUTED.items():
-        cls = getattr(module, cls_name)
-        original = cls.apply
-
-        def counted(*args, _original=original, _name=name):
-            calls[_name] += 1
-            return _original(*args)
-
-        monkeypatch.setattr(cls, "apply", counted)
-    return calls
+    return count_route_calls(monkeypatch)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -74,15 +52,8 @@ def test_small_transformer_matches_native_gradients(name, route_calls):
     heatmaps = torch.rand(2, 32, 32, generator=gen, dtype=torch.float64)
     labels = F.one_hot(torch.tensor([1, 7]), 10).double()
     tokens = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # batch-norm statistics move each step
-
-    def grads(fast: bool):
-        model.load_state_dict(state)
-        model.zero_grad(set_to_none=True)
-        with fast_double_backward() if fast else torch.enable_grad():
-            out = harmonizer_loss_components(model, x, tokens, labels, heatmaps)
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = lambda fast: harmonizer_gradients(model, state, (x, tokens, labels, heatmaps), fast)
 
     native_loss, native = grads(False)
     assert not route_calls

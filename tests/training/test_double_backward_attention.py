@@ -151,6 +151,50 @@ def test_gelu_non_contiguous_input_stays_on_the_torch_formula(monkeypatch):
         assert counter.calls == 0
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hardsigmoid_second_order_matches_its_relu6_form(inplace):
+    # PyTorch cannot differentiate hardsigmoid_backward; relu6(x + 3) / 6 is the same function
+    # with a native double backward (the kinks at -3 and 3 included: zero slope at both)
+    gen = torch.Generator().manual_seed(11)
+    x = _randn(4, 9, gen=gen, scale=3.0).detach()
+    x[0, :4] = torch.tensor([-3.0, 3.0, -4.0, 5.0])
+    x.requires_grad_(True)
+    # torch's float64 hardsigmoid_backward multiplies by 1/6 rounded to float32 (3e-8 relative
+    # off the exact slope); the route keeps that native first derivative, so the reference does too:
+    # hardsigmoid's value, relu6's slope times that constant
+    slope = torch.tensor(1 / 6, dtype=torch.float32).item()
+    relu6_form = lambda x: F.hardsigmoid(x).detach() + (F.relu6(x + 3) - F.relu6(x + 3).detach()) * slope
+    expected = _second_order(relu6_form, (x,))
+
+    def routed(x):
+        y = x * 1.0  # a non-leaf: in place is allowed on it
+        out = activation_double_backward.hardsigmoid_fast_double_backward(y, inplace=inplace)
+        assert (out is y) == inplace
+        return out
+
+    actual = _second_order(routed, (x,))
+    _assert_all_close(actual, expected)
+    y = torch.ops.aten.hardsigmoid(x)
+    weights = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    upstream = (weights + 3 * y**2).detach()
+    (native_first,) = torch.autograd.grad(F.hardsigmoid(x), x, upstream)
+    (routed_first,) = torch.autograd.grad(routed(x), x, upstream, create_graph=True)
+    assert torch.equal(routed_first, native_first)
+    assert routed_first.grad_fn is not None
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward is not implemented"):
+        _second_order(F.hardsigmoid, (x,))  # why the route exists: natively it stops here
+
+
+def test_mode_routes_nn_hardsigmoid():
+    gate = nn.Hardsigmoid()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with fast_double_backward():
+        y = gate(x)
+    assert y.grad_fn.name().startswith("HardsigmoidFunction")
+    with fast_double_backward():
+        assert gate(x.detach()).grad_fn is None  # no gradient needed: native
+
+
 def test_attention_bias_gradient_inside_a_graph_building_backward():
     # A penalty on the bias gradient itself needs its derivative (the U_S term).
     q, k, v, bias = _attention_inputs(ATTENTION_CASES["relative-position bias (1, H, L, S), trained"], seed=9)

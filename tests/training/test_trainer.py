@@ -155,6 +155,35 @@ def test_missing_double_backward_names_op_and_module(tmp_path):
     assert info.value.module == "mixer"
 
 
+class _GatedNet(TinyNet):
+    """TinyNet with a squeeze-excitation gate through nn.Hardsigmoid (MobileNetV3's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(8, 8), nn.Hardsigmoid())
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.norm(self.conv1(x)))
+        x = x * self.gate(x.mean(dim=(2, 3)))[:, :, None, None]
+        x = nn.functional.gelu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_hardsigmoid_gates_train_with_the_fast_mode_and_say_so_without_it(tmp_path):
+    # PyTorch has no double backward of hardsigmoid: natively the step stops, with a message
+    # that names the module and the mode that covers it; the default mode trains
+    torch.manual_seed(0)
+    native = Trainer(_GatedNet(), _config(tmp_path / "native", steps=1, fast_double_backward=False), train_data=make_stream())
+    with pytest.raises(DoubleBackwardError) as info:
+        native.fit()
+    assert info.value.module == "gate.1" and "fast_double_backward=True" in str(info.value)
+    torch.manual_seed(0)
+    fast = Trainer(_GatedNet(), _config(tmp_path / "fast", steps=2), train_data=make_stream())
+    history = fast.fit()
+    assert len(history) == 2 and all(math.isfinite(row["loss"]) for row in history)
+    assert fast.model.gate[0].weight.grad is not None
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_vit_trains_with_fused_attention_switched_off_and_restored(tmp_path, fast):
     """Native autograd needs timm's math attention; the fast mode keeps fused attention on."""
