@@ -8,7 +8,10 @@ one line per model: the loss difference, the largest gradient difference over th
 gradient, and the largest over each parameter's largest gradient (floored at 1e-6 of the model's
 largest: biases whose true gradient is zero carry rounding only). No download; several minutes for the default list.
 
-    .venv/bin/python scripts/survey_double_backward.py [MODEL ...]
+    .venv/bin/python scripts/survey_double_backward.py [--float32] [MODEL ...]
+
+``--float32`` runs the float32 paths instead (the C++ GELU and layer-norm passes); their
+rounding differs from native's, so expect ~1e-6 relative rather than ~1e-15.
 """
 from __future__ import annotations
 
@@ -60,15 +63,15 @@ def small_model(name: str):
     raise RuntimeError(f"{name}: no input size of 32-224 px worked")
 
 
-def compare(name: str) -> str:
+def compare(name: str, dtype: torch.dtype = torch.float64) -> str:
     torch.manual_seed(0)
     model, size = small_model(name)
     if sum(p.numel() for p in model.parameters()) > MAX_PARAMS:
         return f"{name}: skipped (more than {MAX_PARAMS:.0e} parameters)"
-    model = model.double().train()
+    model = model.to(dtype).train()
     gen = torch.Generator().manual_seed(1)
-    batch = (torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64),
-             F.one_hot(torch.tensor([1, 3]), 5).double(), torch.rand(2, size, size, generator=gen, dtype=torch.float64))
+    batch = (torch.randn(2, 3, size, size, generator=gen).to(dtype), torch.tensor([1.0, 0.5], dtype=dtype),
+             F.one_hot(torch.tensor([1, 3]), 5).to(dtype), torch.rand(2, size, size, generator=gen).to(dtype))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fast_loss, fast = harmonizer_gradients(model, state, batch, fast=True)
     gated = any(isinstance(m, torch.nn.Hardsigmoid) for m in model.modules())
@@ -82,16 +85,19 @@ def compare(name: str) -> str:
             f"per parameter {per_param:.1e}, {keys}")
 
 
-def main(names) -> None:
+def main(names, dtype: torch.dtype = torch.float64) -> None:
     torch.set_num_threads(1)
     for name in names:
         start = time.perf_counter()
         try:
-            line = compare(name)
+            line = compare(name, dtype)
         except Exception as error:  # a survey: report and go on
             line = f"{name}: ERROR {type(error).__name__}: {str(error)[:200]}"
         print(f"{line} [{time.perf_counter() - start:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT_MODELS)
+    args = sys.argv[1:]
+    dtype = torch.float32 if "--float32" in args else torch.float64
+    names = [a for a in args if a != "--float32"]
+    main(names or DEFAULT_MODELS, dtype)
