@@ -29,7 +29,11 @@ __all__ = ["discover_layers", "LayerExtractor", "top_level_blocks", "feature_inf
 
 
 def feature_info_layers(model: nn.Module) -> List[str]:
-    """Module names of a timm model's ``feature_info`` entries (empty when it has none)."""
+    """Labels of a timm model's ``feature_info`` entries in pyramid order (empty when it has none):
+    each entry's module name, with ``#`` and its pyramid index appended where several entries name
+    the same module (CrossViT's two branches, CoaT's parallel blocks). A label need not be a module
+    of the model (HRNet's ``stem``, Twins' and MViTv2's ``block.0`` for ``blocks.0``):
+    :class:`LayerExtractor` reads the pyramid through ``forward_intermediates`` by position."""
     info = getattr(model, "feature_info", None)
     if not info:
         return []
@@ -39,7 +43,8 @@ def feature_info_layers(model: nn.Module) -> List[str]:
         if not module:
             return []
         names.append(str(module))
-    return names
+    repeated = {name for name in names if names.count(name) > 1}
+    return [f"{name}#{i}" if name in repeated else name for i, name in enumerate(names)]
 
 
 def top_level_blocks(model: nn.Module) -> List[str]:
@@ -68,7 +73,11 @@ def discover_layers(model: nn.Module) -> List[str]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    names = feature_info_layers(model) or top_level_blocks(model)
+    pyramid = feature_info_layers(model)
+    modules = dict(model.named_modules())
+    # pyramid labels that are no module can only be read through forward_intermediates
+    readable = hasattr(model, "forward_intermediates") or all(label in modules for label in pyramid)
+    names = (pyramid if readable else []) or top_level_blocks(model)
     if not names:
         raise ValueError(
             f"no candidate layers found in {type(model).__name__}: it has no timm `feature_info` and "
@@ -93,7 +102,8 @@ class LayerExtractor:
         The selected layers in forward order of the candidate list.
     method : str
         ``"forward_intermediates"`` when every selected layer is in the timm feature pyramid and
-        the model has ``forward_intermediates``, else ``"hooks"``.
+        the model has ``forward_intermediates``, else ``"hooks"`` (plus ``forward_intermediates``
+        for selected pyramid labels that are no module).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None) -> None:
@@ -104,17 +114,15 @@ class LayerExtractor:
         if not candidates:
             raise ValueError("`layers` is empty; give at least one module name or None for all")
         modules = dict(model.named_modules())
-        unknown = [name for name in candidates if name not in modules]
+        pyramid = feature_info_layers(model) if hasattr(model, "forward_intermediates") else []
+        unknown = [name for name in candidates if name not in modules and name not in pyramid]
         if unknown:
             hint = ", ".join(discover_layers(model)[:12])
             raise ValueError(f"`layers` names unknown modules {unknown}; candidates are: {hint}")
         if len(set(candidates)) != len(candidates):
             raise ValueError(f"`layers` has duplicates: {candidates}")
         self.layers: List[str] = candidates
-        pyramid = feature_info_layers(model)
-        if hasattr(model, "forward_intermediates") and pyramid and all(n in pyramid for n in candidates):
-            # Mixing indices and names in LayerTaps would cost a second forward pass, so a
-            # selection reaching outside the pyramid is read entirely with hooks.
+        if pyramid and all(n in pyramid for n in candidates):
             # timm returns intermediates in depth order whatever order `indices` has, so the taps
             # get sorted indices and the outputs are matched back to names by index.
             self.method = "forward_intermediates"
@@ -122,9 +130,13 @@ class LayerExtractor:
             self._taps = LayerTaps(model, sorted(indices))
             self._keys = [str(i) for i in indices]
         else:
+            # A selection reaching outside the pyramid is read with hooks (one forward pass);
+            # only pyramid labels that are no module (HRNet's `stem`) need forward_intermediates
+            # too, a second pass.
             self.method = "hooks"
-            self._taps = LayerTaps(model, candidates)
-            self._keys = list(candidates)
+            taps = [name if name in modules else pyramid.index(name) for name in candidates]
+            self._taps = LayerTaps(model, taps)
+            self._keys = [str(tap) for tap in taps]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -28,8 +28,9 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from tqdm.auto import tqdm
 
 from harmonizer_fast.spec import check_positive_int
@@ -135,6 +136,20 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
         raise ValueError("cannot build these models (nothing was run):\n  " + "\n  ".join(problems))
 
 
+def _first_outputs(extractor: LayerExtractor, batch: torch.Tensor, unit: SweepUnit) -> Dict[str, torch.Tensor]:
+    """The extractor's outputs for a stream's first batch; a model that cannot take the
+    stimulus size (a ViT built for 224 px fed ``image_size=64``) raises a ``ValueError`` naming
+    the model, the size and the way out instead of the model's own assertion deep in timm."""
+    try:
+        return extractor(batch)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        height, width = batch.shape[-2:]
+        way_out = ("drop `image_size` (--image-size) to feed the model its own input size" if unit.image_size is not None
+                   else "give an `image_size` (--image-size) the model accepts")
+        raise ValueError(f"{unit.model.label} cannot run on {height} x {width} stimuli: {type(err).__name__}: {err}; "
+                         f"{way_out}") from err
+
+
 def run_unit(unit: SweepUnit) -> List[SweepRow]:
     """Score every layer of ``unit.model`` on ``unit.benchmark``; one row per scored layer.
 
@@ -155,7 +170,8 @@ def run_unit(unit: SweepUnit) -> List[SweepRow]:
             batches = range(0, images.shape[0], unit.batch_size)
             for first in tqdm(batches, desc=f"{unit.model.label}: {stream} features", disable=not unit.progress,
                               leave=False):
-                outputs = extractor(transform(images[first:first + unit.batch_size]))
+                batch = transform(images[first:first + unit.batch_size])
+                outputs = extractor(batch) if first else _first_outputs(extractor, batch, unit)
                 sink.update(outputs, stream)
                 del outputs
                 release_freed_memory()

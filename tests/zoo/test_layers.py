@@ -119,3 +119,30 @@ def test_bad_arguments_name_the_problem(resnet):
         LayerExtractor(resnet)(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="no candidate layers"):
         discover_layers(nn.ReLU())
+
+
+def test_pyramid_labels_that_are_no_module_are_read_by_position():
+    # timm's Twins names its stages `block.0`.. in feature_info; the modules are `blocks.0`..
+    torch.manual_seed(0)
+    twins = timm.create_model("twins_svt_small", pretrained=False, img_size=64, depths=(1, 1, 1, 1)).eval()
+    assert discover_layers(twins) == ["block.0", "block.1", "block.2", "block.3"]
+    x = torch.randn(2, 3, 64, 64)
+    got = LayerExtractor(twins)(x)
+    with torch.no_grad():
+        expected = twins.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
+    for label, want in zip(["block.0", "block.1", "block.2", "block.3"], expected):
+        torch.testing.assert_close(got[label], want)
+    mixed = LayerExtractor(twins, ["block.2", "patch_embeds.0"])  # a pyramid label and a hooked module
+    out = mixed(x)
+    torch.testing.assert_close(out["block.2"], expected[2])
+    assert out["patch_embeds.0"].shape[0] == 2
+
+
+def test_pyramid_entries_sharing_a_module_get_unique_labels():
+    # CoaT's feature_info names `parallel_blocks` three times (three outputs of one module list)
+    torch.manual_seed(0)
+    coat = timm.create_model("coat_tiny", pretrained=False, img_size=64).eval()
+    labels = discover_layers(coat)
+    assert labels == ["serial_blocks1", "parallel_blocks#1", "parallel_blocks#2", "parallel_blocks#3"]
+    out = LayerExtractor(coat, labels[2:])(torch.randn(2, 3, 64, 64))
+    assert [v.shape[-1] for v in out.values()] == [4, 2]  # strides 16 and 32 at 64 px

@@ -155,3 +155,11 @@ def test_demo_sweep_uses_packaged_lite_weights_and_marks_harmonized(tmp_path):
     rebuilt = build_model(ModelSpec("h", "efficientnet_lite0", str(path)), seed=0)
     assert rebuilt.bn1.eps == 1e-3  # Lite BatchNorm epsilon kept for fine-tuned Lite weights
     assert torch.equal(rebuilt.conv_stem.weight, tuned.conv_stem.weight)
+
+
+def test_a_model_that_cannot_take_the_stimulus_size_is_named(tmp_path):
+    # a ViT built for 224 px fed 32-px stimuli: timm asserts deep inside its patch embedding
+    with pytest.raises(ValueError, match=r"vit_tiny_patch16_224 cannot run on 32 x 32 stimuli: AssertionError: "
+                                         r".*drop `image_size` \(--image-size\)"):
+        sweep(["vit_tiny_patch16_224"], ["image-level-sim"], str(tmp_path / "out"),
+              benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, batch_size=48, image_size=32, progress=False)
