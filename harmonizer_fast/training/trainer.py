@@ -16,6 +16,7 @@ naming the op and the module that calls it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from pathlib import Path
@@ -55,6 +56,16 @@ __all__ = [
     "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
     "TrainingDiverged", "init_distributed_from_env", "lr_multiplier", "seed_everything", "unfused_attention",
 ]
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """Every 4-D parameter and buffer of ``model`` in channels-last layout, in place; others as they
+    are. (``model.to(memory_format=torch.channels_last)`` raises "required rank 4 tensor" on the
+    first 5-D one, e.g. the Conv3d position embedding of timm's lambda layers.)"""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
 
 
 class Trainer:
@@ -109,7 +120,7 @@ class Trainer:
             model = freeze_batch_norm_2d(model)
         model = model.to(self.device)
         if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            _to_channels_last(model)
         self.model = model
         self.train_model: nn.Module = model
         if self.distributed:

@@ -184,6 +184,32 @@ def test_hardsigmoid_gates_train_with_the_fast_mode_and_say_so_without_it(tmp_pa
     assert fast.model.gate[0].weight.grad is not None
 
 
+class _With5dParameter(TinyNet):
+    """TinyNet with a 5-D parameter (as timm's lambda layers hold a Conv3d weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(1, 8, 1, 1, 1))
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.norm(self.conv1(x)) + self.shift[..., 0])
+        x = nn.functional.gelu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_channels_last_converts_4d_tensors_and_leaves_the_others(tmp_path):
+    # model.to(memory_format=torch.channels_last) raises "required rank 4 tensor" on a 5-D one
+    torch.manual_seed(0)
+    reference = Trainer(_With5dParameter(), _config(tmp_path / "a", steps=2), train_data=make_stream())
+    torch.manual_seed(0)
+    trainer = Trainer(_With5dParameter(), _config(tmp_path / "b", steps=2, channels_last=True), train_data=make_stream())
+    assert trainer.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.model.shift.dim() == 5 and trainer.model.shift.is_contiguous()
+    expected, got = reference.fit(), trainer.fit()
+    for want, row in zip(expected, got):
+        assert row["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_vit_trains_with_fused_attention_switched_off_and_restored(tmp_path, fast):
     """Native autograd needs timm's math attention; the fast mode keeps fused attention on."""
