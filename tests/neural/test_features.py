@@ -123,3 +123,21 @@ def test_exact_embedding_gives_the_same_pls_and_ridge_predictions():
         full = np.asarray(make().fit(x[train].astype(np.float64), y[train]).predict(x[test].astype(np.float64)))
         small = np.asarray(make().fit(phi[train], y[train]).predict(phi[test]))
         np.testing.assert_allclose(small, full, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("block_values", [2**25, 64, 37])
+def test_gram_in_column_blocks_equals_the_float64_product(block_values, monkeypatch):
+    # blocks of columns (and rows of each block's product) with partial last blocks in both
+    from harmonizer_fast.neural import gram
+
+    monkeypatch.setattr(gram, "_GRAM_BLOCK_VALUES", block_values)
+    rng = np.random.default_rng(2)
+    for shape in ((13, 50), (6, 7), (1, 9)):
+        x = rng.normal(size=shape).astype(np.float32)
+        x64 = x.astype(np.float64)
+        got = gram._gram64(x)
+        np.testing.assert_allclose(got, x64 @ x64.T, rtol=1e-13, atol=1e-13)
+        np.testing.assert_array_equal(got, got.T)
+    strided = rng.normal(size=(9, 40)).astype(np.float32)[:, ::2]  # a non-contiguous layer view
+    np.testing.assert_allclose(gram._gram64(strided), strided.astype(np.float64) @ strided.astype(np.float64).T,
+                               rtol=1e-13, atol=1e-13)
