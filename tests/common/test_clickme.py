@@ -307,6 +307,31 @@ def test_bad_labels_and_inputs(tmp_path):
         ClickMeDataset(tmp_path / "b.tfrecords", batch_size=0)
 
 
+def test_writing_over_an_existing_shard_needs_overwrite(tmp_path):
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    heatmaps = np.zeros((1, 8, 8), np.uint8)
+    path = tmp_path / "train-0.tfrecords"
+    write_clickme_shard(path, images, heatmaps, np.array([7]))
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="train-0.tfrecords already exists"):
+        write_clickme_shard(path, images + 1, heatmaps, np.array([8]))
+    assert path.read_bytes() == before
+    write_clickme_shard(path, images, heatmaps, np.array([8]), overwrite=True)
+    assert int(parse_clickme_record(next(iter(read_tfrecord(path))))[2].argmax()) == 8
+
+
+def test_sample_generator_refuses_an_existing_sample(tmp_path):
+    make_sample = pytest.importorskip("harmonizer_fast.sample_data.make_sample")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "val-0.tfrecords").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="val-0.tfrecords"):
+        make_sample.write_sample(tmp_path)
+    with pytest.raises(SystemExit):
+        make_sample.main(["--out", str(tmp_path)])
+    assert (tmp_path / "val" / "val-0.tfrecords").read_bytes() == b"mine"
+    assert not (tmp_path / "train").exists()
+
+
 def test_records_plug_into_the_trainer_streams(shard_dir):
     data_mix = pytest.importorskip("harmonizer_fast.training.data_mix")
     records = ClickMeRecords(shard_dir, progress=False)
