@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import spearmanr
 
+from harmonizer_fast.cli import main
 from harmonizer_fast.evaluation import HUMAN_SPEARMAN_CEILING, Saliency, evaluate_clickme
 
 CLASSES = 5
@@ -179,3 +180,27 @@ def test_evaluate_clickme_on_a_local_clickme_shard(tmp_path):
     assert len(scores["spearman"]) == 4
     np.testing.assert_allclose(scores["spearman"], expected, rtol=0, atol=1e-6)
     assert scores["alignment_score"] == pytest.approx(np.mean(expected) / HUMAN_SPEARMAN_CEILING, abs=1e-6)
+
+
+def test_eval_cli_refuses_an_out_folder_with_earlier_results(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval-clickme", "--model", "test_resnet", "--sample", "--batch-size", "2", "--max-batches", "1",
+            "--figure-images", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["alignment.png", "scores.csv", "summary.json"]
+    with pytest.raises(SystemExit, match="already holds.*--overwrite"):
+        main(argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces them; without a figure the earlier one goes too (it showed another run)
+    assert main(argv[:-5] + ["--figure-images", "0", "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scores.csv", "summary.json"]
+    with pytest.raises(SystemExit, match="is a file"):
+        main(argv[:-2] + [str(out / "scores.csv"), "--no-progress"])
+
+
+@pytest.mark.parametrize("option", ["--max-batches", "--figure-images"])
+def test_eval_cli_refuses_negative_counts(option, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval-clickme", "--model", "test_resnet", "--sample", "--out", "unused", option, "-1"])
+    assert info.value.code == 2 and option in capsys.readouterr().err
