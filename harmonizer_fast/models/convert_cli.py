@@ -14,6 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from harmonizer_fast._argtypes import positive_int
+
 from harmonizer_fast.models.keras_convert import (
     CONVERTER_VERSION,
     KERAS_ARCHITECTURES,
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(KERAS_ARCHITECTURES), help="reference model name")
     parser.add_argument("source", metavar="IN.h5", help="the Keras file (model.save or save_weights layout)")
     parser.add_argument("output", metavar="OUT.safetensors", help="converted weights")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier size of the file (default 1000)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000, help="classifier size of the file (default 1000)")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
                         help="timm arguments of a narrower variant of the architecture (default: the published one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

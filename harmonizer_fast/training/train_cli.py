@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 
 import torch.distributed as dist
 
+from harmonizer_fast._argtypes import non_negative_int
 from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import evaluate_clickme
 from harmonizer_fast.models import model_preprocess, preprocess_input
@@ -82,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-folders", nargs="*", default=[],
                       help="folders of <class index>/<image> without human maps (tokens 0), mixed in")
     data.add_argument("--eval-shards", nargs="*", default=[], help="ClickMe val shards for periodic alignment scores")
-    data.add_argument("--eval-every", type=int, default=0, help="steps between alignment evaluations (0: at the end)")
-    data.add_argument("--eval-batches", type=int, default=0, help="limit the evaluation to this many batches (0: all)")
+    data.add_argument("--eval-every", type=non_negative_int, default=0, help="steps between alignment evaluations (0: at the end)")
+    data.add_argument("--eval-batches", type=non_negative_int, default=0, help="limit the evaluation to this many batches (0: all)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="continue from <output-dir>/last.pt, or from the given checkpoint. The run's options must "
                              "equal the checkpoint's, except --steps (train longer), --output-dir, --checkpoint-every, "

@@ -118,3 +118,12 @@ def test_shuffled_batches_cover_each_epoch_and_split_over_ranks():
     halves = [next(iter(ShuffledBatches(records, 4, seed=3, rank=r, world_size=2))).images for r in (0, 1)]
     whole = next(iter(ShuffledBatches(records, 4, seed=3))).images
     assert torch.equal(torch.cat(halves), whole)
+
+
+@pytest.mark.parametrize("option", ["--eval-every", "--eval-batches"])
+def test_train_refuses_negative_evaluation_counts(tmp_path, option, capsys):
+    # --eval-batches -1 used to fail in islice only after training, when the evaluation ran
+    with pytest.raises(SystemExit) as info:
+        main(TRAIN_ARGS + ["--steps", "1", "--output-dir", str(tmp_path / "run"), option, "-1"])
+    assert info.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
