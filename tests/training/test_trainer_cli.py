@@ -100,6 +100,11 @@ def test_split_batch_size_and_stream_builder(tmp_path):
         split_batch_size(8, 1.0)
     with pytest.raises(ValueError, match="needs ClickMe records"):
         build_train_stream(None, 4)
+    # one of the two without the other would be silently ignored
+    with pytest.raises(ValueError, match="folder_fraction` 0, so none of their images"):
+        build_train_stream(make_records(n=12), 4, image_folders=[tmp_path / "imgs"])
+    with pytest.raises(ValueError, match="no `image_folders`"):
+        build_train_stream(make_records(n=12), 4, folder_fraction=0.25)
     with pytest.raises(ValueError, match="class index"):
         (tmp_path / "cats").mkdir()
         (tmp_path / "cats" / "a.png").write_bytes(b"")
