@@ -332,6 +332,15 @@ def test_sample_generator_refuses_an_existing_sample(tmp_path):
     assert not (tmp_path / "train").exists()
 
 
+def test_a_loader_without_a_single_batch_is_refused(shard_dir):
+    count = len(LABELS)
+    with pytest.raises(ValueError, match=f"{count} ClickMe record.*`batch_size` {count + 1}.*drop_last=False"):
+        load_clickme(shard_dir, batch_size=count + 1, progress=False)
+    assert len(load_clickme(shard_dir, batch_size=count + 1, drop_last=False, progress=False)) == 1
+    with pytest.raises(ValueError, match=r"per rank \(2 ranks\)"):
+        load_clickme(shard_dir, batch_size=count, rank=0, world_size=2, progress=False)
+
+
 def test_records_plug_into_the_trainer_streams(shard_dir):
     data_mix = pytest.importorskip("harmonizer_fast.training.data_mix")
     records = ClickMeRecords(shard_dir, progress=False)
