@@ -22,6 +22,7 @@ The Gram-matrix algebra (exact embedding, dual ridge, PCA layer reduction) is in
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -68,6 +69,15 @@ class LayerTaps:
     def __init__(self, model: torch.nn.Module, layers: Sequence[LayerSpec]):
         self.model = model
         self.names = [ly for ly in layers if isinstance(ly, str)]
+        if self.names:
+            modules = dict(model.named_modules())
+            unknown = [name for name in self.names if name not in modules]
+            if unknown:
+                hints = {name: difflib.get_close_matches(name, modules, n=3) for name in unknown}
+                raise ValueError(
+                    f"`layers` {unknown} are not modules of {type(model).__name__} "
+                    f"(closest names: {hints}; all names: model.named_modules())"
+                )
         # timm returns intermediates in depth order whatever order the indices come in.
         self.indices = sorted({int(ly) for ly in layers if not isinstance(ly, str)})
         if self.indices and not hasattr(model, "forward_intermediates"):
