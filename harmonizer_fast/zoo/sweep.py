@@ -295,6 +295,15 @@ def sweep(
     ]
     store = ResultStore(out_dir)
     keys = [u.key() for u in units]
+    dropped = [k for k in store.table_units() if k not in keys]
+    if dropped:  # said before any work: the earlier table is about to be rebuilt without them
+        warnings.warn(
+            f"{store.table_path} holds {len(dropped)} unit(s) that this sweep does not run (other models, "
+            f"benchmarks or options): {dropped[:5]}{' ...' if len(dropped) > 5 else ''}. The table, figures and "
+            f"report are rebuilt for this sweep only; those units' rows stay in {store.parts_dir} and return "
+            "when their sweep is rerun into this folder. Use another output folder to keep both tables.",
+            UserWarning, stacklevel=2,
+        )
     todo = [u for u, k in zip(units, keys) if not store.is_done(k)]
 
     def on_done(unit: SweepUnit, rows: List[SweepRow]) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import timm
@@ -155,3 +156,20 @@ def test_demo_sweep_uses_packaged_lite_weights_and_marks_harmonized(tmp_path):
     rebuilt = build_model(ModelSpec("h", "efficientnet_lite0", str(path)), seed=0)
     assert rebuilt.bn1.eps == 1e-3  # Lite BatchNorm epsilon kept for fine-tuned Lite weights
     assert torch.equal(rebuilt.conv_stem.weight, tuned.conv_stem.weight)
+
+
+def test_a_sweep_with_other_options_says_which_units_its_table_drops(tmp_path):
+    out = str(tmp_path / "out")
+    common = dict(batch_size=48, image_size=32, progress=False, report=False)
+    first = sweep(["resnet10t"], ["image-level-sim"], out, benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL},
+                  **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same sweep again: nothing dropped, no warning
+        assert rows_equal(sweep(["resnet10t"], ["image-level-sim"], out,
+                                benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, **common), first)
+    changed = {**TINY_IMAGE_LEVEL, "n_neuroids": 6}
+    with pytest.warns(UserWarning, match=r"holds 1 unit\(s\) that this sweep does not run.*resnet10t__image-level-sim"):
+        second = sweep(["resnet10t"], ["image-level-sim"], out, benchmark_options={"image-level-sim": changed},
+                       **common)
+    assert rows_equal(read_table(os.path.join(out, "results.csv")), second)
+    assert len(os.listdir(os.path.join(out, "parts"))) == 2  # the earlier unit's rows are kept
