@@ -12,9 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from harmonizer_fast._argtypes import positive_int
+from harmonizer_fast._io import atomic_write_bytes
 
 from harmonizer_fast.models.keras_convert import (
     CONVERTER_VERSION,
@@ -66,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         "num_classes": str(args.num_classes),
         "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output), metadata=metadata)
+    # serialised in memory, then written atomically: an interrupted conversion leaves no partial
+    # OUT (which would then block the rerun), and the file gets the usual umask permissions
+    atomic_write_bytes(output, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata))
     print(f"{args.name}: {source} -> {output} ({architecture.timm_name}, "
           f"{sum(p.numel() for p in model.parameters())} parameters, sha256 {metadata['source_sha256'][:12]})")
     return 0
