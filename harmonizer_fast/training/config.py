@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from harmonizer_fast.ops import BACKENDS as LOSS_BACKENDS
 from harmonizer_fast.spec import check_loss_weight, check_positive_int
 
 @dataclass
@@ -95,6 +96,8 @@ class TrainerConfig:
         for name in ("warmup_steps", "checkpoint_every"):
             check_positive_int(getattr(self, name), name, minimum=0)
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "preprocess": ("imagenet", "model", "none")}
+        if self.loss_backend is not None:  # None: "auto"; checked here, not at the first step
+            choices["loss_backend"] = LOSS_BACKENDS
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {getattr(self, name)!r}")

@@ -29,6 +29,7 @@ from harmonizer_fast.models import model_preprocess, preprocess_input
 from harmonizer_fast.sample_data import sample_shards
 from harmonizer_fast.training.data_mix import build_train_stream
 from harmonizer_fast.training.trainer import (
+    LOSS_BACKENDS,
     OPTIMIZERS,
     SCHEDULES,
     Trainer,
@@ -41,6 +42,43 @@ from harmonizer_fast.training.trainer import (
 _OPTIONAL_FIELD_TYPES = {"weights": str, "max_grad_norm": float, "loss_backend": str, "output_dir": str}
 #: fields the CLI sets from its own options.
 _CLI_OWNED = {"model", "progress"}
+#: one line per TrainerConfig field for --help (the full rules are in TrainerConfig's docstring)
+_FIELD_HELP = {
+    "weights": "local weights file (state dict, .safetensors or trainer checkpoint) to start from",
+    "pretrained": "start from the packaged ImageNet weights (efficientnet_lite0/1/2 only)",
+    "num_classes": "classifier outputs (ClickMe labels are ImageNet classes)",
+    "batch_size": "images per micro-batch (see --grad-accum-steps), over all ranks",
+    "steps": "optimizer steps of the run (with --resume: train on to this step)",
+    "grad_accum_steps": "micro-batches per optimizer step",
+    "optimizer": "optimizer",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "SGD Nesterov momentum",
+    "betas": "AdamW betas",
+    "optimizer_weight_decay": "the optimizer's own decoupled weight decay (the loss holds the reference's L2 term)",
+    "schedule": "learning-rate schedule after the warm-up",
+    "warmup_steps": "steps of linear warm-up",
+    "step_size": "steps between decays of the step schedule",
+    "gamma": "decay factor of the step schedule",
+    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of --lr",
+    "max_grad_norm": "clip the gradient norm to this value",
+    "lambda_weights": "weight of the L2 term of the loss",
+    "lambda_harmonization": "weight of the harmonization term of the loss",
+    "loss_backend": "harmonization-term kernels: auto (Triton on CUDA), triton or torch",
+    "folder_fraction": "share of each batch taken from --image-folders",
+    "device": "auto, cpu, cuda, cuda:N",
+    "amp": "bf16 autocast",
+    "channels_last": "channels-last model and images",
+    "preprocess": "imagenet: the reference's preprocess_input; model: the model's mean/std; none: as stored",
+    "seed": "seed of the model, the batch order and the RNGs",
+    "output_dir": "folder of the checkpoints and metric logs (required)",
+    "checkpoint_every": "steps between checkpoints (0: at the end only)",
+    "keep_checkpoints": "keep a step_XXXXXXX.pt per checkpoint besides last.pt",
+    "log_every": "steps between metric rows",
+    "unfuse_attention": "switch timm's fused attention off while training (native double backward only)",
+    "fast_double_backward": "closed-form / backend-kernel double backward of conv, norm, attention and GELU",
+    "freeze_bn": "freeze BatchNorm statistics and affine parameters (small-batch fine-tuning)",
+}
 
 
 def _config_fields():
@@ -50,21 +88,25 @@ def _config_fields():
 def add_config_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
     """One option per :class:`TrainerConfig` field (``--snake-case``), defaults from the dataclass."""
 
-    choices = {"optimizer": sorted(OPTIMIZERS), "schedule": sorted(SCHEDULES), "preprocess": ["imagenet", "model", "none"]}
+    choices = {"optimizer": sorted(OPTIMIZERS), "schedule": sorted(SCHEDULES), "preprocess": ["imagenet", "model", "none"],
+               "loss_backend": list(LOSS_BACKENDS)}
     group = parser.add_argument_group("training configuration (TrainerConfig)")
     for f in _config_fields():
         if f.name in _CLI_OWNED or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        text = _FIELD_HELP.get(f.name, "")
         if isinstance(default, bool) or (default is None and f.name == "amp"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=f"(default: {default}{', auto: bf16 on CUDA, off on CPU' if f.name == 'amp' else ''})")
+                               help=f"{text} (default: {default}{', auto: bf16 on CUDA, off on CPU' if f.name == 'amp' else ''})")
         elif isinstance(default, tuple):
-            group.add_argument(flag, type=type(default[0]), nargs=len(default), default=default, help=f"(default: {default})")
+            group.add_argument(flag, type=type(default[0]), nargs=len(default), default=default,
+                               help=f"{text} (default: {default})")
         else:
             kind = _OPTIONAL_FIELD_TYPES.get(f.name, type(default))
-            group.add_argument(flag, type=kind, default=default, choices=choices.get(f.name), help=f"(default: {default})")
+            group.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+                               help=f"{text} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace, **overrides):

@@ -32,6 +32,7 @@ from harmonizer_fast.models import create_model, model_preprocess, preprocess_in
 
 from harmonizer_fast.training import checkpoint as ckpt
 from harmonizer_fast.training.config import (
+    LOSS_BACKENDS,
     OPTIMIZERS,
     RESUMABLE_CHANGES,
     SCHEDULES,
@@ -52,7 +53,7 @@ from harmonizer_fast.training.loss import harmonizer_loss_components
 from harmonizer_fast.training.metrics_log import MetricsLogger
 
 __all__ = [
-    "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
+    "LOSS_BACKENDS", "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
     "TrainingDiverged", "init_distributed_from_env", "lr_multiplier", "seed_everything", "unfused_attention",
 ]
 

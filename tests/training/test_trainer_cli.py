@@ -1,4 +1,5 @@
 """`harmonizer-fast train` and `eval-clickme` on the bundled sample, and the data streams."""
+import argparse
 import csv
 import json
 
@@ -9,6 +10,7 @@ import torch
 from harmonizer_fast.cli import main
 from harmonizer_fast.sample_data import sample_shards
 from harmonizer_fast.training import checkpoint as ckpt
+from harmonizer_fast.training import train_cli
 from harmonizer_fast.training.data_mix import (
     ImageFolderRecords,
     MixedBatches,
@@ -132,3 +134,18 @@ def test_train_refuses_negative_evaluation_counts(tmp_path, option, capsys):
         main(TRAIN_ARGS + ["--steps", "1", "--output-dir", str(tmp_path / "run"), option, "-1"])
     assert info.value.code == 2 and option in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_loss_backend_is_checked_with_the_config_and_every_option_has_help(tmp_path, capsys):
+    from harmonizer_fast.training import TrainerConfig
+
+    with pytest.raises(ValueError, match="`loss_backend` must be one of .*got 'cuda'"):
+        TrainerConfig(loss_backend="cuda")  # was accepted, then failed at the first training step
+    assert TrainerConfig(loss_backend="torch").loss_backend == "torch"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--loss-backend {auto,triton,torch}" in capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    bare = [a.option_strings[0] for a in parser._actions if a.help and a.help.startswith("(default")]
+    assert bare == []  # every option says what it is, not only its default
