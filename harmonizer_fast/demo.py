@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import ImageNetInfo
 
+from harmonizer_fast._argtypes import non_negative_int, positive_int
 from harmonizer_fast._io import atomic_write_text
 from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import Saliency, evaluate_clickme
@@ -207,14 +208,14 @@ def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps (default 24)")
-    parser.add_argument("--batch-size", type=int, default=5)
+    parser = argparse.ArgumentParser(prog="python -m harmonizer_fast.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=positive_int, default=24, help="optimizer steps (default 24)")
+    parser.add_argument("--batch-size", type=positive_int, default=5)
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    parser.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations")
+    parser.add_argument("--eval-every", type=non_negative_int, default=6, help="steps between held-out evaluations")
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--image-size", type=int, default=128, help="train/evaluate at this side (224: ClickMe's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--image-size", type=positive_int, default=128, help="train/evaluate at this side (224: ClickMe's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -140,7 +140,7 @@ def write_sample(out_dir: Path = SAMPLE_DIR, train_views: int = 6, val_views: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harmonizer_fast.sample_data.make_sample", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="output folder (train/ and val/ inside)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-views", type=int, default=6)

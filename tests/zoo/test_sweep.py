@@ -173,3 +173,14 @@ def test_a_sweep_with_other_options_says_which_units_its_table_drops(tmp_path):
                        **common)
     assert rows_equal(read_table(os.path.join(out, "results.csv")), second)
     assert len(os.listdir(os.path.join(out, "parts"))) == 2  # the earlier unit's rows are kept
+
+
+@pytest.mark.parametrize("argv, message", [(["--top1", "lite=abc"], "--top1 takes LABEL=ACC"),
+                                           (["--imagenet-limit", "0"], "--imagenet-limit")])
+def test_demo_sweep_command_refuses_bad_numbers_before_any_work(tmp_path, argv, message, capsys):
+    from harmonizer_fast.zoo.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as info:
+        demo_main([str(tmp_path / "out")] + argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
