@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
         rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except (TrainingDiverged, FileExistsError, ValueError) as err:
         raise SystemExit(f"train: {err}") from err
+    if trainer.is_main and not rows:
+        print(f"nothing to train: {trainer.output_dir / 'last.pt'} is already at step {trainer.step} = --steps; "
+              "pass a larger --steps to train on")
     if trainer.is_main and rows:
         last = rows[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f} (CE {last['cross_entropy']:.4f}, harmonization "

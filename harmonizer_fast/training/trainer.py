@@ -323,6 +323,9 @@ class Trainer:
                 path = None  # nothing to resume yet: start fresh
             if path is not None:
                 self.load_checkpoint(path)
+                if self.step > cfg.steps:  # training on would mean un-training: nothing to resume to
+                    raise ValueError(f"cannot resume from {str(path)!r}: it is at step {self.step}, beyond `steps` "
+                                     f"{cfg.steps}; pass steps > {self.step} (--steps) to train on")
         elif self.step == 0 and self.output_dir and not overwrite:
             existing = ckpt.existing_run(self.output_dir)
             if existing:
