@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"eval-clickme: --out {str(out)!r} already holds {existing} (an earlier evaluation); "
                          "pass --overwrite to replace them or choose another --out")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.manual_seed(0)  # a model without --weights (an untrained control) gets the same weights every run
     model = create_model(args.model, weights=args.weights, num_classes=args.num_classes, pretrained=args.pretrained)
     model = model.to(device).eval()
     preprocess = {"imagenet": preprocess_input, "model": model_preprocess(model), "none": None}[args.preprocess]

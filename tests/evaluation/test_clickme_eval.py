@@ -204,3 +204,13 @@ def test_eval_cli_refuses_negative_counts(option, capsys):
     with pytest.raises(SystemExit) as info:
         main(["eval-clickme", "--model", "test_resnet", "--sample", "--out", "unused", option, "-1"])
     assert info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_eval_cli_scores_an_untrained_model_the_same_every_run(tmp_path):
+    argv = ["eval-clickme", "--model", "test_resnet", "--sample", "--batch-size", "2", "--max-batches", "1",
+            "--figure-images", "0", "--no-progress", "--out"]
+    torch.manual_seed(1)
+    assert main(argv + [str(tmp_path / "a")]) == 0
+    torch.manual_seed(2)  # whatever the caller's RNG state
+    assert main(argv + [str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
