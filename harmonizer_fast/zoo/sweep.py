@@ -43,7 +43,7 @@ from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.zoo.benchmarks import BENCHMARKS, get_benchmark
 from harmonizer_fast.zoo.layers import LayerExtractor
 from harmonizer_fast.zoo.model_specs import LITE_VARIANTS, PACKAGED_WEIGHTS, ModelSpec, build_model, parse_model_spec
-from harmonizer_fast.zoo.ray_runner import run_units_on_ray
+from harmonizer_fast.zoo.ray_runner import LOCAL, check_ray_address, run_units_on_ray
 from harmonizer_fast.zoo.report import write_report
 from harmonizer_fast.zoo.results import (
     ResultStore,
@@ -272,6 +272,8 @@ def sweep(
         raise ValueError(f"`weights` given for {orphans}, which are not models of this sweep (labels: {labels}); "
                          "use the model's LABEL, as in --models LABEL=ARCH")
     check_models(specs)
+    if ray_address is not None and ray_address != LOCAL:
+        check_ray_address(ray_address)  # before the benchmarks are built, not minutes into ray.init
     table = dict(accuracies or {})
     if accuracy_csv:
         table.update(load_accuracy_csv(accuracy_csv))
