@@ -214,3 +214,16 @@ def test_eval_cli_scores_an_untrained_model_the_same_every_run(tmp_path):
     torch.manual_seed(2)  # whatever the caller's RNG state
     assert main(argv + [str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+
+
+def test_nan_images_and_mismatched_heatmaps_are_refused_in_the_batch_terms():
+    model = tiny_model()
+    images = torch.rand(2, 3, 16, 16) * 255
+    labels = torch.eye(CLASSES)[:2]
+    nan_images = images.clone()
+    nan_images[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`images` \(shape \(2, 3, 16, 16\)\) contains 1 non-finite"):
+        evaluate_clickme(model, clickme_val_dataset=[(nan_images, torch.rand(2, 16, 16), labels)], progress=False)
+    for heatmaps in (torch.rand(2, 8, 16), torch.rand(1, 16, 16)):
+        with pytest.raises(ValueError, match=r"`heatmaps` must have the same shape as `images` \(2, 3, 16, 16\)"):
+            evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps, labels)], progress=False)
