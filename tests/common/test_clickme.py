@@ -269,6 +269,19 @@ def test_split_loaders_and_shard_discovery(shard_dir, tmp_path):
     assert [p.name for p in find_clickme_shards(tmp_path, "val")] == ["val-0.tfrecords"]
 
 
+def test_a_list_of_paths_may_hold_folders(shard_dir, tmp_path):
+    # what the command lines pass (--shards DIR, --train-shards DIR): a folder inside the list
+    # used to be "not found" although it exists
+    extra = tmp_path / "extra.tfrecords"
+    extra.write_bytes((shard_dir / "train-0.tfrecords").read_bytes())
+    assert [p.name for p in find_clickme_shards([shard_dir, extra])] == [
+        "train-0.tfrecords", "train-1.tfrecords", "extra.tfrecords"]
+    assert len(ClickMeRecords([shard_dir], progress=False)) == len(LABELS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ClickMe shards .* in .*empty"):
+        find_clickme_shards([tmp_path / "empty"])
+
+
 def test_corrupt_record_is_reported_with_its_location(shard_dir, tmp_path):
     path = tmp_path / "train-0.tfrecords"
     data = bytearray((shard_dir / "train-0.tfrecords").read_bytes())

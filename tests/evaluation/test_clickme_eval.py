@@ -227,3 +227,12 @@ def test_nan_images_and_mismatched_heatmaps_are_refused_in_the_batch_terms():
     for heatmaps in (torch.rand(2, 8, 16), torch.rand(1, 16, 16)):
         with pytest.raises(ValueError, match=r"`heatmaps` must have the same shape as `images` \(2, 3, 16, 16\)"):
             evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps, labels)], progress=False)
+
+
+def test_eval_cli_reads_a_shard_folder(tmp_path):
+    from harmonizer_fast.sample_data import SAMPLE_DIR
+
+    out = tmp_path / "eval"
+    assert main(["eval-clickme", "--model", "test_resnet", "--shards", str(SAMPLE_DIR / "val"), "--batch-size", "5",
+                 "--figure-images", "0", "--out", str(out), "--no-progress"]) == 0  # as in the README
+    assert len((out / "scores.csv").read_text().splitlines()) == 1 + 10
