@@ -132,12 +132,16 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip errors have no common base class
+        raise ValueError(f"{str(path)!r} is not a readable weights file (.safetensors, or a state dict saved "
+                         f"with torch.save): {type(err).__name__}: {str(err)[:200]}") from err
+    if path.suffix != ".safetensors" and isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
@@ -190,13 +194,14 @@ def create_pretrained(
             overlay["num_classes"] = num_classes
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        except RuntimeError as err:
-            if "state_dict" not in str(err):
+        except Exception as err:  # timm passes on torch's, pickle's and safetensors' own errors
+            given = read_state_dict(path)  # an unreadable file: a ValueError saying so, not timm's unpickling one
+            if not (isinstance(err, RuntimeError) and "state_dict" in str(err)):
                 raise
             # torch's message lists every key (hundreds of lines); say what does not fit in one
             expected = timm.create_model(name, pretrained=False, **kwargs).state_dict()
             raise ValueError(f"weights file {str(path)!r} does not fit {name!r}: "
-                             f"{state_dict_mismatch(expected, read_state_dict(path))}") from err
+                             f"{state_dict_mismatch(expected, given)}") from err
     check_pretrained_available(name, cache_dir)
     try:
         return timm.create_model(name, pretrained=True, cache_dir=cache_dir, **kwargs)

@@ -104,3 +104,13 @@ def test_weights_of_another_architecture_are_a_one_line_value_error(tmp_path):
         with pytest.raises(ValueError, match=r"does not fit .*missing keys \(e\.g\. \[.*shape mismatches") as info:
             load()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["notes.pt", "notes.safetensors"])
+def test_a_file_that_is_not_weights_is_named_as_such(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("# my notes, not weights\n" * 20)
+    for load in (lambda: create_model("test_resnet", weights=path),
+                 lambda: load_weights(timm.create_model("test_resnet"), path)):
+        with pytest.raises(ValueError, match=f"'{path}' is not a readable weights file"):
+            load()
