@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -27,6 +28,14 @@ _HELP = {
 }
 
 
+#: errors about the user's input or machine (a bad path, shape, option value, a missing
+#: optional package, an absent GPU): the command prints them as one line naming the problem
+#: and exits non-zero; a deep traceback helps nobody who typed a wrong path. Set
+#: HARMONIZER_FAST_TRACEBACK=1 to see the traceback instead.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError, FloatingPointError)
+TRACEBACK_ENV = "HARMONIZER_FAST_TRACEBACK"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmonizer-fast", description="Fast PyTorch neural harmonizer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,9 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one subcommand; an error in :data:`USER_ERRORS` becomes ``SystemExit`` with a one-line message."""
     args = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        raise SystemExit(f"harmonizer-fast {args.command}: error: {type(err).__name__}: {err}\n"
+                         f"(set {TRACEBACK_ENV}=1 to see the traceback)") from err
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import ImageNetInfo
 
+from harmonizer_fast._argtypes import non_negative_int, positive_int
 from harmonizer_fast._io import atomic_write_text
 from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import Saliency, evaluate_clickme
@@ -145,6 +146,25 @@ def plot_curves(history: List[dict], path: Path) -> Path:
         plt.close(fig)
 
 
+#: keys only the demo's own summary.json has: a rerun may replace that file, nothing else
+_DEMO_SUMMARY_KEYS = {"val_spearman_before", "val_spearman_after", "imagenet_top5_correct_after"}
+
+
+def _refuse_foreign_outputs(out_dir: Path) -> None:
+    """The demo rewrites its own outputs on every run; refuse a folder holding someone else's
+    ``summary.json`` (an eval-clickme result, say), which it would silently replace."""
+    summary = out_dir / "summary.json"
+    if not summary.exists():
+        return
+    try:
+        keys = set(json.loads(summary.read_text()))
+    except (ValueError, TypeError, OSError):
+        keys = set()
+    if not _DEMO_SUMMARY_KEYS <= keys:
+        raise FileExistsError(f"{summary} was not written by this demo (the demo would replace it, with "
+                              f"alignment.png, curves.png and run/): choose another --out")
+
+
 def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = "outputs/demo",
              eval_every: int = 6, threads: Optional[int] = None, progress: bool = True, seed: int = 0,
              image_size: int = 128) -> dict:
@@ -153,6 +173,7 @@ def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = 
     if threads:
         torch.set_num_threads(threads)
     out_dir = Path(out)
+    _refuse_foreign_outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     seed_everything(seed)
@@ -207,14 +228,14 @@ def run_demo(steps: int = 24, batch_size: int = 5, lr: float = 3e-4, out: str = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps (default 24)")
-    parser.add_argument("--batch-size", type=int, default=5)
+    parser = argparse.ArgumentParser(prog="python -m harmonizer_fast.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=positive_int, default=24, help="optimizer steps (default 24)")
+    parser.add_argument("--batch-size", type=positive_int, default=5)
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    parser.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations")
+    parser.add_argument("--eval-every", type=non_negative_int, default=6, help="steps between held-out evaluations")
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--image-size", type=int, default=128, help="train/evaluate at this side (224: ClickMe's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--image-size", type=positive_int, default=128, help="train/evaluate at this side (224: ClickMe's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -222,8 +243,12 @@ def main(argv=None) -> int:
     except ImportError as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2
-    run_demo(args.steps, args.batch_size, args.lr, args.out, args.eval_every, args.threads, not args.no_progress,
-             image_size=args.image_size)
+    try:
+        run_demo(args.steps, args.batch_size, args.lr, args.out, args.eval_every, args.threads, not args.no_progress,
+                 image_size=args.image_size)
+    except FileExistsError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

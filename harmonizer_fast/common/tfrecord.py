@@ -270,17 +270,27 @@ class TFRecordWriter:
 
     Records go to a temporary file next to ``path``, which replaces ``path`` only when the
     writer is closed without error (``with TFRecordWriter(p) as w: w.write(b"...")``), so a
-    crash never leaves a half-written shard under the final name.
+    crash never leaves a half-written shard under the final name. An existing ``path`` is
+    refused with ``FileExistsError`` unless ``overwrite=True`` (checked when the writer opens
+    and again before the replace), so a user's shard is never replaced silently.
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, overwrite: bool = False):
         self.path = Path(path)
+        self.overwrite = bool(overwrite)
+        self._refuse_existing()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # a hidden, unique name in the same folder (os.replace must not cross file systems);
         # open(..., "xb") rather than mkstemp, whose 0600 mode would stick to the shard
         self._tmp_path = self.path.parent / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         self._stream: Optional[BinaryIO] = open(self._tmp_path, "xb")
         self.num_records = 0
+
+    def _refuse_existing(self) -> None:
+        if not self.overwrite and os.path.lexists(self.path):
+            raise FileExistsError(
+                f"{self.path} already exists; pass overwrite=True to replace it (nothing was written)"
+            )
 
     def write(self, record: BytesLike) -> None:
         """Append one record (any bytes-like object)."""
@@ -299,6 +309,11 @@ class TFRecordWriter:
         os.fsync(self._stream.fileno())
         self._stream.close()
         self._stream = None
+        try:
+            self._refuse_existing()  # a file may have appeared at ``path`` while writing
+        except FileExistsError:
+            os.unlink(self._tmp_path)
+            raise
         os.replace(self._tmp_path, self.path)
 
     def abort(self) -> None:
@@ -319,9 +334,12 @@ class TFRecordWriter:
             self.abort()
 
 
-def write_tfrecord(path: PathLike, records: Iterable[BytesLike]) -> int:
-    """Write ``records`` to a new TFRecord file at ``path`` (atomically); return how many."""
-    with TFRecordWriter(path) as writer:
+def write_tfrecord(path: PathLike, records: Iterable[BytesLike], overwrite: bool = False) -> int:
+    """Write ``records`` to a new TFRecord file at ``path`` (atomically); return how many.
+
+    An existing ``path`` raises ``FileExistsError`` unless ``overwrite=True``.
+    """
+    with TFRecordWriter(path, overwrite=overwrite) as writer:
         for record in records:
             writer.write(record)
     return writer.num_records

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from harmonizer_fast.spec import ArrayLike, check_rank, one_hot, shape_of
+from harmonizer_fast.spec import ArrayLike, check_finite, check_rank, one_hot, shape_of
 from harmonizer_fast.evaluation.metrics import HUMAN_SPEARMAN_CEILING, alignment_metrics
 
 __all__ = ["Saliency", "evaluate_clickme"]
@@ -166,6 +166,15 @@ def evaluate_clickme(
         if not isinstance(batch, (tuple, list)) or len(batch) != 3:
             raise ValueError("each batch of `clickme_val_dataset` must be an (images, heatmaps, labels) triple")
         images, heatmaps, labels = (_as_tensor(x, name) for x, name in zip(batch, ("images", "heatmaps", "labels")))
+        # checked here, in the batch's own terms: a NaN image gave a finite (meaningless) score,
+        # and a heatmap of another size surfaced as a shape clash of the metrics' arguments
+        check_rank(images, 4, "images", "(N, C, H, W)")
+        if images.is_floating_point():
+            check_finite(images, "images")
+        if heatmaps.ndim not in (3, 4) or heatmaps.shape[0] != images.shape[0] or \
+                tuple(heatmaps.shape[-2:]) != tuple(images.shape[-2:]):
+            raise ValueError(f"`heatmaps` must have the same shape as `images` {shape_of(images)} minus the channel "
+                             f"axis, (N, H, W), or with any channel count, (N, C, H, W); got {shape_of(heatmaps)}")
         images = preprocess(images.to(device=device, dtype=dtype))
         saliency = _channel_mean(_as_tensor(explainer(images, labels.to(device)), "explanations"), "explanations")
         human = _channel_mean(heatmaps, "heatmaps")

@@ -16,7 +16,6 @@ from typing import Callable, Dict, Optional, Union
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 # The reference's ImageNet normalisation, the same function as harmonizer_fast.common's.
 from harmonizer_fast.common.preprocessing import preprocess_input
@@ -28,7 +27,7 @@ from harmonizer_fast.models.efficientnet_lite import (
     load_efficientnet_lite,
 )
 from harmonizer_fast.models.keras_convert import KERAS_ARCHITECTURES, keras_to_timm
-from harmonizer_fast.models.pretrained import create_pretrained
+from harmonizer_fast.models.pretrained import create_pretrained, read_state_dict, state_dict_mismatch
 from harmonizer_fast.spec import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -46,18 +45,12 @@ def load_weights(model: nn.Module, weights: PathLike, strict: bool = True) -> nn
     A checkpoint written by :class:`harmonizer_fast.training.Trainer` (a dict with a
     ``"model"`` entry) is accepted too.
     """
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    model.load_state_dict(state, strict=strict)
+    state = read_state_dict(weights)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {str(weights)!r} does not fit {type(model).__name__}: "
+                         f"{state_dict_mismatch(model.state_dict(), state)}") from err
     return model
 
 

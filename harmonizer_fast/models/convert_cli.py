@@ -12,7 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from harmonizer_fast._argtypes import positive_int
+from harmonizer_fast._io import atomic_write_bytes
 
 from harmonizer_fast.models.keras_convert import (
     CONVERTER_VERSION,
@@ -26,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(KERAS_ARCHITECTURES), help="reference model name")
     parser.add_argument("source", metavar="IN.h5", help="the Keras file (model.save or save_weights layout)")
     parser.add_argument("output", metavar="OUT.safetensors", help="converted weights")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier size of the file (default 1000)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000, help="classifier size of the file (default 1000)")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
                         help="timm arguments of a narrower variant of the architecture (default: the published one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -64,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         "num_classes": str(args.num_classes),
         "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output), metadata=metadata)
+    # serialised in memory, then written atomically: an interrupted conversion leaves no partial
+    # OUT (which would then block the rerun), and the file gets the usual umask permissions
+    atomic_write_bytes(output, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata))
     print(f"{args.name}: {source} -> {output} ({architecture.timm_name}, "
           f"{sum(p.numel() for p in model.parameters())} parameters, sha256 {metadata['source_sha256'][:12]})")
     return 0

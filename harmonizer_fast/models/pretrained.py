@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import constants, try_to_load_from_cache
+from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 
 __all__ = [
@@ -87,7 +88,7 @@ def _how_to_get(name: str, repo: str) -> str:
         f"on a machine with internet run `hf download {repo}` (or `python -c \"import timm; "
         f"timm.create_model('{name}', pretrained=True)\"`) and copy its Hugging Face cache "
         f"(~/.cache/huggingface/hub) here or point HF_HUB_CACHE at it, or pass a local weights file "
-        f"(`--weights LABEL=PATH`)"
+        f"(`--weights PATH`; in a sweep `--weights LABEL=PATH`)"
     )
 
 
@@ -117,12 +118,45 @@ def check_pretrained_available(name: str, cache_dir: Optional[PathLike] = None) 
         raise WeightsNotAvailableError(
             f"pretrained weights of {name!r} ({location}) are not in {target.parent} and HF_HUB_OFFLINE "
             f"forbids downloading them: download that file there on a machine with internet, or pass a "
-            f"local weights file (`--weights LABEL=PATH`)"
+            f"local weights file (`--weights PATH`; in a sweep `--weights LABEL=PATH`)"
         )
 
 
 def _hf_cache() -> str:
     return constants.HF_HUB_CACHE
+
+
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """A local state dict: ``.safetensors``, or ``torch.save`` read with ``weights_only=True`` (a
+    :class:`harmonizer_fast.training.Trainer` checkpoint's ``"model"`` entry is taken)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip errors have no common base class
+        raise ValueError(f"{str(path)!r} is not a readable weights file (.safetensors, or a state dict saved "
+                         f"with torch.save): {type(err).__name__}: {str(err)[:200]}") from err
+    if path.suffix != ".safetensors" and isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """One line on how ``given`` differs from a model's ``expected`` state dict (counts, first names)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(items)} {what} (e.g. {items[:3]})" for what, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (file vs model)", shapes))
+             if items]
+    return "; ".join(parts) or "keys and shapes agree"
 
 
 def create_pretrained(
@@ -158,7 +192,16 @@ def create_pretrained(
         if num_classes is not None:
             # The file's head is the model's head: tell timm so it does not discard it.
             overlay["num_classes"] = num_classes
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except Exception as err:  # timm passes on torch's, pickle's and safetensors' own errors
+            given = read_state_dict(path)  # an unreadable file: a ValueError saying so, not timm's unpickling one
+            if not (isinstance(err, RuntimeError) and "state_dict" in str(err)):
+                raise
+            # torch's message lists every key (hundreds of lines); say what does not fit in one
+            expected = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+            raise ValueError(f"weights file {str(path)!r} does not fit {name!r}: "
+                             f"{state_dict_mismatch(expected, given)}") from err
     check_pretrained_available(name, cache_dir)
     try:
         return timm.create_model(name, pretrained=True, cache_dir=cache_dir, **kwargs)

@@ -22,6 +22,7 @@ The Gram-matrix algebra (exact embedding, dual ridge, PCA layer reduction) is in
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -68,6 +69,15 @@ class LayerTaps:
     def __init__(self, model: torch.nn.Module, layers: Sequence[LayerSpec]):
         self.model = model
         self.names = [ly for ly in layers if isinstance(ly, str)]
+        if self.names:
+            modules = dict(model.named_modules())
+            unknown = [name for name in self.names if name not in modules]
+            if unknown:
+                hints = {name: difflib.get_close_matches(name, modules, n=3) for name in unknown}
+                raise ValueError(
+                    f"`layers` {unknown} are not modules of {type(model).__name__} "
+                    f"(closest names: {hints}; all names: model.named_modules())"
+                )
         # timm returns intermediates in depth order whatever order the indices come in.
         self.indices = sorted({int(ly) for ly in layers if not isinstance(ly, str)})
         if self.indices and not hasattr(model, "forward_intermediates"):
@@ -154,7 +164,11 @@ class LayerFeatureAccumulator:
                 self._project = PROJECTIONS[self.projection](self.in_dim, self.projection_dim, generator)
         elif flat.shape[1] != self.in_dim:
             raise ValueError(f"layer output changed size: {flat.shape[1]} features, first batch had {self.in_dim}")
-        self._chunks.append(self._project(flat) if self._project is not None else flat.clone())
+        stored = self._project(flat) if self._project is not None else flat.clone()
+        if not bool(torch.isfinite(stored).all()):  # a NaN would spread through every Gram entry of its row
+            raise ValueError(f"layer output of images {self.n_images}..{self.n_images + flat.shape[0] - 1} holds "
+                             "non-finite values (NaN or inf): the model overflowed or the images hold them")
+        self._chunks.append(stored)
 
     @property
     def n_images(self) -> int:
@@ -213,6 +227,7 @@ def extract_layer_grams(
     accumulators = {str(ly): LayerFeatureAccumulator(projection_dim, projection, seed + i) for i, ly in enumerate(layers)}
     was_training = model.training
     model.eval().to(device)
+    batches = 0
     try:
         with LayerTaps(model, layers) as taps:
             for batch in tqdm(images_iter, desc="layer features", disable=not progress, leave=False):
@@ -220,11 +235,20 @@ def extract_layer_grams(
                     batch = batch[0]
                 if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
                     raise ValueError(f"images_iter must yield NCHW tensors, got {shape_of(batch)}")
+                if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+                    raise ValueError(f"`images_iter` batch {batches} ({shape_of(batch)}) holds non-finite values "
+                                     "(NaN or inf)")
                 for key, out in taps(batch.to(device)).items():
-                    accumulators[key].update(out[0] if isinstance(out, (tuple, list)) else out)
+                    try:
+                        accumulators[key].update(out[0] if isinstance(out, (tuple, list)) else out)
+                    except ValueError as err:
+                        raise ValueError(f"layer {key!r}: {err}") from err
+                batches += 1
                 release_freed_memory()
     finally:
         model.train(was_training)
+    if batches == 0:
+        raise ValueError("`images_iter` yielded no batches: there is nothing to build Gram matrices from")
     if keep_features:
         return accumulators
     return {key: acc.gram() for key, acc in accumulators.items()}

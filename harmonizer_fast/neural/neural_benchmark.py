@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from harmonizer_fast.spec import ArrayLike, check_rank, shape_of
 from harmonizer_fast.neural.features import LayerSpec, LayerTaps
 from harmonizer_fast.neural.layer_scores import score_every_layer
-from harmonizer_fast.neural.metrics import as_tensor, brain_score, ceiling_score, spearmanr_sim
+from harmonizer_fast.neural.metrics import CORRELATIONS, REDUCERS, _lookup, as_tensor, brain_score, ceiling_score, spearmanr_sim
 from harmonizer_fast.neural.data import Neural_dataset
 
 __all__ = [
@@ -300,6 +300,10 @@ def neural_benchmark_score(
     never created.
     """
 
+    # checked before the stimuli run through the model: a bad name would otherwise fail every
+    # layer after the extraction and surface only as "no layer could be scored"
+    _lookup(CORRELATIONS, correlation_fn, "correlation_fn")
+    _lookup(REDUCERS, reducer, "reducer")
     ds = dataset if dataset is not None else Neural_dataset(data_root)
     _, x_pre, y = ds.load_data(stimuli=stimuli, time_a=time_a, time_b=time_b)
     g = y.shape[1] if grid_size is None else grid_size

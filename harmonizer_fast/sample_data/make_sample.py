@@ -9,7 +9,8 @@ left-right half of the time, resized to 256x256 like ClickMe records; the map go
 through the same crop, flip and resize. Crops of the same photograph go to both splits, so
 the validation records are held-out *views*, not unseen photographs.
 
-Usage: ``python -m harmonizer_fast.sample_data.make_sample [--out DIR] [--seed 0]``.
+Usage: ``python -m harmonizer_fast.sample_data.make_sample [--out DIR] [--seed 0] [--overwrite]``
+(existing shards in ``--out`` are refused without ``--overwrite``).
 The output is deterministic for a seed; the bundled shards were made with the defaults.
 """
 from __future__ import annotations
@@ -110,8 +111,16 @@ def make_records(views_per_image: int, seed: int) -> List[Tuple[str, np.ndarray,
 
 
 def write_sample(out_dir: Path = SAMPLE_DIR, train_views: int = 6, val_views: int = 2, seed: int = 0,
-                 quality: int = 90) -> Dict[str, Path]:
-    """Write ``out_dir/train/train-0.tfrecords`` and ``out_dir/val/val-0.tfrecords``."""
+                 quality: int = 90, overwrite: bool = False) -> Dict[str, Path]:
+    """Write ``out_dir/train/train-0.tfrecords`` and ``out_dir/val/val-0.tfrecords``.
+
+    Existing shards raise ``FileExistsError`` (nothing is written) unless ``overwrite=True``.
+    """
+    if not overwrite:
+        existing = [p for p in (Path(out_dir) / s / f"{s}-0.tfrecords" for s in ("train", "val")) if p.exists()]
+        if existing:
+            raise FileExistsError(f"{[str(p) for p in existing]} already exist; pass overwrite=True "
+                                  "(--overwrite) to replace them")
 
     records = make_records(train_views + val_views, seed)
     per_source: Dict[str, list] = {}
@@ -124,19 +133,25 @@ def write_sample(out_dir: Path = SAMPLE_DIR, train_views: int = 6, val_views: in
         path = Path(out_dir) / split / f"{split}-0.tfrecords"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_clickme_shard(path, np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows]),
-                            np.array([r[3] for r in rows], dtype=np.int64), quality=quality)
+                            np.array([r[3] for r in rows], dtype=np.int64), quality=quality,
+                            overwrite=overwrite)
         written[split] = path
     return written
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harmonizer_fast.sample_data.make_sample", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="output folder (train/ and val/ inside)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-views", type=int, default=6)
     parser.add_argument("--val-views", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     args = parser.parse_args(argv)
-    for split, path in write_sample(args.out, args.train_views, args.val_views, args.seed).items():
+    try:
+        written = write_sample(args.out, args.train_views, args.val_views, args.seed, overwrite=args.overwrite)
+    except FileExistsError as error:
+        parser.error(str(error))
+    for split, path in written.items():
         print(f"{split}: {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0
 

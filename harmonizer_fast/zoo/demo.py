@@ -33,6 +33,7 @@ import os
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from harmonizer_fast._argtypes import positive_int
 from harmonizer_fast.models.efficientnet_lite import LITE_PACKAGES
 from harmonizer_fast.zoo.clickme_benchmark import CLICKME_LAYER_METHOD
 from harmonizer_fast.zoo.report import ceiled_error
@@ -170,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m harmonizer_fast.zoo OUT [--quick] [--harmonized LABEL=PATH ...] [--top1 LABEL=ACC ...]
     [--clickme DIR|sample|none] [--imagenet DIR [--imagenet-limit N]]``."""
 
-    parser = argparse.ArgumentParser(description="EfficientNet-Lite (+ harmonized, untrained control) on IT and "
+    parser = argparse.ArgumentParser(prog="python -m harmonizer_fast.zoo",
+                                     description="EfficientNet-Lite (+ harmonized, untrained control) on IT and "
                                                  "ClickMe alignment, against ImageNet accuracy")
     parser.add_argument("out_dir")
     parser.add_argument("--quick", action="store_true", help="400 stimuli instead of 1,600 (3,200 for -sim)")
@@ -179,12 +181,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--harmonized", nargs="+", default=[], metavar="LABEL=PATH")
     parser.add_argument("--top1", nargs="+", default=[], metavar="LABEL=ACC", help="top-1 of the harmonized models")
     parser.add_argument("--imagenet", default=None, metavar="DIR", help="measure every model's top-1 on this folder")
-    parser.add_argument("--imagenet-limit", type=int, default=None, metavar="N", help="... on N images (an estimate)")
+    parser.add_argument("--imagenet-limit", type=positive_int, default=None, metavar="N", help="... on N images (an estimate)")
     parser.add_argument("--no-control", action="store_true", help="leave out the untrained Lite0")
     parser.add_argument("--ray", default=None, metavar="ADDRESS")
     args = parser.parse_args(argv)
+    top1 = parse_pairs(args.top1, "--top1")
+    try:
+        top1 = {k: float(v) for k, v in top1.items()}
+    except ValueError:
+        parser.error(f"--top1 takes LABEL=ACC with ACC a number (percent), got {args.top1}")
     rows = demo_sweep(args.out_dir, harmonized_weights=parse_pairs(args.harmonized, "--harmonized"),
-                      harmonized_top1={k: float(v) for k, v in parse_pairs(args.top1, "--top1").items()},
+                      harmonized_top1=top1,
                       benchmark=args.benchmark, clickme=None if args.clickme == "none" else args.clickme,
                       untrained_control=not args.no_control, imagenet=args.imagenet,
                       imagenet_limit=args.imagenet_limit, quick=args.quick, ray_address=args.ray)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -70,6 +71,21 @@ def run_units_in_processes(
     bar.close()
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Raise ``ConnectionError`` when nothing listens at a ``host:port`` / ``ray://host:port``
+    address; ``ray.init`` would otherwise retry for minutes before failing. Other forms
+    (``"auto"``, ``"local"``) are left to their own handling."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers at --ray {address!r} ({err}): start it first "
+                              "(ray start --head on the head node) or fix the address") from err
+
+
 def run_units_on_ray(
     units: Sequence[object],
     run_unit: Callable[[object], List[SweepRow]],
@@ -109,6 +125,7 @@ def run_units_on_ray(
     ray = _import_ray()
     started_here = False
     if not ray.is_initialized():
+        check_ray_address(address)
         ray.init(address=address, log_to_driver=False)
         started_here = True
     try:

@@ -6,6 +6,8 @@ Storage layout of a sweep directory ``out/``::
     out/results.csv         every finished unit's rows merged, in sweep order (atomic rewrite)
     out/results.parquet     the same table, when pyarrow is installed
     out/models.csv          one row per model x benchmark: the layer chosen on the selection split
+    out/units.json          the unit keys of the sweep that wrote the table (so a later sweep
+                            with other models or options can say which units its table drops)
 
 A unit's part file appears in one ``os.replace`` of a fully written and fsync'd temporary file,
 so after a crash (even ``kill -9``) a part file is either complete or absent; a rerun skips the
@@ -212,6 +214,21 @@ class ResultStore:
     def parquet_path(self) -> str:
         return os.path.join(self.out_dir, "results.parquet")
 
+    @property
+    def units_path(self) -> str:
+        return os.path.join(self.out_dir, "units.json")
+
+    def table_units(self) -> List[str]:
+        """Unit keys of the sweep that last wrote ``results.csv`` (empty when none did)."""
+        if not os.path.exists(self.units_path):
+            return []
+        try:
+            with open(self.units_path) as handle:
+                keys = json.load(handle)
+        except (OSError, ValueError):
+            return []  # unreadable: only the warning about dropped units is lost
+        return [str(k) for k in keys] if isinstance(keys, list) else []
+
     def part_path(self, key: str) -> str:
         return os.path.join(self.parts_dir, f"{key}.csv")
 
@@ -243,6 +260,7 @@ class ResultStore:
         write_table(rows, self.table_path)
         write_table(model_table(rows), self.models_path)
         _write_parquet(rows, self.parquet_path)
+        atomic_write_bytes(self.units_path, json.dumps(list(keys), indent=1).encode())
         return rows
 
 

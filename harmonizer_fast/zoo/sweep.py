@@ -44,7 +44,7 @@ from harmonizer_fast.neural.layer_scores import score_every_layer
 from harmonizer_fast.zoo.benchmarks import BENCHMARKS, get_benchmark
 from harmonizer_fast.zoo.layers import LayerExtractor
 from harmonizer_fast.zoo.model_specs import LITE_VARIANTS, PACKAGED_WEIGHTS, ModelSpec, build_model, parse_model_spec
-from harmonizer_fast.zoo.ray_runner import run_units_on_ray
+from harmonizer_fast.zoo.ray_runner import LOCAL, check_ray_address, run_units_on_ray
 from harmonizer_fast.zoo.report import write_report
 from harmonizer_fast.zoo.results import (
     ResultStore,
@@ -288,6 +288,8 @@ def sweep(
         raise ValueError(f"`weights` given for {orphans}, which are not models of this sweep (labels: {labels}); "
                          "use the model's LABEL, as in --models LABEL=ARCH")
     check_models(specs)
+    if ray_address is not None and ray_address != LOCAL:
+        check_ray_address(ray_address)  # before the benchmarks are built, not minutes into ray.init
     table = dict(accuracies or {})
     if accuracy_csv:
         table.update(load_accuracy_csv(accuracy_csv))
@@ -311,6 +313,15 @@ def sweep(
     ]
     store = ResultStore(out_dir)
     keys = [u.key() for u in units]
+    dropped = [k for k in store.table_units() if k not in keys]
+    if dropped:  # said before any work: the earlier table is about to be rebuilt without them
+        warnings.warn(
+            f"{store.table_path} holds {len(dropped)} unit(s) that this sweep does not run (other models, "
+            f"benchmarks or options): {dropped[:5]}{' ...' if len(dropped) > 5 else ''}. The table, figures and "
+            f"report are rebuilt for this sweep only; those units' rows stay in {store.parts_dir} and return "
+            "when their sweep is rerun into this folder. Use another output folder to keep both tables.",
+            UserWarning, stacklevel=2,
+        )
     todo = [u for u, k in zip(units, keys) if not store.is_done(k)]
 
     def on_done(unit: SweepUnit, rows: List[SweepRow]) -> None:

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CSV with columns model,top1 (ImageNet top-1, percent); timm's results CSVs fit")
     parser.add_argument("--imagenet", default=None, metavar="DIR",
                         help="local ImageNet validation folder: measure the top-1 of models without one")
-    parser.add_argument("--imagenet-limit", type=int, default=None, metavar="N",
+    parser.add_argument("--imagenet-limit", type=positive_int, default=None, metavar="N",
                         help="measure on N images spread over the folder (an estimate)")
     parser.add_argument("--bench-option", nargs="+", default=[], metavar="BENCH:KEY=VALUE",
                         help="loader arguments, e.g. spatial:path=/data/Arcaro2020 image-level-sim:n_images=640")

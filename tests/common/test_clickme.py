@@ -269,6 +269,19 @@ def test_split_loaders_and_shard_discovery(shard_dir, tmp_path):
     assert [p.name for p in find_clickme_shards(tmp_path, "val")] == ["val-0.tfrecords"]
 
 
+def test_a_list_of_paths_may_hold_folders(shard_dir, tmp_path):
+    # what the command lines pass (--shards DIR, --train-shards DIR): a folder inside the list
+    # used to be "not found" although it exists
+    extra = tmp_path / "extra.tfrecords"
+    extra.write_bytes((shard_dir / "train-0.tfrecords").read_bytes())
+    assert [p.name for p in find_clickme_shards([shard_dir, extra])] == [
+        "train-0.tfrecords", "train-1.tfrecords", "extra.tfrecords"]
+    assert len(ClickMeRecords([shard_dir], progress=False)) == len(LABELS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ClickMe shards .* in .*empty"):
+        find_clickme_shards([tmp_path / "empty"])
+
+
 def test_corrupt_record_is_reported_with_its_location(shard_dir, tmp_path):
     path = tmp_path / "train-0.tfrecords"
     data = bytearray((shard_dir / "train-0.tfrecords").read_bytes())
@@ -305,6 +318,40 @@ def test_bad_labels_and_inputs(tmp_path):
         parse_clickme_record(encode_example(features))
     with pytest.raises(ValueError, match="batch_size"):
         ClickMeDataset(tmp_path / "b.tfrecords", batch_size=0)
+
+
+def test_writing_over_an_existing_shard_needs_overwrite(tmp_path):
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    heatmaps = np.zeros((1, 8, 8), np.uint8)
+    path = tmp_path / "train-0.tfrecords"
+    write_clickme_shard(path, images, heatmaps, np.array([7]))
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="train-0.tfrecords already exists"):
+        write_clickme_shard(path, images + 1, heatmaps, np.array([8]))
+    assert path.read_bytes() == before
+    write_clickme_shard(path, images, heatmaps, np.array([8]), overwrite=True)
+    assert int(parse_clickme_record(next(iter(read_tfrecord(path))))[2].argmax()) == 8
+
+
+def test_sample_generator_refuses_an_existing_sample(tmp_path):
+    make_sample = pytest.importorskip("harmonizer_fast.sample_data.make_sample")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "val-0.tfrecords").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="val-0.tfrecords"):
+        make_sample.write_sample(tmp_path)
+    with pytest.raises(SystemExit):
+        make_sample.main(["--out", str(tmp_path)])
+    assert (tmp_path / "val" / "val-0.tfrecords").read_bytes() == b"mine"
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_loader_without_a_single_batch_is_refused(shard_dir):
+    count = len(LABELS)
+    with pytest.raises(ValueError, match=f"{count} ClickMe record.*`batch_size` {count + 1}.*drop_last=False"):
+        load_clickme(shard_dir, batch_size=count + 1, progress=False)
+    assert len(load_clickme(shard_dir, batch_size=count + 1, drop_last=False, progress=False)) == 1
+    with pytest.raises(ValueError, match=r"per rank \(2 ranks\)"):
+        load_clickme(shard_dir, batch_size=count, rank=0, world_size=2, progress=False)
 
 
 def test_records_plug_into_the_trainer_streams(shard_dir):

@@ -216,6 +216,25 @@ def test_writer_is_atomic(tmp_path):
     assert list(read_tfrecord(path)) == [b"ok"] and os.listdir(tmp_path) == ["out.tfrecords"]
 
 
+def test_existing_file_is_refused_unless_overwrite(tmp_path):
+    path = tmp_path / "mine.tfrecords"
+    write_tfrecord(path, [b"user data"])
+    with pytest.raises(FileExistsError, match="mine.tfrecords already exists.*overwrite=True"):
+        write_tfrecord(path, [b"other"])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        TFRecordWriter(path)
+    assert list(read_tfrecord(path)) == [b"user data"] and os.listdir(tmp_path) == ["mine.tfrecords"]
+    # a file that appears while the writer is open is not replaced either
+    late = tmp_path / "late.tfrecords"
+    with pytest.raises(FileExistsError):
+        with TFRecordWriter(late) as writer:
+            writer.write(b"new")
+            late.write_bytes(b"someone else's")
+    assert late.read_bytes() == b"someone else's" and sorted(os.listdir(tmp_path)) == ["late.tfrecords", "mine.tfrecords"]
+    assert write_tfrecord(path, [b"other"], overwrite=True) == 1
+    assert list(read_tfrecord(path)) == [b"other"]
+
+
 # ----------------------------------------------------------------------------- tf.train.Example
 def ld(field, payload):
     """A length-delimited field, assembled byte by byte (payloads here are < 128 bytes)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import spearmanr
 
+from harmonizer_fast.cli import main
 from harmonizer_fast.evaluation import HUMAN_SPEARMAN_CEILING, Saliency, evaluate_clickme
 
 CLASSES = 5
@@ -179,3 +180,59 @@ def test_evaluate_clickme_on_a_local_clickme_shard(tmp_path):
     assert len(scores["spearman"]) == 4
     np.testing.assert_allclose(scores["spearman"], expected, rtol=0, atol=1e-6)
     assert scores["alignment_score"] == pytest.approx(np.mean(expected) / HUMAN_SPEARMAN_CEILING, abs=1e-6)
+
+
+def test_eval_cli_refuses_an_out_folder_with_earlier_results(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval-clickme", "--model", "test_resnet", "--sample", "--batch-size", "2", "--max-batches", "1",
+            "--figure-images", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["alignment.png", "scores.csv", "summary.json"]
+    with pytest.raises(SystemExit, match="already holds.*--overwrite"):
+        main(argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces them; without a figure the earlier one goes too (it showed another run)
+    assert main(argv[:-5] + ["--figure-images", "0", "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scores.csv", "summary.json"]
+    with pytest.raises(SystemExit, match="is a file"):
+        main(argv[:-2] + [str(out / "scores.csv"), "--no-progress"])
+
+
+@pytest.mark.parametrize("option", ["--max-batches", "--figure-images"])
+def test_eval_cli_refuses_negative_counts(option, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:  # refused by the argument parser, before any work
+        main(["eval-clickme", "--model", "test_resnet", "--sample", "--out", str(tmp_path / "unused"), option, "-1"])
+    assert info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_eval_cli_scores_an_untrained_model_the_same_every_run(tmp_path):
+    argv = ["eval-clickme", "--model", "test_resnet", "--sample", "--batch-size", "2", "--max-batches", "1",
+            "--figure-images", "0", "--no-progress", "--out"]
+    torch.manual_seed(1)
+    assert main(argv + [str(tmp_path / "a")]) == 0
+    torch.manual_seed(2)  # whatever the caller's RNG state
+    assert main(argv + [str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+
+
+def test_nan_images_and_mismatched_heatmaps_are_refused_in_the_batch_terms():
+    model = tiny_model()
+    images = torch.rand(2, 3, 16, 16) * 255
+    labels = torch.eye(CLASSES)[:2]
+    nan_images = images.clone()
+    nan_images[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`images` \(shape \(2, 3, 16, 16\)\) contains 1 non-finite"):
+        evaluate_clickme(model, clickme_val_dataset=[(nan_images, torch.rand(2, 16, 16), labels)], progress=False)
+    for heatmaps in (torch.rand(2, 8, 16), torch.rand(1, 16, 16)):
+        with pytest.raises(ValueError, match=r"`heatmaps` must have the same shape as `images` \(2, 3, 16, 16\)"):
+            evaluate_clickme(model, clickme_val_dataset=[(images, heatmaps, labels)], progress=False)
+
+
+def test_eval_cli_reads_a_shard_folder(tmp_path):
+    from harmonizer_fast.sample_data import SAMPLE_DIR
+
+    out = tmp_path / "eval"
+    assert main(["eval-clickme", "--model", "test_resnet", "--shards", str(SAMPLE_DIR / "val"), "--batch-size", "5",
+                 "--figure-images", "0", "--out", str(out), "--no-progress"]) == 0  # as in the README
+    assert len((out / "scores.csv").read_text().splitlines()) == 1 + 10

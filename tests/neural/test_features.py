@@ -141,3 +141,17 @@ def test_gram_in_column_blocks_equals_the_float64_product(block_values, monkeypa
     strided = rng.normal(size=(9, 40)).astype(np.float32)[:, ::2]  # a non-contiguous layer view
     np.testing.assert_allclose(gram._gram64(strided), strided.astype(np.float64) @ strided.astype(np.float64).T,
                                rtol=1e-13, atol=1e-13)
+
+
+def test_layer_grams_refuse_no_batches_and_non_finite_values():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match="yielded no batches"):
+        extract_layer_grams(model, [], ["0"], progress=False)
+    images = torch.randn(4, 3, 8, 8)
+    images[2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 1 .*non-finite"):
+        extract_layer_grams(model, [torch.randn(2, 3, 8, 8), images], ["0"], progress=False)
+    huge = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    torch.nn.init.constant_(huge[0].weight, 3e38)  # finite weights, an output that overflows float32
+    with pytest.raises(ValueError, match="layer '0': layer output of images 0..1 holds non-finite"):
+        extract_layer_grams(huge, [torch.ones(2, 3, 8, 8)], ["0"], projection_dim=8, progress=False)

@@ -132,3 +132,9 @@ def test_timm_indices_given_out_of_depth_order_keep_their_own_outputs():
         expected = vit.forward_intermediates(images, indices=[0, 2], intermediates_only=True)
     for index, out in zip([0, 2], expected):
         np.testing.assert_allclose(acts[str(index)].numpy(), out.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_layer_name_is_a_value_error_with_close_names():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"`layers` \['3'\] are not modules of Sequential.*closest names"):
+        extract_activations(model, torch.randn(2, 3, 8, 8), ["0", "3"])

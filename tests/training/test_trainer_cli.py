@@ -1,4 +1,5 @@
 """`harmonizer-fast train` and `eval-clickme` on the bundled sample, and the data streams."""
+import argparse
 import csv
 import json
 
@@ -9,6 +10,7 @@ import torch
 from harmonizer_fast.cli import main
 from harmonizer_fast.sample_data import sample_shards
 from harmonizer_fast.training import checkpoint as ckpt
+from harmonizer_fast.training import train_cli
 from harmonizer_fast.training.data_mix import (
     ImageFolderRecords,
     MixedBatches,
@@ -100,6 +102,11 @@ def test_split_batch_size_and_stream_builder(tmp_path):
         split_batch_size(8, 1.0)
     with pytest.raises(ValueError, match="needs ClickMe records"):
         build_train_stream(None, 4)
+    # one of the two without the other would be silently ignored
+    with pytest.raises(ValueError, match="folder_fraction` 0, so none of their images"):
+        build_train_stream(make_records(n=12), 4, image_folders=[tmp_path / "imgs"])
+    with pytest.raises(ValueError, match="no `image_folders`"):
+        build_train_stream(make_records(n=12), 4, folder_fraction=0.25)
     with pytest.raises(ValueError, match="class index"):
         (tmp_path / "cats").mkdir()
         (tmp_path / "cats" / "a.png").write_bytes(b"")
@@ -118,3 +125,27 @@ def test_shuffled_batches_cover_each_epoch_and_split_over_ranks():
     halves = [next(iter(ShuffledBatches(records, 4, seed=3, rank=r, world_size=2))).images for r in (0, 1)]
     whole = next(iter(ShuffledBatches(records, 4, seed=3))).images
     assert torch.equal(torch.cat(halves), whole)
+
+
+@pytest.mark.parametrize("option", ["--eval-every", "--eval-batches"])
+def test_train_refuses_negative_evaluation_counts(tmp_path, option, capsys):
+    # --eval-batches -1 used to fail in islice only after training, when the evaluation ran
+    with pytest.raises(SystemExit) as info:
+        main(TRAIN_ARGS + ["--steps", "1", "--output-dir", str(tmp_path / "run"), option, "-1"])
+    assert info.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_loss_backend_is_checked_with_the_config_and_every_option_has_help(tmp_path, capsys):
+    from harmonizer_fast.training import TrainerConfig
+
+    with pytest.raises(ValueError, match="`loss_backend` must be one of .*got 'cuda'"):
+        TrainerConfig(loss_backend="cuda")  # was accepted, then failed at the first training step
+    assert TrainerConfig(loss_backend="torch").loss_backend == "torch"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--loss-backend {auto,triton,torch}" in capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    bare = [a.option_strings[0] for a in parser._actions if a.help and a.help.startswith("(default")]
+    assert bare == []  # every option says what it is, not only its default

@@ -127,3 +127,15 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     unrelated.write_text("mine")
     _trainer(tmp_path, steps=2).fit(resume=True)
     assert not stale.exists() and unrelated.exists()
+
+
+def test_resume_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path, capsys):
+    _trainer(tmp_path, steps=2).fit()
+    with pytest.raises(ValueError, match="at step 2, beyond `steps` 1"):
+        _trainer(tmp_path, steps=1).fit(resume=True)  # used to return [] silently
+    assert _trainer(tmp_path, steps=2).fit(resume=True) == []  # complete already: nothing to do
+    out = str(tmp_path / "cli")
+    assert main(TRAIN_ARGS + ["--steps", "1", "--output-dir", out]) == 0
+    capsys.readouterr()
+    assert main(TRAIN_ARGS + ["--steps", "1", "--output-dir", out, "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out

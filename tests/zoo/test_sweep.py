@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import timm
@@ -163,3 +164,31 @@ def test_a_model_that_cannot_take_the_stimulus_size_is_named(tmp_path):
                                          r".*drop `image_size` \(--image-size\)"):
         sweep(["vit_tiny_patch16_224"], ["image-level-sim"], str(tmp_path / "out"),
               benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, batch_size=48, image_size=32, progress=False)
+
+
+def test_a_sweep_with_other_options_says_which_units_its_table_drops(tmp_path):
+    out = str(tmp_path / "out")
+    common = dict(batch_size=48, image_size=32, progress=False, report=False)
+    first = sweep(["resnet10t"], ["image-level-sim"], out, benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL},
+                  **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same sweep again: nothing dropped, no warning
+        assert rows_equal(sweep(["resnet10t"], ["image-level-sim"], out,
+                                benchmark_options={"image-level-sim": TINY_IMAGE_LEVEL}, **common), first)
+    changed = {**TINY_IMAGE_LEVEL, "n_neuroids": 6}
+    with pytest.warns(UserWarning, match=r"holds 1 unit\(s\) that this sweep does not run.*resnet10t__image-level-sim"):
+        second = sweep(["resnet10t"], ["image-level-sim"], out, benchmark_options={"image-level-sim": changed},
+                       **common)
+    assert rows_equal(read_table(os.path.join(out, "results.csv")), second)
+    assert len(os.listdir(os.path.join(out, "parts"))) == 2  # the earlier unit's rows are kept
+
+
+@pytest.mark.parametrize("argv, message", [(["--top1", "lite=abc"], "--top1 takes LABEL=ACC"),
+                                           (["--imagenet-limit", "0"], "--imagenet-limit")])
+def test_demo_sweep_command_refuses_bad_numbers_before_any_work(tmp_path, argv, message, capsys):
+    from harmonizer_fast.zoo.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as info:
+        demo_main([str(tmp_path / "out")] + argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

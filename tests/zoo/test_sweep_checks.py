@@ -211,3 +211,16 @@ def test_missing_lite_package_is_reported_before_work(tmp_path, no_work, monkeyp
     with pytest.raises(ValueError, match=r"efficientnet_lite1: pretrained efficientnet_lite1 weights need"):
         _sweep(tmp_path / "out", models=("efficientnet_lite1",), pretrained=True)
     assert efficientnet_lite.weights_path is not missing
+
+
+def test_an_unreachable_ray_address_fails_at_once_before_any_work(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(sweep_module, "get_benchmark", lambda *a, **k: pytest.fail("built a benchmark first"))
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConnectionError, match=f"no Ray cluster answers at --ray '{address}'"):
+            sweep_module.sweep(["resnet10t"], ["image-level-sim"], str(tmp_path / "out"), ray_address=address,
+                               progress=False)

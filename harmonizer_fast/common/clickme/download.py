@@ -53,8 +53,9 @@ def download_clickme(dest: PathLike, splits: Sequence[str] = ("train", "val"), b
                 pass  # incomplete or corrupt: fetch it again
         url = f"{base_url}/{split}/{split}-{i}.tfrecords"
         # records are checked as they arrive and written through the atomic writer, so
-        # an interrupted or corrupt download never appears under the shard's name
-        with urllib.request.urlopen(url, timeout=60) as response, TFRecordWriter(target) as writer:
+        # an interrupted or corrupt download never appears under the shard's name; a file
+        # still at ``target`` here failed the check above, so replacing it is the point
+        with urllib.request.urlopen(url, timeout=60) as response, TFRecordWriter(target, overwrite=True) as writer:
             for record in iter_records(response, url):
                 writer.write(record)
     return paths

@@ -166,7 +166,8 @@ def encode_clickme_example(image: np.ndarray, heatmap: np.ndarray, label: int, t
     return encode_example(features)
 
 
-def write_clickme_shard(path: PathLike, images, heatmaps, labels, tokens=None, quality: int = 95) -> int:
+def write_clickme_shard(path: PathLike, images, heatmaps, labels, tokens=None, quality: int = 95,
+                        overwrite: bool = False) -> int:
     """Write a ClickMe TFRecord shard (atomically) from uint8 arrays.
 
     Args:
@@ -176,6 +177,8 @@ def write_clickme_shard(path: PathLike, images, heatmaps, labels, tokens=None, q
         labels: (N,) ints in [0, 1000).
         tokens: optional (N,) floats, written as the ``tokens`` feature.
         quality: JPEG quality (PIL).
+        overwrite: replace an existing ``path``; without it an existing file raises
+            ``FileExistsError`` before anything is encoded.
 
     Returns:
         the number of records written.
@@ -201,7 +204,7 @@ def write_clickme_shard(path: PathLike, images, heatmaps, labels, tokens=None, q
         tokens = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens, dtype=np.float64)
         if tokens.shape != (count,):
             raise ValueError(f"`tokens` must have shape ({count},), got {tuple(tokens.shape)}")
-    with TFRecordWriter(path) as writer:
+    with TFRecordWriter(path, overwrite=overwrite) as writer:
         for i in range(count):
             token = None if tokens is None else float(tokens[i])
             writer.write(encode_clickme_example(images[i], heatmaps[i], int(labels[i]), token, quality))

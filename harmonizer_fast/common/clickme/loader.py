@@ -62,6 +62,13 @@ class ClickMeDataset(IterableDataset):
         self._bound_distributed: Optional[Tuple[int, int]] = None
         self.epoch = 0
         self.start_batch = 0
+        if len(self) == 0:  # an epoch without a batch would end every loop at once, silently
+            rank, world_size = self.rank_and_world_size()
+            raise ValueError(
+                f"{len(records)} ClickMe record(s) give no batch of `batch_size` {batch_size}"
+                f"{f' per rank ({world_size} ranks)' if world_size > 1 else ''} with drop_last={self.drop_last}: "
+                "pass a smaller batch_size" + (" or drop_last=False" if self.drop_last and len(records) else "")
+            )
 
     def rank_and_world_size(self) -> Tuple[int, int]:
         """This process's DDP rank and the world size: explicit, else bound, else torch.distributed's."""

@@ -26,35 +26,37 @@ def _natural_key(path: Path) -> Tuple:
 
 def find_clickme_shards(shards_paths_or_dir: Union[PathLike, Sequence[PathLike]],
                         split: Optional[str] = None) -> List[Path]:
-    """Resolve a directory, a single file or a list of files to shard paths.
+    """Resolve a directory, a single file or a list of files and directories to shard paths.
 
     A directory is searched for the ``split``'s names (``train-*.tfrecords`` or the
     reference's cache names ``clickme_train_*``; ``val-*``/``clickme_val_*``; any
-    ``*.tfrecord(s)`` when ``split`` is None), sorted naturally (``train-2`` before ``train-10``).
+    ``*.tfrecord(s)`` when ``split`` is None), sorted naturally (``train-2`` before ``train-10``);
+    in a list, each directory is expanded so, in place (the command-line ``--shards DIR``).
     """
     if split not in SHARD_PATTERNS:
         raise ValueError(f"`split` must be one of {list(SHARD_PATTERNS)}, got {split!r}")
     if isinstance(shards_paths_or_dir, (str, os.PathLike)):
-        root = Path(shards_paths_or_dir).expanduser()
-        if root.is_dir():
-            found = {p for pattern in SHARD_PATTERNS[split] for p in root.glob(pattern) if p.is_file()}
-            found = {p for p in found if not p.name.startswith(".")}  # skip unfinished downloads
-            if not found:
-                raise FileNotFoundError(
-                    f"no ClickMe {split or ''} shards ({' or '.join(SHARD_PATTERNS[split])}) in {root}; "
-                    f"download them with harmonizer_fast.common.download_clickme({str(root)!r}) "
-                    "or pass the shard paths"
-                )
-            return sorted(found, key=_natural_key)
-        paths = [root]
+        paths = [Path(shards_paths_or_dir).expanduser()]
     else:
         paths = [Path(p).expanduser() for p in shards_paths_or_dir]
         if not paths:
             raise ValueError("`shards_paths` is empty: pass a directory or at least one TFRecord file")
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.is_file() and not p.is_dir()]
     if missing:
         raise FileNotFoundError(f"ClickMe shard(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return paths
+    return [shard for p in paths for shard in (_shards_in_directory(p, split) if p.is_dir() else [p])]
+
+
+def _shards_in_directory(root: Path, split: Optional[str]) -> List[Path]:
+    found = {p for pattern in SHARD_PATTERNS[split] for p in root.glob(pattern) if p.is_file()}
+    found = {p for p in found if not p.name.startswith(".")}  # skip unfinished downloads
+    if not found:
+        raise FileNotFoundError(
+            f"no ClickMe {split + ' ' if split else ''}shards ({' or '.join(SHARD_PATTERNS[split])}) in {root}; "
+            f"download them with harmonizer_fast.common.download_clickme({str(root)!r}) "
+            "or pass the shard paths"
+        )
+    return sorted(found, key=_natural_key)
 
 
 
