@@ -20,7 +20,7 @@ from harmonizer_fast.evaluation import (
 )
 from harmonizer_fast.evaluation import metrics as metrics_module
 
-from conftest import load_fixture
+from tests.conftest import load_fixture
 
 VARIANTS = ["", "_quant", "_quantsq"]
 
