@@ -178,6 +178,12 @@ def evaluate_clickme(
         images = preprocess(images.to(device=device, dtype=dtype))
         saliency = _channel_mean(_as_tensor(explainer(images, labels.to(device)), "explanations"), "explanations")
         human = _channel_mean(heatmaps, "heatmaps")
+        if tuple(saliency.shape[-2:]) != tuple(human.shape[-2:]):
+            raise ValueError(
+                f"the explanations are {saliency.shape[-2]} x {saliency.shape[-1]} but the ClickMe maps "
+                f"{human.shape[-2]} x {human.shape[-1]}: `preprocess_inputs` (or the explainer) changed the image "
+                "size; compare at the maps' size (a preprocess that keeps H x W, or an explainer that resizes "
+                "its maps back)")
         for name, values in alignment_metrics(saliency, human).items():
             metrics[name] += values.tolist()
     if not metrics["spearman"]:

@@ -236,3 +236,13 @@ def test_eval_cli_reads_a_shard_folder(tmp_path):
     assert main(["eval-clickme", "--model", "test_resnet", "--shards", str(SAMPLE_DIR / "val"), "--batch-size", "5",
                  "--figure-images", "0", "--out", str(out), "--no-progress"]) == 0  # as in the README
     assert len((out / "scores.csv").read_text().splitlines()) == 1 + 10
+
+
+def test_a_preprocess_that_resizes_is_named_not_a_metric_shape_clash():
+    # e.g. a timm transform resizing 224-px ClickMe images to a 299-px model's input size
+    model = tiny_model()
+    resize = lambda x: nn.functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+    with pytest.raises(ValueError, match=r"explanations are 24 x 24 but the ClickMe maps 12 x 12: `preprocess_inputs`"):
+        evaluate_clickme(model, clickme_val_dataset=synthetic_batches(n_batches=1), preprocess_inputs=resize,
+                         progress=False)
+
