@@ -176,7 +176,14 @@ def evaluate_clickme(
             raise ValueError(f"`heatmaps` must have the same shape as `images` {shape_of(images)} minus the channel "
                              f"axis, (N, H, W), or with any channel count, (N, C, H, W); got {shape_of(heatmaps)}")
         images = preprocess(images.to(device=device, dtype=dtype))
-        saliency = _channel_mean(_as_tensor(explainer(images, labels.to(device)), "explanations"), "explanations")
+        try:
+            explanations = explainer(images, labels.to(device))
+        except (AssertionError, RuntimeError) as err:  # timm asserts its fixed input size, some with no message
+            raise ValueError(
+                f"explaining a batch of images {shape_of(images)} failed: {type(err).__name__}: {str(err) or '(no message)'}; "
+                f"a model built for another input size than the ClickMe maps' {images.shape[-2]} x {images.shape[-1]}? "
+                "(timm: create_model(..., img_size=...) where the architecture allows it)") from err
+        saliency = _channel_mean(_as_tensor(explanations, "explanations"), "explanations")
         human = _channel_mean(heatmaps, "heatmaps")
         if tuple(saliency.shape[-2:]) != tuple(human.shape[-2:]):
             raise ValueError(

@@ -246,3 +246,20 @@ def test_a_preprocess_that_resizes_is_named_not_a_metric_shape_clash():
         evaluate_clickme(model, clickme_val_dataset=synthetic_batches(n_batches=1), preprocess_inputs=resize,
                          progress=False)
 
+
+
+def test_a_model_that_cannot_take_the_maps_size_is_named():
+    # timm's fixed-size models assert their input size (BoTNet's assertion has no message at all)
+    class FixedSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, x):
+            if x.shape[-1] != 256:
+                raise AssertionError()
+            return self.inner(x)
+
+    with pytest.raises(ValueError, match=r"explaining a batch of images \(3, 3, 12, 12\) failed: "
+                                         r"AssertionError: \(no message\); a model built for another input size"):
+        evaluate_clickme(FixedSize(), clickme_val_dataset=synthetic_batches(n_batches=1), progress=False)
