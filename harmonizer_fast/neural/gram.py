@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from harmonizer_fast.neural.ridge import RidgeCV
+from harmonizer_fast.neural.ridge_solvers import sample_gram
 
 __all__ = ["GramPCA", "exact_embedding", "gram_embedding", "gram_ridge_predict", "layer_pca"]
 
@@ -79,34 +80,11 @@ def exact_embedding(features: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
     n, d = x.shape
     if d <= n:
         return x
-    eigval, eigvec = np.linalg.eigh(_gram64(x))
+    eigval, eigvec = np.linalg.eigh(sample_gram(x, None))
     keep = eigval > rtol * max(float(eigval.max()), 0.0)
     if not keep.any():
         return np.zeros((n, 1))
     return eigvec[:, keep] * np.sqrt(eigval[keep])
-
-
-_GRAM_BLOCK_VALUES = 2**25  # float64 values per temporary of _gram64: 256 MiB
-
-
-def _gram64(x: np.ndarray) -> np.ndarray:
-    r"""Symmetric float64 ``x @ x.T`` of float32 rows: :math:`G = \sum_k X_{:,k} X_{:,k}^\top` over
-    blocks of columns, each converted to float64 once into one reused 256 MiB buffer (converting
-    row blocks instead meant converting all of ``x`` again for every block of rows: 38 times for a
-    3,200 x 401,408 layer), and each block's product added in pieces of at most 256 MiB."""
-    n, d = x.shape
-    budget = _GRAM_BLOCK_VALUES
-    width = max(1, min(d, budget // max(n, 1)))
-    rows = max(1, budget // max(n, 1))
-    gram = np.zeros((n, n))
-    block = np.empty((n, width))
-    for start in range(0, d, width):
-        columns = x[:, start:start + width]
-        part = block[:, :columns.shape[1]]
-        np.copyto(part, columns)  # into the buffer: astype of a column slice is ~60x slower
-        for first in range(0, n, rows):
-            gram[first:first + rows] += part[first:first + rows] @ part.T
-    return (gram + gram.T) / 2
 
 
 class GramPCA:
@@ -125,7 +103,7 @@ class GramPCA:
         ref = np.asarray(reference, dtype=np.float32)
         self.mean_ = ref.mean(0, dtype=np.float64)
         centered = ref - self.mean_.astype(np.float32)
-        eigval, eigvec = np.linalg.eigh(_gram64(centered))
+        eigval, eigvec = np.linalg.eigh(sample_gram(centered, None))
         eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
         positive = int(np.sum(eigval > rtol * max(float(eigval[0]), 0.0)))
         k = min(int(n_components), positive)

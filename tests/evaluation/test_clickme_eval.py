@@ -247,7 +247,6 @@ def test_a_preprocess_that_resizes_is_named_not_a_metric_shape_clash():
                          progress=False)
 
 
-
 def test_a_model_that_cannot_take_the_maps_size_is_named():
     # timm's fixed-size models assert their input size (BoTNet's assertion has no message at all)
     class FixedSize(nn.Module):

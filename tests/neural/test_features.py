@@ -125,22 +125,26 @@ def test_exact_embedding_gives_the_same_pls_and_ridge_predictions():
         np.testing.assert_allclose(small, full, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("block_values", [2**25, 64, 37])
-def test_gram_in_column_blocks_equals_the_float64_product(block_values, monkeypatch):
-    # blocks of columns (and rows of each block's product) with partial last blocks in both
-    from harmonizer_fast.neural import gram
+@pytest.mark.parametrize("block", [4096, 7, 3])
+def test_gram_in_column_blocks_equals_the_float64_product(block, monkeypatch):
+    # the Gram of the exact embeddings and of ridge's dual form: blocks of columns converted into
+    # one reused buffer, partial last blocks included
+    from harmonizer_fast.neural import ridge_solvers
 
-    monkeypatch.setattr(gram, "_GRAM_BLOCK_VALUES", block_values)
+    monkeypatch.setattr(ridge_solvers, "_FEATURE_BLOCK", block)
     rng = np.random.default_rng(2)
     for shape in ((13, 50), (6, 7), (1, 9)):
         x = rng.normal(size=shape).astype(np.float32)
         x64 = x.astype(np.float64)
-        got = gram._gram64(x)
+        got = ridge_solvers.sample_gram(x, None)
         np.testing.assert_allclose(got, x64 @ x64.T, rtol=1e-13, atol=1e-13)
         np.testing.assert_array_equal(got, got.T)
+        mean = x64.mean(axis=0)
+        np.testing.assert_allclose(ridge_solvers.sample_gram(x, mean), (x64 - mean) @ (x64 - mean).T,
+                                   rtol=1e-13, atol=1e-13)
     strided = rng.normal(size=(9, 40)).astype(np.float32)[:, ::2]  # a non-contiguous layer view
-    np.testing.assert_allclose(gram._gram64(strided), strided.astype(np.float64) @ strided.astype(np.float64).T,
-                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(ridge_solvers.sample_gram(strided, None),
+                               strided.astype(np.float64) @ strided.astype(np.float64).T, rtol=1e-13, atol=1e-13)
 
 
 def test_layer_grams_refuse_no_batches_and_non_finite_values():
