@@ -14,6 +14,7 @@ void register_ridge(py::module_& m);
 void register_pls(py::module_& m);
 void register_layer_norm(py::module_& m);
 void register_gelu(py::module_& m);
+void register_attention(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
@@ -31,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   register_pls(m);
   register_layer_norm(m);
   register_gelu(m);
+  register_attention(m);
 }

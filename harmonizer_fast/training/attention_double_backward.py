@@ -39,6 +39,13 @@ in the generic graph. 18 batched products per layer and step, as natively; ~10 p
 the :math:`P`-sized tensors instead of ~20, and fewer of them saved (:math:`P`, :math:`E`;
 natively :math:`P`, :math:`dP`, :math:`dS`).
 
+On the CPU (float32, float64) the three derivative steps (the saliency pass, its backward and
+the training backward) run in C++ (``csrc/attention_second_order.cpp``), one (batch x head)
+slice per thread at a time, so that the slice's :math:`P`-sized blocks stay in the core's cache
+between its products (torch runs each product over all slices, and the blocks go to memory in
+between); the products are the GEMMs of torch's own BLAS (:func:`_slice_kernels`). The torch
+formulas below are the specification and run everywhere else.
+
 Route (used by the mode in :mod:`.double_backward`): ``F.scaled_dot_product_attention`` (no
 dropout, no grouped-query broadcasting; masks, biases, ``is_causal``, ``scale``; under
 autocast in the autocast dtype, as natively); other calls run natively. Third-order
@@ -47,13 +54,16 @@ derivatives are not supported.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from harmonizer_fast._ext import _C
 from harmonizer_fast.training._second_order import autocast_dtype, bind, needs_grad, row_dot, will_be_used
 from harmonizer_fast.training.activation_double_backward import (  # re-exported: their former home
     GeluFunction,
@@ -89,6 +99,81 @@ def _as_batched(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
+_BLAS_STATE: dict = {}
+
+
+def _find_blas() -> bool:
+    """Hands the Fortran ``sgemm_``/``dgemm_`` of the BLAS torch runs on (MKL inside
+    ``libtorch_cpu``) to the C++ kernels, once, and checks them on a small product against
+    torch; False (the torch formulas are used) where they are not found or disagree."""
+    if "ok" in _BLAS_STATE:
+        return _BLAS_STATE["ok"]
+    _BLAS_STATE["ok"] = False
+    if _C is None or not hasattr(_C, "attention_set_blas"):
+        return False
+    addresses = None
+    for path in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), None):
+        try:
+            lib = ctypes.CDLL(path)
+            addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in ("sgemm_", "dgemm_")]
+            break
+        except (OSError, AttributeError):
+            continue
+    if addresses is None:
+        return False
+    _C.attention_set_blas(*addresses)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, g = (torch.randn(2, 5, 3, generator=gen, dtype=dtype) for _ in range(4))
+        probs, grad_p = (torch.softmax(torch.randn(2, 5, 5, generator=gen, dtype=dtype), -1) for _ in range(2))
+        got = _slice_backward(g, grad_p, q, k, v, probs, 0.5, True, True, True, True)
+        t = softmax_vjp(torch.bmm(g, v.transpose(1, 2)).add_(grad_p), probs)
+        expected = (0.5 * torch.bmm(t, k), 0.5 * torch.bmm(t.transpose(1, 2), q), torch.bmm(probs.transpose(1, 2), g), t)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        if not all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(got, expected)):
+            _C.attention_set_blas(0, 0)
+            return False
+    _BLAS_STATE["ok"] = True
+    return True
+
+
+_SLICE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _slice_kernels(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """The C++ kernels' dtype suffix when they apply to these tensors (CPU, float32/float64, one
+    dtype, contiguous; None entries are skipped), else None."""
+    present = [t for t in tensors if t is not None]
+    if _C is None:
+        return None
+    dtype = present[0].dtype
+    if dtype not in _SLICE_SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
+                                         for t in present):
+        return None
+    if present[0].numel() == 0 or not (_BLAS_STATE.get("ok") or _find_blas()):
+        return None
+    return _SLICE_SUFFIX[dtype]
+
+
+def _numpy(t: Optional[torch.Tensor]):
+    return None if t is None else t.detach().numpy()
+
+
+def _slice_backward(g, grad_p, q, k, v, probs, scale: float, need_q: bool, need_k: bool, need_v: bool,
+                    need_t: bool):
+    """:meth:`AttentionFunction.backward`'s training branch in C++ (3-D contiguous operands):
+    ``(grad_q, grad_k, grad_v, T)`` with None where not wanted."""
+    suffix = _SLICE_SUFFIX[q.dtype]
+    out_q = torch.empty_like(q) if need_q else None
+    out_k = torch.empty_like(k) if need_k else None
+    out_v = torch.empty_like(v) if need_v and g is not None else None
+    out_t = torch.empty_like(probs) if need_t else None
+    getattr(_C, "attention_backward_" + suffix)(
+        _numpy(g), _numpy(grad_p), _numpy(q), _numpy(k), _numpy(v), _numpy(probs), scale, _numpy(out_q),
+        _numpy(out_k), _numpy(out_v), _numpy(out_t), torch.get_num_threads())
+    return out_q, out_k, out_v, out_t
+
+
 class _AttentionInputGrad(torch.autograd.Function):
     r"""The attention input gradient :math:`(dQ, dK, dV)` (and :math:`dS` when the bias gradient
     is needed) with the closed-form backward of the module docstring."""
@@ -96,11 +181,19 @@ class _AttentionInputGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_out, q, k, v, out, probs, scale: float, need_scores: bool):
         g, q3, k3, v3, o3 = (_as_batched(t) for t in (grad_out, q, k, v, out))
-        grad_v = torch.bmm(probs.transpose(1, 2), g)
-        e = torch.bmm(g, v3.transpose(1, 2)).sub_(row_dot(g, o3))  # E = dP - <G, O>
-        grad_s = probs * e
-        grad_q = _bmm(grad_s, k3, scale)
-        grad_k = _bmm(grad_s.transpose(1, 2), q3, scale)
+        suffix = _slice_kernels(g, q3, k3, v3, o3, probs)
+        if suffix is not None:
+            grad_q, grad_k, grad_v, e = (torch.empty_like(t) for t in (q3, k3, v3, probs))
+            grad_s = torch.empty_like(probs) if need_scores else None
+            getattr(_C, "attention_input_grad_" + suffix)(
+                *(_numpy(t) for t in (g, q3, k3, v3, o3, probs)), scale,
+                *(_numpy(t) for t in (grad_q, grad_k, grad_v, e, grad_s)), torch.get_num_threads())
+        else:
+            grad_v = torch.bmm(probs.transpose(1, 2), g)
+            e = torch.bmm(g, v3.transpose(1, 2)).sub_(row_dot(g, o3))  # E = dP - <G, O>
+            grad_s = probs * e
+            grad_q = _bmm(grad_s, k3, scale)
+            grad_k = _bmm(grad_s.transpose(1, 2), q3, scale)
         ctx.save_for_backward(g, q3, k3, v3, probs, e)
         ctx.scale = scale
         ctx.shapes = (q.shape, k.shape, v.shape)
@@ -114,6 +207,20 @@ class _AttentionInputGrad(torch.autograd.Function):
         s = ctx.scale
         q_shape, k_shape, v_shape = ctx.shapes
         up_q, up_k, up_v = (None if t is None else _as_batched(t.contiguous()) for t in (up_q, up_k, up_v))
+        up_s = None if up_s is None else up_s.contiguous()
+        suffix = _slice_kernels(g, q, k, v, probs, e, up_q, up_k, up_v, up_s)
+        if suffix is not None:
+            has_w = up_q is not None or up_k is not None or up_s is not None
+            empty = lambda like, wanted: torch.empty_like(like) if wanted else None
+            gg_out, gg_v = empty(g, has_w or up_v is not None), empty(v, has_w)
+            gg_q, gg_k = empty(q, up_k is not None), empty(k, up_q is not None)
+            gg_probs = empty(probs, has_w or up_v is not None)
+            getattr(_C, "attention_input_grad_backward_" + suffix)(
+                *(_numpy(t) for t in (g, q, k, v, probs, e, up_q, up_k, up_v, up_s)), s,
+                *(_numpy(t) for t in (gg_out, gg_q, gg_k, gg_v, gg_probs)), torch.get_num_threads())
+            return (None if gg_out is None else gg_out.view(q_shape[:-1] + (v_shape[-1],)),
+                    None if gg_q is None else gg_q.view(q_shape), None if gg_k is None else gg_k.view(k_shape),
+                    None if gg_v is None else gg_v.view(v_shape), None, gg_probs, None, None)
         gg_out = gg_q = gg_k = gg_v = gg_probs = None
         w = None  # W = s (U_Q K^T + Q U_K^T) + U_S
         if up_q is not None:
@@ -194,10 +301,18 @@ class AttentionFunction(torch.autograd.Function):
         q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
         g = None if grad_out is None else _as_batched(grad_out.contiguous())
         grad_p = grad_probs
+        if g is None and grad_p is None:
+            return None, None, None, None, None, None
+        if grad_p is not None:
+            grad_p = grad_p.contiguous()
+        if _slice_kernels(g, grad_p, q3, k3, v3, probs) is not None:
+            grad_q, grad_k, grad_v, t = _slice_backward(g, grad_p, q3, k3, v3, probs, scale, need_q, need_k,
+                                                        need_v, need_bias)
+            view = lambda x, shape: None if x is None else x.view(shape)
+            grad_bias = None if t is None else t.view(q.shape[:-1] + (k.shape[-2],)).sum_to_size(ctx.bias_shape)
+            return view(grad_q, q.shape), view(grad_k, k.shape), view(grad_v, v.shape), grad_bias, None, None
         if g is not None:
             grad_p = _bmm(g, v3.transpose(1, 2), add=grad_p)
-        if grad_p is None:
-            return None, None, None, None, None, None
         t = softmax_vjp(grad_p, probs)
         grad_q = _bmm(t, k3, scale).view(q.shape) if need_q else None
         grad_k = _bmm(t.transpose(1, 2), q3, scale).view(k.shape) if need_k else None

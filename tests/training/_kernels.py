@@ -11,7 +11,8 @@ KERNEL_PATHS = ["fused kernel", "torch ops"]
 
 
 class CountingExtension:
-    """Stands in for ``harmonizer_fast._C`` and counts the calls of the functions named ``prefix*``."""
+    """Stands in for ``harmonizer_fast._C`` and counts the calls of the functions named ``prefix*``
+    (``prefix``: a string or a tuple of them)."""
 
     def __init__(self, real, prefix: str):
         self.real, self.prefix, self.calls = real, prefix, 0
@@ -28,7 +29,7 @@ class CountingExtension:
         return counted
 
 
-def kernel_path(path: str, monkeypatch, module: ModuleType, prefix: str) -> Optional[CountingExtension]:
+def kernel_path(path: str, monkeypatch, module: ModuleType, prefix) -> Optional[CountingExtension]:
     """Set ``module._C`` for ``path`` (one of :data:`KERNEL_PATHS`); the counter, or None for torch."""
     if path == "torch ops":
         monkeypatch.setattr(module, "_C", None)

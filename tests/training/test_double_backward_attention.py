@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harmonizer_fast.training import activation_double_backward
+from harmonizer_fast.training import activation_double_backward, attention_double_backward
 from harmonizer_fast.training.attention_double_backward import (
     gelu_fast_double_backward,
     scaled_dot_product_attention_fast_double_backward,
@@ -81,8 +81,11 @@ def _attention_inputs(case, seed):
     return q, k, v, mask
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
-def test_attention_second_order_matches_native(name):
+def test_attention_second_order_matches_native(name, path, monkeypatch):
+    attention_double_backward._find_blas()  # its one-time self-check calls the kernels too
+    counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_input_grad", "attention_backward"))
     case = ATTENTION_CASES[name]
     is_causal, scale = case[6], case[7]
     q, k, v, mask = _attention_inputs(case, seed=len(name))
@@ -96,6 +99,8 @@ def test_attention_second_order_matches_native(name):
     expected = _second_order(call(_native_sdpa), inputs, first=[q])
     actual = _second_order(call(scaled_dot_product_attention_fast_double_backward), inputs, first=[q])
     _assert_all_close(actual, expected)
+    if counter is not None and DEVICE.type == "cpu":
+        assert counter.calls == 6  # each run: the saliency pass, its backward, the training backward
 
 
 @pytest.mark.parametrize("dim", [-1, 1])
@@ -294,3 +299,45 @@ def test_timm_vit_matches_native_gradients(fused_attn):
     for a, e in zip(fast, grads(False)):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
     assert routed  # the block ran under the mode
+
+
+def test_attention_slice_kernels_float32_vit_shape(monkeypatch):
+    # a ViT layer's attention in float32 (8 heads of 197 tokens: both threads' worth of slices),
+    # through the C++ slice kernels and through the torch formulas
+    if attention_double_backward._C is None or DEVICE.type != "cpu":
+        pytest.skip("the C++ slice kernels run on the CPU with the extension")
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 4, 197, 64, generator=gen).requires_grad_(True) for _ in range(3))
+
+    def run(path):
+        counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_input_grad", "attention_backward"))
+        result = _second_order(lambda q, k, v: scaled_dot_product_attention_fast_double_backward(q, k, v), (q, k, v))
+        monkeypatch.undo()
+        return result, counter
+
+    attention_double_backward._find_blas()
+    (fast, counter), (torch_ops, _) = run("fused kernel"), run("torch ops")
+    assert counter.calls == 3
+    for a, e in zip(fast[1] + fast[2], torch_ops[1] + torch_ops[2]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
+def test_attention_without_a_usable_blas_runs_the_torch_formulas(monkeypatch):
+    # no sgemm_/dgemm_ to be found (a torch built on another BLAS): the torch formulas, same numbers
+    def no_library(path):
+        raise OSError(f"{path}: not found")
+
+    monkeypatch.setattr(attention_double_backward, "_BLAS_STATE", {})
+    monkeypatch.setattr(attention_double_backward.ctypes, "CDLL", no_library)
+    assert attention_double_backward._find_blas() is False
+    assert attention_double_backward._slice_kernels(torch.ones(2, 2, 2)) is None
+    test_attention_second_order_matches_native("plain", "torch ops", monkeypatch)
+
+
+def test_attention_slice_kernels_name_a_bad_argument():
+    if attention_double_backward._C is None or not attention_double_backward._find_blas():
+        pytest.skip("the C++ slice kernels are not available")
+    q = torch.zeros(2, 5, 3).numpy()
+    with pytest.raises(ValueError, match="`v` must be \\(2, 5, 3\\)"):
+        attention_double_backward._C.attention_backward_f32(q, None, q, q, torch.zeros(2, 4, 3).numpy(), torch.zeros(2, 5, 5).numpy(),
+                                                            1.0, None, None, None, None, 1)

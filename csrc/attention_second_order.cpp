@@ -1,0 +1,308 @@
+// Attention's first and second derivatives, one (batch x head) slice at a time
+// (harmonizer_fast.training.attention_double_backward; the math is in its docstring).
+//
+// For P = softmax(S) (L x S), O = P V and an output gradient G, three steps of a harmonized
+// step run here:
+//   input_grad:           dV = P^T G, E = G V^T - <G, O>, dS = P * E, dQ = s dS K, dK = s dS^T Q
+//   input_grad_backward:  W = s (U_Q K^T + Q U_K^T) + U_S, W_c = W - <W, P>, Z = P * W_c,
+//                         G' = Z V + P U_V, V' = Z^T G, Q' = s dS U_K, K' = s dS^T U_Q,
+//                         P' = G U_V^T + W_c * E
+//   backward:             T = P * (D - <D, P>), D = G V^T + grad_P,
+//                         dQ = s T K, dK = s T^T Q, dV = P^T G
+// Torch runs each product over all slices at once, so the (L x S)-sized temporaries (W, Z, dS,
+// ...: 24 slices of 197 x 197 are 3.7 MB per ViT-Tiny layer) go to memory between products. Here
+// each thread takes whole slices and runs all products of a slice (single-threaded GEMMs) while
+// its L x S blocks stay in the core's L2 cache; only P, E and the small operands are read.
+//
+// The GEMMs are the BLAS torch itself uses (MKL's Fortran sgemm_/dgemm_ in libtorch_cpu), found
+// by the Python side and handed over once with set_blas(); without them the Python side keeps
+// the torch formulas. All arrays are C-contiguous (slices, rows, cols) of one float dtype.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef HF_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                             const int*, const T*, const int*, const T*, T*, const int*);
+
+FortranGemm<float> g_sgemm = nullptr;
+FortranGemm<double> g_dgemm = nullptr;
+
+template <typename T>
+FortranGemm<T> blas();
+template <>
+FortranGemm<float> blas<float>() { return g_sgemm; }
+template <>
+FortranGemm<double> blas<double>() { return g_dgemm; }
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C, A with leading dimension lda, etc.: the
+// column-major call computing C^T = op(B)^T op(A)^T.
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+                 T beta, T* c, int ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  blas<T>()(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+template <typename T>
+using Arr = py::array_t<T, py::array::c_style>;
+
+struct Dims {
+  int64_t slices;
+  int l, s, e, ev;
+};
+
+template <typename T>
+const T* in(const Arr<T>& a, int64_t slices, int64_t rows, int64_t cols, const char* fn, const char* name) {
+  if (a.ndim() != 3 || a.shape(0) != slices || a.shape(1) != rows || a.shape(2) != cols)
+    throw std::invalid_argument(std::string(fn) + ": `" + name + "` must be (" + std::to_string(slices) + ", " +
+                                std::to_string(rows) + ", " + std::to_string(cols) + ")");
+  return a.data();
+}
+
+// An optional array: None -> nullptr; outputs must be exact (a converted copy would lose them).
+template <typename T>
+T* opt(py::object o, int64_t slices, int64_t rows, int64_t cols, const char* fn, const char* name) {
+  if (o.is_none()) return nullptr;
+  if (!Arr<T>::check_(o))
+    throw std::invalid_argument(std::string(fn) + ": `" + name + "` must be a C-contiguous array of the inputs' dtype");
+  auto a = o.cast<Arr<T>>();
+  in<T>(a, slices, rows, cols, fn, name);
+  return const_cast<T*>(a.data());
+}
+
+template <typename T>
+Dims check(const Arr<T>& q, const Arr<T>& k, const Arr<T>& v, const char* fn) {
+  if (blas<T>() == nullptr) throw std::runtime_error(std::string(fn) + ": no BLAS set (set_blas)");
+  if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
+    throw std::invalid_argument(std::string(fn) + ": q, k, v must be (slices, rows, cols)");
+  Dims d{q.shape(0), int(q.shape(1)), int(k.shape(1)), int(q.shape(2)), int(v.shape(2))};
+  in<T>(k, d.slices, d.s, d.e, fn, "k");
+  in<T>(v, d.slices, d.s, d.ev, fn, "v");
+  return d;
+}
+
+// Runs body(slice, scratch) over the slices, `threads` threads, each with its own scratch of
+// `scratch_values` values. Inside a parallel region of two or more threads MKL runs each GEMM on
+// the calling thread; with one thread there is no region, so that MKL keeps its own threads (a
+// one-thread region made it start nested teams per call: ~10x slower).
+template <typename T, typename Body>
+void for_slices(int64_t slices, int threads, size_t scratch_values, Body&& body) {
+  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, slices)));
+  py::gil_scoped_release release;
+#ifdef HF_HAVE_OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<T> scratch(scratch_values);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < slices; ++b) body(b, scratch.data());
+    }
+    return;
+  }
+#endif
+  std::vector<T> scratch(scratch_values);
+  for (int64_t b = 0; b < slices; ++b) body(b, scratch.data());
+}
+
+template <typename T>
+void input_grad(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, double scale, py::object out_q,
+                py::object out_k, py::object out_v, py::object out_e, py::object out_s, int threads) {
+  const char* fn = "attention_input_grad";
+  const Dims d = check<T>(q, k, v, fn);
+  const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
+  const T *pg = in<T>(g, d.slices, L, Ev, fn, "g"), *pq = q.data(), *pk = k.data(), *pv = v.data();
+  const T *po = in<T>(o, d.slices, L, Ev, fn, "o"), *pp = in<T>(p, d.slices, L, S, fn, "p");
+  T* oq = opt<T>(out_q, d.slices, L, E, fn, "out_q");
+  T* ok = opt<T>(out_k, d.slices, S, E, fn, "out_k");
+  T* ov = opt<T>(out_v, d.slices, S, Ev, fn, "out_v");
+  T* oe = opt<T>(out_e, d.slices, L, S, fn, "out_e");
+  T* os = opt<T>(out_s, d.slices, L, S, fn, "out_s");
+  if (!oq || !ok || !ov || !oe) throw std::invalid_argument(std::string(fn) + ": out_q, out_k, out_v, out_e are needed");
+  const T s = T(scale);
+  for_slices<T>(d.slices, threads, os ? 0 : size_t(L) * S, [&](int64_t b, T* scratch) {
+    const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
+    const T *O = po + b * L * Ev, *P = pp + b * L * S;
+    T *Ep = oe + b * L * S, *dS = os ? os + b * L * S : scratch;
+    gemm<T>(true, false, S, Ev, L, 1, P, S, G, Ev, 0, ov + b * S * Ev, Ev);  // dV = P^T G
+    gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, 0, Ep, S);                // dP = G V^T
+    for (int i = 0; i < L; ++i) {
+      const T c = dot(G + i * Ev, O + i * Ev, Ev);
+      T *er = Ep + i * S, *sr = dS + i * S;
+      const T* pr = P + i * S;
+#pragma omp simd
+      for (int j = 0; j < S; ++j) {
+        er[j] -= c;
+        sr[j] = pr[j] * er[j];
+      }
+    }
+    gemm<T>(false, false, L, E, S, s, dS, S, K, E, 0, oq + b * L * E, E);  // dQ = s dS K
+    gemm<T>(true, false, S, E, L, s, dS, S, Q, E, 0, ok + b * S * E, E);   // dK = s dS^T Q
+  });
+}
+
+template <typename T>
+void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, Arr<T> e, py::object up_q,
+                         py::object up_k, py::object up_v, py::object up_s, double scale, py::object out_g,
+                         py::object out_q, py::object out_k, py::object out_v, py::object out_p, int threads) {
+  const char* fn = "attention_input_grad_backward";
+  const Dims d = check<T>(q, k, v, fn);
+  const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
+  const int64_t n = d.slices;
+  const T *pg = in<T>(g, n, L, Ev, fn, "g"), *pq = q.data(), *pk = k.data(), *pv = v.data();
+  const T *pp = in<T>(p, n, L, S, fn, "p"), *pe = in<T>(e, n, L, S, fn, "e");
+  const T* uq = opt<T>(up_q, n, L, E, fn, "up_q");
+  const T* uk = opt<T>(up_k, n, S, E, fn, "up_k");
+  const T* uv = opt<T>(up_v, n, S, Ev, fn, "up_v");
+  const T* us = opt<T>(up_s, n, L, S, fn, "up_s");
+  T* og = opt<T>(out_g, n, L, Ev, fn, "out_g");
+  T* oq = opt<T>(out_q, n, L, E, fn, "out_q");
+  T* ok = opt<T>(out_k, n, S, E, fn, "out_k");
+  T* ov = opt<T>(out_v, n, S, Ev, fn, "out_v");
+  T* op = opt<T>(out_p, n, L, S, fn, "out_p");
+  const bool has_w = uq || uk || us;
+  if (has_w && !(og && ov && op)) throw std::invalid_argument(std::string(fn) + ": U_Q, U_K or U_S needs out_g, out_v, out_p");
+  if (uv && !(og && op)) throw std::invalid_argument(std::string(fn) + ": U_V needs out_g and out_p");
+  if ((uk && !oq) || (uq && !ok)) throw std::invalid_argument(std::string(fn) + ": U_K needs out_q, U_Q out_k");
+  const T s = T(scale);
+  const size_t block = size_t(L) * S;
+  for_slices<T>(n, threads, 2 * block, [&](int64_t b, T* scratch) {
+    const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
+    const T *P = pp + b * L * S, *Ep = pe + b * L * S;
+    const T *UQ = uq ? uq + b * L * E : nullptr, *UK = uk ? uk + b * S * E : nullptr;
+    const T *UV = uv ? uv + b * S * Ev : nullptr, *US = us ? us + b * L * S : nullptr;
+    T *W = scratch, *dS = scratch + block;
+    T* Pbar = op ? op + b * L * S : nullptr;
+    T* Gbar = og ? og + b * L * Ev : nullptr;
+    if (has_w) {
+      T beta = 0;
+      if (US) {
+        std::copy(US, US + block, W);
+        beta = 1;
+      }
+      if (UQ) { gemm<T>(false, true, L, S, E, s, UQ, E, K, E, beta, W, S); beta = 1; }  // s U_Q K^T
+      if (UK) gemm<T>(false, true, L, S, E, s, Q, E, UK, E, beta, W, S);               // + s Q U_K^T
+      for (int i = 0; i < L; ++i) {  // W_c = W - <W, P>; P' = W_c E; Z = P W_c (into W)
+        T* wr = W + i * S;
+        const T *pr = P + i * S, *er = Ep + i * S;
+        T* qr = Pbar + i * S;
+        const T c = dot<T>(wr, pr, S);
+#pragma omp simd
+        for (int j = 0; j < S; ++j) {
+          const T wc = wr[j] - c;
+          qr[j] = wc * er[j];
+          wr[j] = pr[j] * wc;
+        }
+      }
+      gemm<T>(false, false, L, Ev, S, 1, W, S, V, Ev, 0, Gbar, Ev);                // G' = Z V
+      gemm<T>(true, false, S, Ev, L, 1, W, S, G, Ev, 0, ov + b * S * Ev, Ev);      // V' = Z^T G
+    } else if (ov) {
+      std::fill(ov + b * S * Ev, ov + (b + 1) * S * Ev, T(0));
+    }
+    if (UV) {
+      gemm<T>(false, false, L, Ev, S, 1, P, S, UV, Ev, has_w ? 1 : 0, Gbar, Ev);   // G' += P U_V
+      gemm<T>(false, true, L, S, Ev, 1, G, Ev, UV, Ev, has_w ? 1 : 0, Pbar, S);    // P' += G U_V^T
+    } else if (!has_w) {
+      if (Gbar) std::fill(Gbar, Gbar + size_t(L) * Ev, T(0));
+      if (Pbar) std::fill(Pbar, Pbar + block, T(0));
+    }
+    if (UQ || UK) {
+      for (size_t j = 0; j < block; ++j) dS[j] = P[j] * Ep[j];
+      if (UK) gemm<T>(false, false, L, E, S, s, dS, S, UK, E, 0, oq + b * L * E, E);  // Q' = s dS U_K
+      if (UQ) gemm<T>(true, false, S, E, L, s, dS, S, UQ, E, 0, ok + b * S * E, E);   // K' = s dS^T U_Q
+    }
+    if (oq && !UK) std::fill(oq + b * L * E, oq + (b + 1) * L * E, T(0));
+    if (ok && !UQ) std::fill(ok + b * S * E, ok + (b + 1) * S * E, T(0));
+  });
+}
+
+template <typename T>
+void backward(py::object g, py::object grad_p, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, double scale,
+              py::object out_q, py::object out_k, py::object out_v, py::object out_t, int threads) {
+  const char* fn = "attention_backward";
+  const Dims d = check<T>(q, k, v, fn);
+  const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
+  const int64_t n = d.slices;
+  const T *pq = q.data(), *pk = k.data(), *pv = v.data(), *pp = in<T>(p, n, L, S, fn, "p");
+  const T* pg = opt<T>(g, n, L, Ev, fn, "g");
+  const T* pgp = opt<T>(grad_p, n, L, S, fn, "grad_p");
+  T* oq = opt<T>(out_q, n, L, E, fn, "out_q");
+  T* ok = opt<T>(out_k, n, S, E, fn, "out_k");
+  T* ov = opt<T>(out_v, n, S, Ev, fn, "out_v");
+  T* ot = opt<T>(out_t, n, L, S, fn, "out_t");
+  if (!pg && !pgp) throw std::invalid_argument(std::string(fn) + ": needs g or grad_p");
+  if (ov && !pg) throw std::invalid_argument(std::string(fn) + ": out_v needs g");
+  const T s = T(scale);
+  const size_t block = size_t(L) * S;
+  for_slices<T>(n, threads, ot ? 0 : block, [&](int64_t b, T* scratch) {
+    const T *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev, *P = pp + b * L * S;
+    const T* G = pg ? pg + b * L * Ev : nullptr;
+    T* Tm = ot ? ot + b * L * S : scratch;
+    if (pgp) std::copy(pgp + b * L * S, pgp + (b + 1) * L * S, Tm);
+    if (G) gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, pgp ? 1 : 0, Tm, S);  // D = G V^T + grad_P
+    for (int i = 0; i < L; ++i) {  // T = P (D - <D, P>)
+      T* tr = Tm + i * S;
+      const T* pr = P + i * S;
+      const T c = dot<T>(tr, pr, S);
+#pragma omp simd
+      for (int j = 0; j < S; ++j) tr[j] = pr[j] * (tr[j] - c);
+    }
+    if (oq) gemm<T>(false, false, L, E, S, s, Tm, S, K, E, 0, oq + b * L * E, E);  // dQ = s T K
+    if (ok) gemm<T>(true, false, S, E, L, s, Tm, S, Q, E, 0, ok + b * S * E, E);   // dK = s T^T Q
+    if (ov) gemm<T>(true, false, S, Ev, L, 1, P, S, G, Ev, 0, ov + b * S * Ev, Ev);  // dV = P^T G
+  });
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  m.def(
+      "attention_set_blas",
+      [](uintptr_t sgemm, uintptr_t dgemm) {
+        g_sgemm = reinterpret_cast<FortranGemm<float>>(sgemm);
+        g_dgemm = reinterpret_cast<FortranGemm<double>>(dgemm);
+      },
+      py::arg("sgemm"), py::arg("dgemm"),
+      "Sets the Fortran sgemm_/dgemm_ (LP64) used by the attention kernels (addresses; 0: none).");
+  const char* doc_ig =
+      "Attention input gradient per slice: writes dQ, dK, dV, E = G V^T - <G, O> and (out_s not None) dS.";
+  const char* doc_igb =
+      "Backward of the attention input gradient per slice for upstreams U_Q, U_K, U_V, U_S (None: zero): "
+      "writes G', Q', K', V', P' (module comment of csrc/attention_second_order.cpp).";
+  const char* doc_b = "Attention backward per slice from G and/or grad_P: writes dQ, dK, dV and (out_t) T.";
+#define HF_ATTN_DEFS(SUFFIX, T)                                                                                  \
+  m.def("attention_input_grad_" SUFFIX, &input_grad<T>, py::arg("g"), py::arg("q"), py::arg("k"), py::arg("v"), \
+        py::arg("o"), py::arg("p"), py::arg("scale"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"),      \
+        py::arg("out_e"), py::arg("out_s"), py::arg("num_threads"), doc_ig);                                     \
+  m.def("attention_input_grad_backward_" SUFFIX, &input_grad_backward<T>, py::arg("g"), py::arg("q"),             \
+        py::arg("k"), py::arg("v"), py::arg("p"), py::arg("e"), py::arg("up_q"), py::arg("up_k"), py::arg("up_v"), \
+        py::arg("up_s"), py::arg("scale"), py::arg("out_g"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"), \
+        py::arg("out_p"), py::arg("num_threads"), doc_igb);                                                      \
+  m.def("attention_backward_" SUFFIX, &backward<T>, py::arg("g"), py::arg("grad_p"), py::arg("q"), py::arg("k"), \
+        py::arg("v"), py::arg("p"), py::arg("scale"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"),      \
+        py::arg("out_t"), py::arg("num_threads"), doc_b);
+  HF_ATTN_DEFS("f32", float)
+  HF_ATTN_DEFS("f64", double)
+#undef HF_ATTN_DEFS
+}
