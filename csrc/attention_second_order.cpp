@@ -1,10 +1,14 @@
 // Attention's first and second derivatives, one (batch x head) slice at a time
 // (harmonizer_fast.training.attention_double_backward; the math is in its docstring).
 //
-// For P = softmax(S) (L x S), O = P V and an output gradient G, three steps of a harmonized
-// step run here:
+// For P = softmax(S) (L x S), S = s Q K^T + B, O = P V and an output gradient G, four steps of
+// a harmonized step run here:
+//   forward:              P = softmax(s Q K^T + B), O = P V
 //   input_grad:           dV = P^T G, E = G V^T - <G, O>, dS = P * E, dQ = s dS K, dK = s dS^T Q
-//   input_grad_backward:  W = s (U_Q K^T + Q U_K^T) + U_S, W_c = W - <W, P>, Z = P * W_c,
+//   input_grad_backward:  E as above (recomputed: one product of the slice in cache is cheaper
+//                         than a P-sized tensor kept from the saliency pass, whose fresh pages
+//                         alone cost ~2.4 ms per ViT-Tiny layer on this VM),
+//                         W = s (U_Q K^T + Q U_K^T) + U_S, W_c = W - <W, P>, Z = P * W_c,
 //                         G' = Z V + P U_V, V' = Z^T G, Q' = s dS U_K, K' = s dS^T U_Q,
 //                         P' = G U_V^T + W_c * E
 //   backward:             T = P * (D - <D, P>), D = G V^T + grad_P,
@@ -21,10 +25,17 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+// the softmax's exp vectorizes only when operations may be assumed not to trap (exp_nonpositive.h)
+#pragma GCC optimize("no-trapping-math")
+#include "exp_nonpositive.h"
 
 #ifdef HF_HAVE_OPENMP
 #include <omp.h>
@@ -63,6 +74,24 @@ inline T dot(const T* a, const T* b, int n) {
 #pragma omp simd reduction(+ : acc)
   for (int j = 0; j < n; ++j) acc += a[j] * b[j];
   return acc;
+}
+
+// E = G V^T - <G, O> (rows of the slice) into `out`; with `times_p`, dS = P * E instead.
+template <typename T>
+inline void scores_grad(const T* G, const T* V, const T* O, const T* P, int L, int S, int Ev, T* out, bool times_p) {
+  gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, 0, out, S);  // dP = G V^T
+  for (int i = 0; i < L; ++i) {
+    const T c = dot(G + i * Ev, O + i * Ev, Ev);
+    T* er = out + i * S;
+    const T* pr = P + i * S;
+    if (times_p) {
+#pragma omp simd
+      for (int j = 0; j < S; ++j) er[j] = pr[j] * (er[j] - c);
+    } else {
+#pragma omp simd
+      for (int j = 0; j < S; ++j) er[j] -= c;
+    }
+  }
 }
 
 template <typename T>
@@ -126,9 +155,68 @@ void for_slices(int64_t slices, int threads, size_t scratch_values, Body&& body)
   for (int64_t b = 0; b < slices; ++b) body(b, scratch.data());
 }
 
+// One row of softmax in place, as torch's: NaN when the row has a NaN or a +inf score; a row of
+// only -inf scores gives zeros when `safe` (torch's masked softmax), else NaN.
+template <typename T>
+inline void softmax_row(T* x, int n, bool safe) {
+  T m = -std::numeric_limits<T>::infinity(), total = 0;
+  for (int j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    total += x[j];
+  }
+  if (std::isnan(total) || m == std::numeric_limits<T>::infinity() ||
+      (m == -std::numeric_limits<T>::infinity() && !safe)) {
+    std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  if (m == -std::numeric_limits<T>::infinity()) {
+    std::fill(x, x + n, T(0));
+    return;
+  }
+  T sum = 0;
+  if constexpr (std::is_same<T, float>::value) {
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; ++j) {
+      x[j] = exp_nonpositive(x[j] - m);
+      sum += x[j];
+    }
+  } else {
+    for (int j = 0; j < n; ++j) {
+      x[j] = std::exp(x[j] - m);
+      sum += x[j];
+    }
+  }
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int j = 0; j < n; ++j) x[j] *= inv;
+}
+
+template <typename T>
+void forward(Arr<T> q, Arr<T> k, Arr<T> v, py::object bias, double scale, bool safe, py::object out,
+             py::object out_p, int threads) {
+  const char* fn = "attention_forward";
+  const Dims d = check<T>(q, k, v, fn);
+  const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
+  const int64_t n = d.slices;
+  const T *pq = q.data(), *pk = k.data(), *pv = v.data();
+  const T* pb = opt<T>(bias, n, L, S, fn, "bias");
+  T* oo = opt<T>(out, n, L, Ev, fn, "out");
+  T* op = opt<T>(out_p, n, L, S, fn, "out_p");
+  if (!oo || !op) throw std::invalid_argument(std::string(fn) + ": out and out_p are needed");
+  const T s = T(scale);
+  for_slices<T>(n, threads, 0, [&](int64_t b, T*) {
+    const T *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
+    T* P = op + b * L * S;
+    if (pb) std::copy(pb + b * L * S, pb + (b + 1) * L * S, P);
+    gemm<T>(false, true, L, S, E, s, Q, E, K, E, pb ? 1 : 0, P, S);  // S = s Q K^T + B
+    for (int i = 0; i < L; ++i) softmax_row<T>(P + i * S, S, safe);
+    gemm<T>(false, false, L, Ev, S, 1, P, S, V, Ev, 0, oo + b * L * Ev, Ev);  // O = P V
+  });
+}
+
 template <typename T>
 void input_grad(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, double scale, py::object out_q,
-                py::object out_k, py::object out_v, py::object out_e, py::object out_s, int threads) {
+                py::object out_k, py::object out_v, py::object out_s, int threads) {
   const char* fn = "attention_input_grad";
   const Dims d = check<T>(q, k, v, fn);
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
@@ -137,33 +225,22 @@ void input_grad(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, doub
   T* oq = opt<T>(out_q, d.slices, L, E, fn, "out_q");
   T* ok = opt<T>(out_k, d.slices, S, E, fn, "out_k");
   T* ov = opt<T>(out_v, d.slices, S, Ev, fn, "out_v");
-  T* oe = opt<T>(out_e, d.slices, L, S, fn, "out_e");
   T* os = opt<T>(out_s, d.slices, L, S, fn, "out_s");
-  if (!oq || !ok || !ov || !oe) throw std::invalid_argument(std::string(fn) + ": out_q, out_k, out_v, out_e are needed");
+  if (!oq || !ok || !ov) throw std::invalid_argument(std::string(fn) + ": out_q, out_k, out_v are needed");
   const T s = T(scale);
   for_slices<T>(d.slices, threads, os ? 0 : size_t(L) * S, [&](int64_t b, T* scratch) {
     const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
     const T *O = po + b * L * Ev, *P = pp + b * L * S;
-    T *Ep = oe + b * L * S, *dS = os ? os + b * L * S : scratch;
+    T* dS = os ? os + b * L * S : scratch;
     gemm<T>(true, false, S, Ev, L, 1, P, S, G, Ev, 0, ov + b * S * Ev, Ev);  // dV = P^T G
-    gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, 0, Ep, S);                // dP = G V^T
-    for (int i = 0; i < L; ++i) {
-      const T c = dot(G + i * Ev, O + i * Ev, Ev);
-      T *er = Ep + i * S, *sr = dS + i * S;
-      const T* pr = P + i * S;
-#pragma omp simd
-      for (int j = 0; j < S; ++j) {
-        er[j] -= c;
-        sr[j] = pr[j] * er[j];
-      }
-    }
+    scores_grad<T>(G, V, O, P, L, S, Ev, dS, true);                          // dS = P (G V^T - <G, O>)
     gemm<T>(false, false, L, E, S, s, dS, S, K, E, 0, oq + b * L * E, E);  // dQ = s dS K
     gemm<T>(true, false, S, E, L, s, dS, S, Q, E, 0, ok + b * S * E, E);   // dK = s dS^T Q
   });
 }
 
 template <typename T>
-void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, Arr<T> e, py::object up_q,
+void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, py::object up_q,
                          py::object up_k, py::object up_v, py::object up_s, double scale, py::object out_g,
                          py::object out_q, py::object out_k, py::object out_v, py::object out_p, int threads) {
   const char* fn = "attention_input_grad_backward";
@@ -171,7 +248,7 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, Arr<T
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
   const int64_t n = d.slices;
   const T *pg = in<T>(g, n, L, Ev, fn, "g"), *pq = q.data(), *pk = k.data(), *pv = v.data();
-  const T *pp = in<T>(p, n, L, S, fn, "p"), *pe = in<T>(e, n, L, S, fn, "e");
+  const T *pp = in<T>(p, n, L, S, fn, "p"), *po = in<T>(o, n, L, Ev, fn, "o");
   const T* uq = opt<T>(up_q, n, L, E, fn, "up_q");
   const T* uk = opt<T>(up_k, n, S, E, fn, "up_k");
   const T* uv = opt<T>(up_v, n, S, Ev, fn, "up_v");
@@ -189,10 +266,11 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, Arr<T
   const size_t block = size_t(L) * S;
   for_slices<T>(n, threads, 2 * block, [&](int64_t b, T* scratch) {
     const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
-    const T *P = pp + b * L * S, *Ep = pe + b * L * S;
+    const T *P = pp + b * L * S, *O = po + b * L * Ev;
     const T *UQ = uq ? uq + b * L * E : nullptr, *UK = uk ? uk + b * S * E : nullptr;
     const T *UV = uv ? uv + b * S * Ev : nullptr, *US = us ? us + b * L * S : nullptr;
-    T *W = scratch, *dS = scratch + block;
+    T *W = scratch, *Ep = scratch + block;  // Ep: E, then dS = P * E
+    if (has_w) scores_grad<T>(G, V, O, P, L, S, Ev, Ep, false);
     T* Pbar = op ? op + b * L * S : nullptr;
     T* Gbar = og ? og + b * L * Ev : nullptr;
     if (has_w) {
@@ -228,6 +306,7 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, Arr<T
       if (Pbar) std::fill(Pbar, Pbar + block, T(0));
     }
     if (UQ || UK) {
+      T* dS = Ep;
       for (size_t j = 0; j < block; ++j) dS[j] = P[j] * Ep[j];
       if (UK) gemm<T>(false, false, L, E, S, s, dS, S, UK, E, 0, oq + b * L * E, E);  // Q' = s dS U_K
       if (UQ) gemm<T>(true, false, S, E, L, s, dS, S, UQ, E, 0, ok + b * S * E, E);   // K' = s dS^T U_Q
@@ -285,18 +364,20 @@ void register_attention(py::module_& m) {
       },
       py::arg("sgemm"), py::arg("dgemm"),
       "Sets the Fortran sgemm_/dgemm_ (LP64) used by the attention kernels (addresses; 0: none).");
-  const char* doc_ig =
-      "Attention input gradient per slice: writes dQ, dK, dV, E = G V^T - <G, O> and (out_s not None) dS.";
+  const char* doc_f = "Attention forward per slice: writes O and P = softmax(s Q K^T + bias) (bias: None or full).";
+  const char* doc_ig = "Attention input gradient per slice: writes dQ, dK, dV and (out_s not None) dS.";
   const char* doc_igb =
       "Backward of the attention input gradient per slice for upstreams U_Q, U_K, U_V, U_S (None: zero): "
       "writes G', Q', K', V', P' (module comment of csrc/attention_second_order.cpp).";
   const char* doc_b = "Attention backward per slice from G and/or grad_P: writes dQ, dK, dV and (out_t) T.";
 #define HF_ATTN_DEFS(SUFFIX, T)                                                                                  \
+  m.def("attention_forward_" SUFFIX, &forward<T>, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),      \
+        py::arg("scale"), py::arg("safe"), py::arg("out"), py::arg("out_p"), py::arg("num_threads"), doc_f);      \
   m.def("attention_input_grad_" SUFFIX, &input_grad<T>, py::arg("g"), py::arg("q"), py::arg("k"), py::arg("v"), \
         py::arg("o"), py::arg("p"), py::arg("scale"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"),      \
-        py::arg("out_e"), py::arg("out_s"), py::arg("num_threads"), doc_ig);                                     \
+        py::arg("out_s"), py::arg("num_threads"), doc_ig);                                                       \
   m.def("attention_input_grad_backward_" SUFFIX, &input_grad_backward<T>, py::arg("g"), py::arg("q"),             \
-        py::arg("k"), py::arg("v"), py::arg("p"), py::arg("e"), py::arg("up_q"), py::arg("up_k"), py::arg("up_v"), \
+        py::arg("k"), py::arg("v"), py::arg("o"), py::arg("p"), py::arg("up_q"), py::arg("up_k"), py::arg("up_v"), \
         py::arg("up_s"), py::arg("scale"), py::arg("out_g"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"), \
         py::arg("out_p"), py::arg("num_threads"), doc_igb);                                                      \
   m.def("attention_backward_" SUFFIX, &backward<T>, py::arg("g"), py::arg("grad_p"), py::arg("q"), py::arg("k"), \

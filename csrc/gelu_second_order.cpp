@@ -17,38 +17,19 @@
 #include <string>
 #include <type_traits>
 
-#include "parallel_ranges.h"
-
-namespace py = pybind11;
-
 // The selects and the float-to-int conversion of exp_nonpositive are only if-converted (and the
 // loop vectorized) when floating-point operations may be assumed not to trap and to be finite
 // (a NaN or infinite x still gives NaN: the factor 2 - x^2 carries it).
 // GCC 12 vectorizes it (SSE2, 4 floats) under this pragma; an avx2-target clone stayed scalar.
 #pragma GCC optimize("no-trapping-math")
+#include "exp_nonpositive.h"
+#include "parallel_ranges.h"
+
+namespace py = pybind11;
 
 namespace {
 
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-
-// exp(a) for a <= 0, branch-free so that it vectorizes; 0 below float's normal range (NaN
-// inputs need no care here: the caller's factor 2 - x^2 is NaN then).
-__attribute__((always_inline)) inline float exp_nonpositive(float a) {
-  const float clamped = a > -87.0f ? a : -87.0f;
-  const int32_t k = int32_t(clamped * 1.44269504088896341f - 0.5f);  // round(a / ln 2), a <= 0
-  const float n = float(k);
-  float r = clamped - n * 0.693145751953125f;  // ln 2, high part (exact in float)
-  r = r - n * 1.428606765330187045e-06f;        // ln 2, low part
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = __builtin_bit_cast(float, (k + 127) << 23);
-  return a > -87.0f ? p * scale : 0.0f;
-}
 
 __attribute__((always_inline)) inline void kernel_f32(const float* x, const float* g, const float* u, float* out,
                                                       int64_t begin, int64_t end) {

@@ -94,6 +94,11 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, add: Optional[tor
     return torch.baddbmm(add, a, b, alpha=alpha)
 
 
+def _scores_grad(g: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    r""":math:`E = G V^\top - \langle G, O\rangle` (batched 3-D operands; :math:`dS = P \odot E`)."""
+    return torch.bmm(g, v.transpose(1, 2)).sub_(row_dot(g, out))
+
+
 def _as_batched(t: torch.Tensor) -> torch.Tensor:
     """(..., rows, cols) -> (batch, rows, cols), a view for the contiguous tensors used here."""
     return t.reshape(-1, t.shape[-2], t.shape[-1])
@@ -182,19 +187,21 @@ class _AttentionInputGrad(torch.autograd.Function):
     def forward(ctx, grad_out, q, k, v, out, probs, scale: float, need_scores: bool):
         g, q3, k3, v3, o3 = (_as_batched(t) for t in (grad_out, q, k, v, out))
         suffix = _slice_kernels(g, q3, k3, v3, o3, probs)
-        if suffix is not None:
-            grad_q, grad_k, grad_v, e = (torch.empty_like(t) for t in (q3, k3, v3, probs))
+        if suffix is not None:  # E is recomputed by the backward's kernel, from O
+            grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q3, k3, v3))
             grad_s = torch.empty_like(probs) if need_scores else None
             getattr(_C, "attention_input_grad_" + suffix)(
                 *(_numpy(t) for t in (g, q3, k3, v3, o3, probs)), scale,
-                *(_numpy(t) for t in (grad_q, grad_k, grad_v, e, grad_s)), torch.get_num_threads())
+                *(_numpy(t) for t in (grad_q, grad_k, grad_v, grad_s)), torch.get_num_threads())
+            ctx.save_for_backward(g, q3, k3, v3, probs, o3)
         else:
             grad_v = torch.bmm(probs.transpose(1, 2), g)
-            e = torch.bmm(g, v3.transpose(1, 2)).sub_(row_dot(g, o3))  # E = dP - <G, O>
+            e = _scores_grad(g, v3, o3)
             grad_s = probs * e
             grad_q = _bmm(grad_s, k3, scale)
             grad_k = _bmm(grad_s.transpose(1, 2), q3, scale)
-        ctx.save_for_backward(g, q3, k3, v3, probs, e)
+            ctx.save_for_backward(g, q3, k3, v3, probs, e)
+        ctx.e_saved = suffix is None
         ctx.scale = scale
         ctx.shapes = (q.shape, k.shape, v.shape)
         return (grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape),
@@ -203,12 +210,12 @@ class _AttentionInputGrad(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, up_q, up_k, up_v, up_s):
-        g, q, k, v, probs, e = ctx.saved_tensors
+        g, q, k, v, probs, e_or_out = ctx.saved_tensors
         s = ctx.scale
         q_shape, k_shape, v_shape = ctx.shapes
         up_q, up_k, up_v = (None if t is None else _as_batched(t.contiguous()) for t in (up_q, up_k, up_v))
         up_s = None if up_s is None else up_s.contiguous()
-        suffix = _slice_kernels(g, q, k, v, probs, e, up_q, up_k, up_v, up_s)
+        suffix = None if ctx.e_saved else _slice_kernels(g, q, k, v, probs, e_or_out, up_q, up_k, up_v, up_s)
         if suffix is not None:
             has_w = up_q is not None or up_k is not None or up_s is not None
             empty = lambda like, wanted: torch.empty_like(like) if wanted else None
@@ -216,11 +223,12 @@ class _AttentionInputGrad(torch.autograd.Function):
             gg_q, gg_k = empty(q, up_k is not None), empty(k, up_q is not None)
             gg_probs = empty(probs, has_w or up_v is not None)
             getattr(_C, "attention_input_grad_backward_" + suffix)(
-                *(_numpy(t) for t in (g, q, k, v, probs, e, up_q, up_k, up_v, up_s)), s,
+                *(_numpy(t) for t in (g, q, k, v, e_or_out, probs, up_q, up_k, up_v, up_s)), s,
                 *(_numpy(t) for t in (gg_out, gg_q, gg_k, gg_v, gg_probs)), torch.get_num_threads())
             return (None if gg_out is None else gg_out.view(q_shape[:-1] + (v_shape[-1],)),
                     None if gg_q is None else gg_q.view(q_shape), None if gg_k is None else gg_k.view(k_shape),
                     None if gg_v is None else gg_v.view(v_shape), None, gg_probs, None, None)
+        e = e_or_out if ctx.e_saved else _scores_grad(g, v, e_or_out)
         gg_out = gg_q = gg_k = gg_v = gg_probs = None
         w = None  # W = s (U_Q K^T + Q U_K^T) + U_S
         if up_q is not None:
@@ -265,14 +273,24 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, scale: float, safe: bool):
         q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
         scores_shape = q.shape[:-1] + (k.shape[-2],)
-        if bias is None:
-            scores = _bmm(q3, k3.transpose(1, 2), scale)
+        suffix = _slice_kernels(q3, k3, v3)
+        if suffix is not None and (bias is None or bias.device == q.device):
+            full_bias = None if bias is None else bias.expand(scores_shape).contiguous().view(-1, *scores_shape[-2:])
+            out3 = q3.new_empty(q3.shape[:-1] + (v3.shape[-1],))
+            probs = q3.new_empty((q3.shape[0], q3.shape[1], k3.shape[1]))
+            getattr(_C, "attention_forward_" + suffix)(
+                _numpy(q3), _numpy(k3), _numpy(v3), _numpy(full_bias), scale, safe, _numpy(out3), _numpy(probs),
+                torch.get_num_threads())
         else:
-            scores = q3.new_empty((q3.shape[0], q3.shape[1], k3.shape[1]))
-            scores.view(scores_shape).copy_(bias)
-            scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
-        probs = _aten._safe_softmax(scores, -1) if safe else _aten._softmax(scores, -1, False)
-        out = torch.bmm(probs, v3).view(q.shape[:-1] + (v.shape[-1],))
+            if bias is None:
+                scores = _bmm(q3, k3.transpose(1, 2), scale)
+            else:
+                scores = q3.new_empty((q3.shape[0], q3.shape[1], k3.shape[1]))
+                scores.view(scores_shape).copy_(bias)
+                scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
+            probs = _aten._safe_softmax(scores, -1) if safe else _aten._softmax(scores, -1, False)
+            out3 = torch.bmm(probs, v3)
+        out = out3.view(q.shape[:-1] + (v.shape[-1],))
         ctx.save_for_backward(q, k, v, bias, out, probs)
         ctx.scale = scale
         ctx.bias_shape = None if bias is None else bias.shape

@@ -85,7 +85,8 @@ def _attention_inputs(case, seed):
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
 def test_attention_second_order_matches_native(name, path, monkeypatch):
     attention_double_backward._find_blas()  # its one-time self-check calls the kernels too
-    counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_input_grad", "attention_backward"))
+    counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_forward", "attention_input_grad",
+                                                                          "attention_backward"))
     case = ATTENTION_CASES[name]
     is_causal, scale = case[6], case[7]
     q, k, v, mask = _attention_inputs(case, seed=len(name))
@@ -100,7 +101,7 @@ def test_attention_second_order_matches_native(name, path, monkeypatch):
     actual = _second_order(call(scaled_dot_product_attention_fast_double_backward), inputs, first=[q])
     _assert_all_close(actual, expected)
     if counter is not None and DEVICE.type == "cpu":
-        assert counter.calls == 6  # each run: the saliency pass, its backward, the training backward
+        assert counter.calls == 8  # each run: forward, saliency pass, its backward, training backward
 
 
 @pytest.mark.parametrize("dim", [-1, 1])
@@ -310,14 +311,14 @@ def test_attention_slice_kernels_float32_vit_shape(monkeypatch):
     q, k, v = (torch.randn(2, 4, 197, 64, generator=gen).requires_grad_(True) for _ in range(3))
 
     def run(path):
-        counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_input_grad", "attention_backward"))
+        counter = kernel_path(path, monkeypatch, attention_double_backward, "attention_")
         result = _second_order(lambda q, k, v: scaled_dot_product_attention_fast_double_backward(q, k, v), (q, k, v))
         monkeypatch.undo()
         return result, counter
 
     attention_double_backward._find_blas()
     (fast, counter), (torch_ops, _) = run("fused kernel"), run("torch ops")
-    assert counter.calls == 3
+    assert counter.calls == 4
     for a, e in zip(fast[1] + fast[2], torch_ops[1] + torch_ops[2]):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
 
@@ -341,3 +342,29 @@ def test_attention_slice_kernels_name_a_bad_argument():
     with pytest.raises(ValueError, match="`v` must be \\(2, 5, 3\\)"):
         attention_double_backward._C.attention_backward_f32(q, None, q, q, torch.zeros(2, 4, 3).numpy(), torch.zeros(2, 5, 5).numpy(),
                                                             1.0, None, None, None, None, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("safe", [True, False])
+def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch):
+    # rows with a NaN score, a +inf score, only -inf scores (masked out) and a -inf among finite ones
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(3, 5, 4, generator=gen, dtype=dtype) for _ in range(3))
+    bias = torch.zeros(3, 5, 5, dtype=dtype)
+    bias[0, 1, 2] = float("nan")
+    bias[1, 2, 0] = float("inf")
+    bias[2, 3] = float("-inf")
+    bias[2, 4, 1] = float("-inf")
+
+    def run(path):
+        kernel_path(path, monkeypatch, attention_double_backward, "attention_")
+        out, probs = attention_double_backward.AttentionFunction.apply(q, k, v, bias, 0.5, safe)
+        monkeypatch.undo()
+        return out, probs
+
+    attention_double_backward._find_blas()
+    fast, reference = run("fused kernel"), run("torch ops")
+    for a, e in zip(fast, reference):
+        torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    assert torch.isnan(fast[1][0, 1]).all() and torch.isnan(fast[1][1, 2]).all()
+    assert (fast[1][2, 3] == 0).all() if safe else torch.isnan(fast[1][2, 3]).all()
