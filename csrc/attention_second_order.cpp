@@ -10,7 +10,11 @@
 //                         alone cost ~2.4 ms per ViT-Tiny layer on this VM),
 //                         W = s (U_Q K^T + Q U_K^T) + U_S, W_c = W - <W, P>, Z = P * W_c,
 //                         G' = Z V + P U_V, V' = Z^T G, Q' = s dS U_K, K' = s dS^T U_Q,
-//                         P' = G U_V^T + W_c * E
+//                         P' = G U_V^T + W_c * E; with fold_p (no bias gradient wanted) P' goes
+//                         through the softmax here, T' = P (P' - <P', P>), Q' += s T' K,
+//                         K' += s T'^T Q: two more products on the slice in cache instead of a
+//                         P-sized P' handed to the training backward (its fresh pages, a write
+//                         and a read from memory)
 //   backward:             T = P * (D - <D, P>), D = G V^T + grad_P,
 //                         dQ = s T K, dK = s T^T Q, dV = P^T G
 // Torch runs each product over all slices at once, so the (L x S)-sized temporaries (W, Z, dS,
@@ -140,19 +144,25 @@ template <typename T, typename Body>
 void for_slices(int64_t slices, int threads, size_t scratch_values, Body&& body) {
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, slices)));
   py::gil_scoped_release release;
+  // each thread keeps its scratch between calls (fresh pages cost more here than the products;
+  // one layer's worth, at most 16 MB per thread, is kept)
+  auto run = [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<T> scratch;
+    if (scratch.size() < scratch_values) scratch.resize(scratch_values);
+    for (int64_t b = begin; b < end; ++b) body(b, scratch.data());
+    if (scratch.size() * sizeof(T) > (size_t(16) << 20)) std::vector<T>().swap(scratch);
+  };
 #ifdef HF_HAVE_OPENMP
   if (threads > 1) {
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<T> scratch(scratch_values);
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < slices; ++b) body(b, scratch.data());
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      run(slices * t / nt, slices * (t + 1) / nt);
     }
     return;
   }
 #endif
-  std::vector<T> scratch(scratch_values);
-  for (int64_t b = 0; b < slices; ++b) body(b, scratch.data());
+  run(0, slices);
 }
 
 // One row of softmax in place, as torch's: NaN when the row has a NaN or a +inf score; a row of
@@ -241,8 +251,9 @@ void input_grad(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, doub
 
 template <typename T>
 void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, py::object up_q,
-                         py::object up_k, py::object up_v, py::object up_s, double scale, py::object out_g,
-                         py::object out_q, py::object out_k, py::object out_v, py::object out_p, int threads) {
+                         py::object up_k, py::object up_v, py::object up_s, double scale, bool fold_p,
+                         py::object out_g, py::object out_q, py::object out_k, py::object out_v, py::object out_p,
+                         int threads) {
   const char* fn = "attention_input_grad_backward";
   const Dims d = check<T>(q, k, v, fn);
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
@@ -258,20 +269,23 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T
   T* ok = opt<T>(out_k, n, S, E, fn, "out_k");
   T* ov = opt<T>(out_v, n, S, Ev, fn, "out_v");
   T* op = opt<T>(out_p, n, L, S, fn, "out_p");
-  const bool has_w = uq || uk || us;
-  if (has_w && !(og && ov && op)) throw std::invalid_argument(std::string(fn) + ": U_Q, U_K or U_S needs out_g, out_v, out_p");
-  if (uv && !(og && op)) throw std::invalid_argument(std::string(fn) + ": U_V needs out_g and out_p");
+  const bool has_w = uq || uk || us, has_p = has_w || uv;
+  const std::string names = fold_p ? "out_g, out_q, out_k" : "out_g, out_p";
+  if (has_w && !(og && ov)) throw std::invalid_argument(std::string(fn) + ": U_Q, U_K or U_S needs out_g, out_v");
+  if (has_p && !(og && (fold_p ? oq && ok : op != nullptr)))
+    throw std::invalid_argument(std::string(fn) + ": upstreams need " + names);
+  if (fold_p && op) throw std::invalid_argument(std::string(fn) + ": fold_p returns no out_p");
   if ((uk && !oq) || (uq && !ok)) throw std::invalid_argument(std::string(fn) + ": U_K needs out_q, U_Q out_k");
   const T s = T(scale);
   const size_t block = size_t(L) * S;
-  for_slices<T>(n, threads, 2 * block, [&](int64_t b, T* scratch) {
+  for_slices<T>(n, threads, (fold_p ? 3 : 2) * block, [&](int64_t b, T* scratch) {
     const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
     const T *P = pp + b * L * S, *O = po + b * L * Ev;
     const T *UQ = uq ? uq + b * L * E : nullptr, *UK = uk ? uk + b * S * E : nullptr;
     const T *UV = uv ? uv + b * S * Ev : nullptr, *US = us ? us + b * L * S : nullptr;
     T *W = scratch, *Ep = scratch + block;  // Ep: E, then dS = P * E
     if (has_w) scores_grad<T>(G, V, O, P, L, S, Ev, Ep, false);
-    T* Pbar = op ? op + b * L * S : nullptr;
+    T* Pbar = fold_p ? scratch + 2 * block : op ? op + b * L * S : nullptr;
     T* Gbar = og ? og + b * L * Ev : nullptr;
     if (has_w) {
       T beta = 0;
@@ -311,8 +325,20 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T
       if (UK) gemm<T>(false, false, L, E, S, s, dS, S, UK, E, 0, oq + b * L * E, E);  // Q' = s dS U_K
       if (UQ) gemm<T>(true, false, S, E, L, s, dS, S, UQ, E, 0, ok + b * S * E, E);   // K' = s dS^T U_Q
     }
-    if (oq && !UK) std::fill(oq + b * L * E, oq + (b + 1) * L * E, T(0));
-    if (ok && !UQ) std::fill(ok + b * S * E, ok + (b + 1) * S * E, T(0));
+    const bool fold_here = fold_p && has_p;
+    if (fold_here) {  // P' through the softmax here: T' = P (P' - <P', P>), Q' += s T' K, K' += s T'^T Q
+      for (int i = 0; i < L; ++i) {
+        T* tr = Pbar + i * S;
+        const T* pr = P + i * S;
+        const T c = dot<T>(tr, pr, S);
+#pragma omp simd
+        for (int j = 0; j < S; ++j) tr[j] = pr[j] * (tr[j] - c);
+      }
+      gemm<T>(false, false, L, E, S, s, Pbar, S, K, E, UK ? 1 : 0, oq + b * L * E, E);
+      gemm<T>(true, false, S, E, L, s, Pbar, S, Q, E, UQ ? 1 : 0, ok + b * S * E, E);
+    }
+    if (oq && !UK && !fold_here) std::fill(oq + b * L * E, oq + (b + 1) * L * E, T(0));
+    if (ok && !UQ && !fold_here) std::fill(ok + b * S * E, ok + (b + 1) * S * E, T(0));
   });
 }
 
@@ -338,11 +364,17 @@ void backward(py::object g, py::object grad_p, Arr<T> q, Arr<T> k, Arr<T> v, Arr
     const T *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev, *P = pp + b * L * S;
     const T* G = pg ? pg + b * L * Ev : nullptr;
     T* Tm = ot ? ot + b * L * S : scratch;
-    if (pgp) std::copy(pgp + b * L * S, pgp + (b + 1) * L * S, Tm);
-    if (G) gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, pgp ? 1 : 0, Tm, S);  // D = G V^T + grad_P
+    const T* GP = pgp ? pgp + b * L * S : nullptr;
+    if (G) gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, 0, Tm, S);  // D = G V^T (+ grad_P per row)
     for (int i = 0; i < L; ++i) {  // T = P (D - <D, P>)
       T* tr = Tm + i * S;
       const T* pr = P + i * S;
+      if (GP && G) {
+#pragma omp simd
+        for (int j = 0; j < S; ++j) tr[j] += GP[i * S + j];
+      } else if (GP) {
+        std::copy(GP + i * S, GP + (i + 1) * S, tr);
+      }
       const T c = dot<T>(tr, pr, S);
 #pragma omp simd
       for (int j = 0; j < S; ++j) tr[j] = pr[j] * (tr[j] - c);
@@ -368,7 +400,8 @@ void register_attention(py::module_& m) {
   const char* doc_ig = "Attention input gradient per slice: writes dQ, dK, dV and (out_s not None) dS.";
   const char* doc_igb =
       "Backward of the attention input gradient per slice for upstreams U_Q, U_K, U_V, U_S (None: zero): "
-      "writes G', Q', K', V', P' (module comment of csrc/attention_second_order.cpp).";
+      "writes G', Q', K', V' and P' (fold_p: P' pushed into Q', K' instead; module comment of "
+      "csrc/attention_second_order.cpp).";
   const char* doc_b = "Attention backward per slice from G and/or grad_P: writes dQ, dK, dV and (out_t) T.";
 #define HF_ATTN_DEFS(SUFFIX, T)                                                                                  \
   m.def("attention_forward_" SUFFIX, &forward<T>, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),      \
@@ -378,7 +411,7 @@ void register_attention(py::module_& m) {
         py::arg("out_s"), py::arg("num_threads"), doc_ig);                                                       \
   m.def("attention_input_grad_backward_" SUFFIX, &input_grad_backward<T>, py::arg("g"), py::arg("q"),             \
         py::arg("k"), py::arg("v"), py::arg("o"), py::arg("p"), py::arg("up_q"), py::arg("up_k"), py::arg("up_v"), \
-        py::arg("up_s"), py::arg("scale"), py::arg("out_g"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"), \
+        py::arg("up_s"), py::arg("scale"), py::arg("fold_p"), py::arg("out_g"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"), \
         py::arg("out_p"), py::arg("num_threads"), doc_igb);                                                      \
   m.def("attention_backward_" SUFFIX, &backward<T>, py::arg("g"), py::arg("grad_p"), py::arg("q"), py::arg("k"), \
         py::arg("v"), py::arg("p"), py::arg("scale"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"),      \

@@ -61,7 +61,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from harmonizer_fast._ext import _C
 from harmonizer_fast.training._second_order import autocast_dtype, bind, needs_grad, row_dot, will_be_used
@@ -104,6 +103,7 @@ def _as_batched(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
+_THIRD_ORDER = "AttentionFunction: third-order derivatives are not supported"
 _BLAS_STATE: dict = {}
 
 
@@ -184,7 +184,7 @@ class _AttentionInputGrad(torch.autograd.Function):
     is needed) with the closed-form backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, grad_out, q, k, v, out, probs, scale: float, need_scores: bool):
+    def forward(ctx, grad_out, q, k, v, out, probs, scale: float, need_scores: bool, fold_probs: bool):
         g, q3, k3, v3, o3 = (_as_batched(t) for t in (grad_out, q, k, v, out))
         suffix = _slice_kernels(g, q3, k3, v3, o3, probs)
         if suffix is not None:  # E is recomputed by the backward's kernel, from O
@@ -202,14 +202,23 @@ class _AttentionInputGrad(torch.autograd.Function):
             grad_k = _bmm(grad_s.transpose(1, 2), q3, scale)
             ctx.save_for_backward(g, q3, k3, v3, probs, e)
         ctx.e_saved = suffix is None
+        ctx.fold_probs = fold_probs
         ctx.scale = scale
         ctx.shapes = (q.shape, k.shape, v.shape)
         return (grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape),
                 grad_s if need_scores else None)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, up_q, up_k, up_v, up_s):
+        # a graph of this backward would be attention's third derivative, which nothing here
+        # covers (and the P-gradient folded into Q', K' would bypass the forward node's check)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (up_q, up_k, up_v, up_s)):
+            raise RuntimeError(_THIRD_ORDER)
+        with torch.no_grad():
+            return _AttentionInputGrad._backward(ctx, up_q, up_k, up_v, up_s)
+
+    @staticmethod
+    def _backward(ctx, up_q, up_k, up_v, up_s):
         g, q, k, v, probs, e_or_out = ctx.saved_tensors
         s = ctx.scale
         q_shape, k_shape, v_shape = ctx.shapes
@@ -218,16 +227,17 @@ class _AttentionInputGrad(torch.autograd.Function):
         suffix = None if ctx.e_saved else _slice_kernels(g, q, k, v, probs, e_or_out, up_q, up_k, up_v, up_s)
         if suffix is not None:
             has_w = up_q is not None or up_k is not None or up_s is not None
+            has_p, fold = has_w or up_v is not None, ctx.fold_probs
             empty = lambda like, wanted: torch.empty_like(like) if wanted else None
-            gg_out, gg_v = empty(g, has_w or up_v is not None), empty(v, has_w)
-            gg_q, gg_k = empty(q, up_k is not None), empty(k, up_q is not None)
-            gg_probs = empty(probs, has_w or up_v is not None)
+            gg_out, gg_v = empty(g, has_p), empty(v, has_w)
+            gg_q, gg_k = empty(q, up_k is not None or (fold and has_p)), empty(k, up_q is not None or (fold and has_p))
+            gg_probs = empty(probs, has_p and not fold)
             getattr(_C, "attention_input_grad_backward_" + suffix)(
-                *(_numpy(t) for t in (g, q, k, v, e_or_out, probs, up_q, up_k, up_v, up_s)), s,
+                *(_numpy(t) for t in (g, q, k, v, e_or_out, probs, up_q, up_k, up_v, up_s)), s, fold,
                 *(_numpy(t) for t in (gg_out, gg_q, gg_k, gg_v, gg_probs)), torch.get_num_threads())
             return (None if gg_out is None else gg_out.view(q_shape[:-1] + (v_shape[-1],)),
                     None if gg_q is None else gg_q.view(q_shape), None if gg_k is None else gg_k.view(k_shape),
-                    None if gg_v is None else gg_v.view(v_shape), None, gg_probs, None, None)
+                    None if gg_v is None else gg_v.view(v_shape), None, gg_probs, None, None, None)
         e = e_or_out if ctx.e_saved else _scores_grad(g, v, e_or_out)
         gg_out = gg_q = gg_k = gg_v = gg_probs = None
         w = None  # W = s (U_Q K^T + Q U_K^T) + U_S
@@ -256,7 +266,7 @@ class _AttentionInputGrad(torch.autograd.Function):
             gg_out = gg_out.view(q_shape[:-1] + (v_shape[-1],))
         if gg_v is not None:
             gg_v = gg_v.view(v_shape)
-        return gg_out, gg_q, gg_k, gg_v, None, gg_probs, None, None
+        return gg_out, gg_q, gg_k, gg_v, None, gg_probs, None, None, None
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -304,12 +314,12 @@ class AttentionFunction(torch.autograd.Function):
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # the saliency pass: a differentiable input gradient
             if grad_probs is not None:
-                raise RuntimeError("AttentionFunction: third-order derivatives are not supported")
+                raise RuntimeError(_THIRD_ORDER)
             if grad_out is None:
                 return None, None, None, None, None, None
             need_scores = need_bias and will_be_used(bias)
             grad_q, grad_k, grad_v, grad_s = _AttentionInputGrad.apply(
-                grad_out.contiguous(), q, k, v, out.detach(), probs, scale, need_scores)
+                grad_out.contiguous(), q, k, v, out.detach(), probs, scale, need_scores, not need_bias)
             grad_bias = None
             if need_scores:
                 grad_bias = grad_s.view(q.shape[:-1] + (k.shape[-2],)).sum_to_size(ctx.bias_shape)
