@@ -39,12 +39,19 @@ in the generic graph. 18 batched products per layer and step, as natively; ~10 p
 the :math:`P`-sized tensors instead of ~20, and fewer of them saved (:math:`P`, :math:`E`;
 natively :math:`P`, :math:`dP`, :math:`dS`).
 
-On the CPU (float32, float64) the three derivative steps (the saliency pass, its backward and
-the training backward) run in C++ (``csrc/attention_second_order.cpp``), one (batch x head)
-slice per thread at a time, so that the slice's :math:`P`-sized blocks stay in the core's cache
-between its products (torch runs each product over all slices, and the blocks go to memory in
-between); the products are the GEMMs of torch's own BLAS (:func:`_slice_kernels`). The torch
-formulas below are the specification and run everywhere else.
+On the CPU (float32, float64) the forward and the three derivative steps (the saliency pass,
+its backward and the training backward) run in C++ (``csrc/attention_second_order.cpp``), one
+(batch x head) slice per thread at a time, so that the slice's :math:`P`-sized blocks stay in
+the core's cache between its products (torch runs each product over all slices, and the blocks
+go to memory in between); the products are the GEMMs of torch's own BLAS, found once by
+:func:`_find_blas`. Two choices differ from the torch formulas, with the same values: the
+saliency backward recomputes :math:`E` from the saved output instead of keeping it, and, when
+the bias needs no gradient, pushes :math:`\bar P` through the softmax itself
+(:math:`T' = J^\top \bar P`, :math:`\bar Q \mathrel{+}= s\,T' K`, :math:`\bar K
+\mathrel{+}= s\,T'^\top Q`): on this kind of machine a fresh :math:`P`-sized tensor costs more
+(its pages, a write, a later read from memory) than a product on a slice in cache. The torch
+formulas here are the specification and run everywhere else (other devices and dtypes, no
+extension, no BLAS found).
 
 Route (used by the mode in :mod:`.double_backward`): ``F.scaled_dot_product_attention`` (no
 dropout, no grouped-query broadcasting; masks, biases, ``is_causal``, ``scale``; under

@@ -321,6 +321,14 @@ def test_attention_slice_kernels_float32_vit_shape(monkeypatch):
     assert counter.calls == 4
     for a, e in zip(fast[1] + fast[2], torch_ops[1] + torch_ops[2]):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+    threads = torch.get_num_threads()
+    try:  # one thread: no parallel region, each product on MKL's own threads
+        torch.set_num_threads(1)
+        one_thread, _ = run("fused kernel")
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(one_thread[1] + one_thread[2], fast[1] + fast[2]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())
 
 
 def test_attention_without_a_usable_blas_runs_the_torch_formulas(monkeypatch):
