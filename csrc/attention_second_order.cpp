@@ -166,7 +166,22 @@ void for_slices(int64_t slices, int threads, size_t scratch_values, Body&& body)
 }
 
 // One row of softmax in place, as torch's: NaN when the row has a NaN or a +inf score; a row of
-// only -inf scores gives zeros when `safe` (torch's masked softmax), else NaN.
+// only -inf scores gives zeros when `safe` (torch's masked softmax), else NaN. Returns false
+// for those rows (already written), true when the row's maximum `m` is finite.
+template <typename T>
+inline bool softmax_row_special(T* x, int n, bool safe, T m, T total) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  if (std::isnan(total) || m == inf || (m == -inf && !safe)) {
+    std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
+    return false;
+  }
+  if (m == -inf) {
+    std::fill(x, x + n, T(0));
+    return false;
+  }
+  return true;
+}
+
 template <typename T>
 inline void softmax_row(T* x, int n, bool safe) {
   T m = -std::numeric_limits<T>::infinity(), total = 0;
@@ -174,15 +189,7 @@ inline void softmax_row(T* x, int n, bool safe) {
     m = x[j] > m ? x[j] : m;
     total += x[j];
   }
-  if (std::isnan(total) || m == std::numeric_limits<T>::infinity() ||
-      (m == -std::numeric_limits<T>::infinity() && !safe)) {
-    std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
-    return;
-  }
-  if (m == -std::numeric_limits<T>::infinity()) {
-    std::fill(x, x + n, T(0));
-    return;
-  }
+  if (!softmax_row_special(x, n, safe, m, total)) return;
   T sum = 0;
   if constexpr (std::is_same<T, float>::value) {
 #pragma omp simd reduction(+ : sum)
@@ -199,6 +206,57 @@ inline void softmax_row(T* x, int n, bool safe) {
   const T inv = T(1) / sum;
 #pragma omp simd
   for (int j = 0; j < n; ++j) x[j] *= inv;
+}
+
+#ifdef HF_HAVE_AVX512_EXP
+// softmax_row for float32 rows, 16 lanes (the scalar form's max and NaN check did not vectorize:
+// ~1.5 of the 2.6 ms of a ViT-Tiny layer's forward)
+__attribute__((target("avx512f"))) void softmax_rows_avx512(float* x, int rows, int n, bool safe) {
+  for (int i = 0; i < rows; ++i, x += n) {
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vsum = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 v = _mm512_loadu_ps(x + j);
+      vmax = _mm512_max_ps(vmax, v);
+      vsum = _mm512_add_ps(vsum, v);
+    }
+    const __mmask16 tail = __mmask16((1u << (n - j)) - 1u);
+    if (j < n) {
+      const __m512 v = _mm512_maskz_loadu_ps(tail, x + j);
+      vmax = _mm512_mask_max_ps(vmax, tail, vmax, v);
+      vsum = _mm512_add_ps(vsum, v);
+    }
+    const float m = _mm512_reduce_max_ps(vmax), total = _mm512_reduce_add_ps(vsum);
+    // max_ps drops NaN operands, but a NaN reaches `total`
+    if (!softmax_row_special(x, n, safe, m, total)) continue;
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+      const __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
+      _mm512_storeu_ps(x + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    if (j < n) {
+      const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + j), vm)));
+      _mm512_mask_storeu_ps(x + j, tail, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(acc));
+    for (j = 0; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), inv));
+    if (j < n) _mm512_mask_storeu_ps(x + j, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + j), inv));
+  }
+}
+#endif
+
+template <typename T>
+void softmax_rows(T* x, int rows, int n, bool safe) {
+#ifdef HF_HAVE_AVX512_EXP
+  if constexpr (std::is_same<T, float>::value) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) return softmax_rows_avx512(x, rows, n, safe);
+  }
+#endif
+  for (int i = 0; i < rows; ++i) softmax_row<T>(x + size_t(i) * n, n, safe);
 }
 
 template <typename T>
@@ -219,7 +277,7 @@ void forward(Arr<T> q, Arr<T> k, Arr<T> v, py::object bias, double scale, bool s
     T* P = op + b * L * S;
     if (pb) std::copy(pb + b * L * S, pb + (b + 1) * L * S, P);
     gemm<T>(false, true, L, S, E, s, Q, E, K, E, pb ? 1 : 0, P, S);  // S = s Q K^T + B
-    for (int i = 0; i < L; ++i) softmax_row<T>(P + i * S, S, safe);
+    softmax_rows<T>(P, L, S, safe);
     gemm<T>(false, false, L, Ev, S, 1, P, S, V, Ev, 0, oo + b * L * Ev, Ev);  // O = P V
   });
 }

@@ -355,14 +355,19 @@ def test_attention_slice_kernels_name_a_bad_argument():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("safe", [True, False])
 def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch):
-    # rows with a NaN score, a +inf score, only -inf scores (masked out) and a -inf among finite ones
+    # rows with a NaN score, a +inf score, only -inf scores (masked out) and a -inf among finite
+    # ones; 21 keys: a 16-wide vector block and a tail
     gen = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(3, 5, 4, generator=gen, dtype=dtype) for _ in range(3))
-    bias = torch.zeros(3, 5, 5, dtype=dtype)
+    q = torch.randn(3, 5, 4, generator=gen, dtype=dtype)
+    k, v = (torch.randn(3, 21, 4, generator=gen, dtype=dtype) for _ in range(2))
+    bias = torch.zeros(3, 5, 21, dtype=dtype)
     bias[0, 1, 2] = float("nan")
+    bias[0, 2, 19] = float("nan")
     bias[1, 2, 0] = float("inf")
+    bias[1, 3, 20] = float("inf")
     bias[2, 3] = float("-inf")
     bias[2, 4, 1] = float("-inf")
+    bias[2, 4, 17] = float("-inf")
 
     def run(path):
         kernel_path(path, monkeypatch, attention_double_backward, "attention_")
@@ -374,5 +379,5 @@ def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch):
     fast, reference = run("fused kernel"), run("torch ops")
     for a, e in zip(fast, reference):
         torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
-    assert torch.isnan(fast[1][0, 1]).all() and torch.isnan(fast[1][1, 2]).all()
+    assert all(torch.isnan(fast[1][b, i]).all() for b, i in ((0, 1), (0, 2), (1, 2), (1, 3)))
     assert (fast[1][2, 3] == 0).all() if safe else torch.isnan(fast[1][2, 3]).all()
