@@ -162,7 +162,8 @@ def _slice_kernels(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     if dtype not in _SLICE_SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
                                          for t in present):
         return None
-    if present[0].numel() == 0 or not (_BLAS_STATE.get("ok") or _find_blas()):
+    # empty operands stay in torch: a BLAS rejects a zero leading dimension
+    if any(t.numel() == 0 for t in present) or not (_BLAS_STATE.get("ok") or _find_blas()):
         return None
     return _SLICE_SUFFIX[dtype]
 
@@ -374,6 +375,8 @@ def scaled_dot_product_attention_fast_double_backward(*args, **kwargs) -> Option
         return None  # the native call raises its clear error (or broadcasts)
     if q.shape[-1] != k.shape[-1] or (is_causal and mask is not None):
         return None
+    if any(t.numel() == 0 for t in tensors):
+        return None  # nothing to attend to (or nothing asked): the native call's zeros
     if mask is not None and (not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and not mask.is_floating_point())):
         return None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

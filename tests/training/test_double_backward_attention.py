@@ -381,3 +381,14 @@ def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch):
         torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
     assert all(torch.isnan(fast[1][b, i]).all() for b, i in ((0, 1), (0, 2), (1, 2), (1, 3)))
     assert (fast[1][2, 3] == 0).all() if safe else torch.isnan(fast[1][2, 3]).all()
+
+
+def test_attention_with_no_keys_runs_natively():
+    # zero keys (an empty context): the route leaves the call to torch, which returns zeros
+    gen = torch.Generator().manual_seed(13)
+    q = _randn(2, 3, 4, gen=gen)
+    k, v = _randn(2, 0, 4, gen=gen), _randn(2, 0, 5, gen=gen)
+    assert scaled_dot_product_attention_fast_double_backward(q, k, v) is None
+    with fast_double_backward():
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert out.shape == (2, 3, 5) and not out.abs().sum()
