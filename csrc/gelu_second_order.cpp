@@ -5,7 +5,8 @@
 //
 // one pass reading x, g, u and writing out, against six elementwise passes in torch ops.
 // float32 uses a vectorizable exp (Cody-Waite reduction, degree-6 polynomial: relative error
-// below 2e-7 over the range used); float64 uses std::exp.
+// below 2e-7 over the range used; AVX-512 intrinsics where the CPU has them, else the compiler's
+// SSE2 vectorization); float64 uses std::exp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -44,6 +45,27 @@ void block_f32_default(const float* x, const float* g, const float* u, float* ou
   kernel_f32(x, g, u, out, b, e);
 }
 
+#ifdef HF_HAVE_AVX512_EXP
+// The same term 16 floats at a time (the loop above vectorizes for SSE2 only): ~2x faster alone.
+__attribute__((target("avx512f"))) void block_f32_avx512(const float* x, const float* g, const float* u, float* out,
+                                                          int64_t b, int64_t e) {
+  const __m512 half = _mm512_set1_ps(-0.5f), two = _mm512_set1_ps(2.0f), c = _mm512_set1_ps(float(kInvSqrt2Pi));
+  auto term = [&](__m512 xv, __m512 gv, __m512 uv) {
+    const __m512 x2 = _mm512_mul_ps(xv, xv);
+    const __m512 pdf = _mm512_mul_ps(c, exp_nonpositive_avx512(_mm512_mul_ps(half, x2)));
+    return _mm512_mul_ps(_mm512_mul_ps(pdf, _mm512_sub_ps(two, x2)), _mm512_mul_ps(gv, uv));
+  };
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16)
+    _mm512_storeu_ps(out + i, term(_mm512_loadu_ps(x + i), _mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+  if (i < e) {
+    const __mmask16 tail = __mmask16((1u << (e - i)) - 1u);
+    _mm512_mask_storeu_ps(out + i, tail, term(_mm512_maskz_loadu_ps(tail, x + i), _mm512_maskz_loadu_ps(tail, g + i),
+                                              _mm512_maskz_loadu_ps(tail, u + i)));
+  }
+}
+#endif
+
 
 void block_f64(const double* x, const double* g, const double* u, double* out, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) {
@@ -73,6 +95,10 @@ void gelu_second_order_term(py::object x_obj, py::object g_obj, py::object u_obj
   py::gil_scoped_release release;
   parallel_ranges(n, threads, 16, [&](int64_t begin, int64_t end, int) {
     if constexpr (std::is_same<T, float>::value) {
+#ifdef HF_HAVE_AVX512_EXP
+      static const bool avx512 = __builtin_cpu_supports("avx512f");
+      if (avx512) return block_f32_avx512(px, pg, pu, po, begin, end);
+#endif
       block_f32_default(px, pg, pu, po, begin, end);
     } else {
       block_f64(px, pg, pu, po, begin, end);
