@@ -78,6 +78,11 @@ class _ElementwiseRule:
     def saved_term(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
         raise NotImplementedError
 
+    def both(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor,
+             arg) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(vjp(upstream), saved_term(...))`` in one fused pass, or None (then each runs alone)."""
+        return None
+
 
 class _SoftmaxRule(_ElementwiseRule):
     r"""Saved :math:`P`; VJP :func:`softmax_vjp`; :math:`\bar P = (u - \alpha) \odot g - c \odot u`."""
@@ -121,32 +126,38 @@ class _GeluRule(_ElementwiseRule):
         return _aten.gelu_backward(grad, x, approximate=approximate)
 
     def saved_term(self, upstream, grad, x, approximate):
-        fused = _fused_gelu_saved_term(upstream, grad, x) if approximate == "none" else None
+        fused = _fused_gelu_kernel("gelu_second_order_term", upstream, grad, x) if approximate == "none" else None
         if fused is not None:
-            return fused
+            return fused[0]
         return _gelu_second_derivative(x, approximate).mul_(upstream).mul_(grad)
 
+    def both(self, upstream, grad, x, approximate):
+        return _fused_gelu_kernel("gelu_double_backward", upstream, grad, x, 2) if approximate == "none" else None
 
-_GELU_KERNELS = {torch.float32: "gelu_second_order_term_f32", torch.float64: "gelu_second_order_term_f64"}
+
+_GELU_SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
-def _fused_gelu_saved_term(upstream: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
-    r""":math:`y''(x) \odot g \odot u` of exact GELU in one C++ pass (``csrc/gelu_second_order.cpp``,
-    as accurate as the torch formula in float32), or None off the CPU, for other dtypes,
-    broadcasting shapes or non-contiguous tensors, or without the extension (then the torch
-    formula runs). Non-contiguous inputs (ConvNeXt's permuted blocks) stay on the torch formula:
-    copying them first cost more than the kernel saves (convnext_atto, quiet profile: the GELU
-    input-gradient node 50 -> 103 ms per step, 57 ms of it ``copy_``)."""
+def _fused_gelu_kernel(kernel: str, upstream: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
+                       outputs: int = 1) -> Optional[Tuple[torch.Tensor, ...]]:
+    r"""Exact GELU's second-order terms in one C++ pass (``csrc/gelu_second_order.cpp``, as
+    accurate as the torch formulas in float32): ``gelu_second_order_term`` gives
+    :math:`y''(x) \odot g \odot u`; ``gelu_double_backward`` (``outputs=2``) gives
+    :math:`y'(x) \odot u` too, reading :math:`x` and :math:`u` once for both. None off the CPU,
+    for other dtypes, broadcasting shapes or non-contiguous tensors, or without the extension
+    (then the torch formulas run). Non-contiguous inputs (ConvNeXt's permuted blocks) stay on
+    the torch formulas: copying them first cost more than the kernel saves (convnext_atto, quiet
+    profile: the GELU input-gradient node 50 -> 103 ms per step, 57 ms of it ``copy_``)."""
     tensors = (upstream, grad, x)
-    if _C is None or x.dtype not in _GELU_KERNELS or any(
+    if _C is None or x.dtype not in _GELU_SUFFIX or any(
             t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
             for t in tensors):
         return None
-    out = torch.empty(x.shape, dtype=x.dtype)
+    outs = tuple(torch.empty(x.shape, dtype=x.dtype) for _ in range(outputs))
     flat = lambda t: t.detach().view(-1).numpy()
-    getattr(_C, _GELU_KERNELS[x.dtype])(flat(x), flat(grad), flat(upstream), out.view(-1).numpy(),
-                                        torch.get_num_threads())
-    return out
+    getattr(_C, kernel + _GELU_SUFFIX[x.dtype])(flat(x), flat(grad), flat(upstream), *(flat(o) for o in outs),
+                                                torch.get_num_threads())
+    return outs
 
 
 class _HardsigmoidRule(_ElementwiseRule):
@@ -182,6 +193,10 @@ class _ElementwiseInputGrad(torch.autograd.Function):
     def backward(ctx, upstream: torch.Tensor):
         grad_out, saved = ctx.saved_tensors
         rule, arg = ctx.rule, ctx.arg
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            both = rule.both(upstream, grad_out, saved, arg)
+            if both is not None:
+                return both[0], both[1], None, None
         gg_out = rule.vjp(upstream, saved, arg) if ctx.needs_input_grad[0] else None
         gg_saved = rule.saved_term(upstream, grad_out, saved, arg) if ctx.needs_input_grad[1] else None
         return gg_out, gg_saved, None, None

@@ -19,6 +19,7 @@ from harmonizer_fast.training.double_backward import fast_double_backward
 from tests.training._kernels import KERNEL_PATHS, kernel_path
 
 DEVICE = torch.device(os.environ.get("HF_TEST_DEVICE", "cpu"))
+GELU_KERNELS = ("gelu_second_order_term", "gelu_double_backward")
 
 
 def _randn(*shape, gen, requires_grad=True, scale=1.0):
@@ -119,7 +120,7 @@ def test_softmax_second_order_matches_native(dim):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_gelu_second_order_matches_native(approximate, path, monkeypatch):
-    counter = kernel_path(path, monkeypatch, activation_double_backward, "gelu_second_order_term")
+    counter = kernel_path(path, monkeypatch, activation_double_backward, GELU_KERNELS)
     gen = torch.Generator().manual_seed(6)
     x = _randn(4, 7, 5, gen=gen, scale=2.0)
     expected = _second_order(lambda x: F.gelu(x, approximate=approximate), (x,))
@@ -130,9 +131,27 @@ def test_gelu_second_order_matches_native(approximate, path, monkeypatch):
         assert counter.calls == (1 if approximate == "none" else 0)  # the tanh form stays in torch ops
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gelu_saved_term_alone_with_a_constant_output_gradient(dtype, monkeypatch):
+    # an output gradient that needs no gradient itself: only the x-term is wanted (its own kernel)
+    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, "gelu_second_order_term")
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(3, 40, generator=gen, dtype=dtype) * 3).to(DEVICE).requires_grad_(True)
+    weights = torch.randn(3, 40, generator=gen, dtype=dtype).to(DEVICE)
+
+    def second(gelu):
+        (g,) = torch.autograd.grad(gelu(x), x, weights, create_graph=True)
+        return torch.autograd.grad((g ** 3).sum(), x)[0]
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(second(gelu_fast_double_backward), second(F.gelu), rtol=tol, atol=tol)
+    if DEVICE.type == "cpu":
+        assert counter.calls == 1
+
+
 def test_gelu_fused_kernel_float32_mlp_shape(monkeypatch):
     # a ViT MLP's hidden activations in float32 (several threads' worth, |x| up to ~13)
-    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, "gelu_second_order_term")
+    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, GELU_KERNELS)
     gen = torch.Generator().manual_seed(8)
     x = (torch.randn(2, 197, 96, generator=gen) * 3).to(DEVICE).requires_grad_(True)
     expected = _second_order(F.gelu, (x,))
@@ -144,7 +163,7 @@ def test_gelu_fused_kernel_float32_mlp_shape(monkeypatch):
 def test_gelu_non_contiguous_input_stays_on_the_torch_formula(monkeypatch):
     # ConvNeXt's blocks run GELU on permuted (non-contiguous) activations: copying them for the
     # C++ pass cost more than it saved, so the torch formula runs there, with the same result
-    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, "gelu_second_order_term")
+    counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, GELU_KERNELS)
     gen = torch.Generator().manual_seed(10)
     base = _randn(2, 6, 5, 4, gen=gen, scale=2.0)
     permuted = lambda t: t.permute(0, 2, 3, 1)
