@@ -159,27 +159,45 @@ void both_block_f64(const double* x, const double* g, const double* u, double* o
 template <typename T>
 using Arr = py::array_t<T, py::array::c_style>;
 
+// A C-contiguous array of T (outputs are written in place: a converted copy would lose them).
+template <typename T>
+Arr<T> exact_array(py::object o, const char* fn, const char* name) {
+  if (!Arr<T>::check_(o))
+    throw std::invalid_argument(std::string(fn) + ": `" + name + "` must be a C-contiguous array of one float dtype");
+  return o.cast<Arr<T>>();
+}
+
+inline bool has_avx512() {
+#ifdef HF_HAVE_AVX512_EXP
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+#else
+  return false;
+#endif
+}
+
+// Runs block(begin, end) over [0, n) on up to num_threads threads, without the GIL.
+template <typename Block>
+void run_blocks(int64_t n, int num_threads, Block&& block) {
+  const int threads = threads_for(num_threads, n, n);
+  py::gil_scoped_release release;
+  parallel_ranges(n, threads, 16, [&](int64_t begin, int64_t end, int) { block(begin, end); });
+}
+
 template <typename T>
 void gelu_second_order_term(py::object x_obj, py::object g_obj, py::object u_obj, py::object out_obj, int num_threads) {
-  auto exact = [](py::object o, const char* name) {
-    if (!Arr<T>::check_(o))
-      throw std::invalid_argument(std::string("gelu_second_order_term: `") + name +
-                                  "` must be a C-contiguous array of one float dtype");
-    return o.cast<Arr<T>>();
-  };
-  Arr<T> x = exact(x_obj, "x"), g = exact(g_obj, "grad"), u = exact(u_obj, "upstream"), out = exact(out_obj, "out");
+  const char* fn = "gelu_second_order_term";
+  Arr<T> x = exact_array<T>(x_obj, fn, "x"), g = exact_array<T>(g_obj, fn, "grad");
+  Arr<T> u = exact_array<T>(u_obj, fn, "upstream"), out = exact_array<T>(out_obj, fn, "out");
   const int64_t n = x.size();
   if (g.size() != n || u.size() != n || out.size() != n)
     throw std::invalid_argument("gelu_second_order_term: `x`, `grad`, `upstream` and `out` must have the same size");
   const T *px = x.data(), *pg = g.data(), *pu = u.data();
   T* po = out.mutable_data();
-  const int threads = threads_for(num_threads, n, n);
-  py::gil_scoped_release release;
-  parallel_ranges(n, threads, 16, [&](int64_t begin, int64_t end, int) {
+  run_blocks(n, num_threads, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same<T, float>::value) {
 #ifdef HF_HAVE_AVX512_EXP
-      static const bool avx512 = __builtin_cpu_supports("avx512f");
-      if (avx512) return block_f32_avx512(px, pg, pu, po, begin, end);
+      if (has_avx512()) return block_f32_avx512(px, pg, pu, po, begin, end);
 #endif
       block_f32_default(px, pg, pu, po, begin, end);
     } else {
@@ -188,30 +206,22 @@ void gelu_second_order_term(py::object x_obj, py::object g_obj, py::object u_obj
   });
 }
 
-
 template <typename T>
 void gelu_double_backward(py::object x_obj, py::object g_obj, py::object u_obj, py::object og_obj, py::object ox_obj,
                           int num_threads) {
-  auto exact = [](py::object o, const char* name) {
-    if (!Arr<T>::check_(o))
-      throw std::invalid_argument(std::string("gelu_double_backward: `") + name +
-                                  "` must be a C-contiguous array of one float dtype");
-    return o.cast<Arr<T>>();
-  };
-  Arr<T> x = exact(x_obj, "x"), g = exact(g_obj, "grad"), u = exact(u_obj, "upstream");
-  Arr<T> og = exact(og_obj, "out_grad"), ox = exact(ox_obj, "out_x");
+  const char* fn = "gelu_double_backward";
+  Arr<T> x = exact_array<T>(x_obj, fn, "x"), g = exact_array<T>(g_obj, fn, "grad");
+  Arr<T> u = exact_array<T>(u_obj, fn, "upstream");
+  Arr<T> og = exact_array<T>(og_obj, fn, "out_grad"), ox = exact_array<T>(ox_obj, fn, "out_x");
   const int64_t n = x.size();
   if (g.size() != n || u.size() != n || og.size() != n || ox.size() != n)
     throw std::invalid_argument("gelu_double_backward: all arrays must have the same size");
   const T *px = x.data(), *pg = g.data(), *pu = u.data();
   T *pog = og.mutable_data(), *pox = ox.mutable_data();
-  const int threads = threads_for(num_threads, n, n);
-  py::gil_scoped_release release;
-  parallel_ranges(n, threads, 16, [&](int64_t begin, int64_t end, int) {
+  run_blocks(n, num_threads, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same<T, float>::value) {
 #ifdef HF_HAVE_AVX512_EXP
-      static const bool avx512 = __builtin_cpu_supports("avx512f");
-      if (avx512) return both_block_f32_avx512(px, pg, pu, pog, pox, begin, end);
+      if (has_avx512()) return both_block_f32_avx512(px, pg, pu, pog, pox, begin, end);
 #endif
       both_block_f32_default(px, pg, pu, pog, pox, begin, end);
     } else {
