@@ -6,8 +6,8 @@
 //   forward:              P = softmax(s Q K^T + B), O = P V
 //   input_grad:           dV = P^T G, E = G V^T - <G, O>, dS = P * E, dQ = s dS K, dK = s dS^T Q
 //   input_grad_backward:  E as above (recomputed: one product of the slice in cache is cheaper
-//                         than a P-sized tensor kept from the saliency pass, whose fresh pages
-//                         alone cost ~2.4 ms per ViT-Tiny layer on this VM),
+//                         than a P-sized tensor kept from the saliency pass: the saliency pass
+//                         with fresh output tensors took 5.4 ms per ViT-Tiny layer, 3.0 reused),
 //                         W = s (U_Q K^T + Q U_K^T) + U_S, W_c = W - <W, P>, Z = P * W_c,
 //                         G' = Z V + P U_V, V' = Z^T G, Q' = s dS U_K, K' = s dS^T U_Q,
 //                         P' = G U_V^T + W_c * E; with fold_p (no bias gradient wanted) P' goes
@@ -20,7 +20,7 @@
 // Torch runs each product over all slices at once, so the (L x S)-sized temporaries (W, Z, dS,
 // ...: 24 slices of 197 x 197 are 3.7 MB per ViT-Tiny layer) go to memory between products. Here
 // each thread takes whole slices and runs all products of a slice (single-threaded GEMMs) while
-// its L x S blocks stay in the core's L2 cache; only P, E and the small operands are read.
+// its L x S blocks stay in the core's L2 cache; only P and the small operands are read.
 //
 // The GEMMs are the BLAS torch itself uses (MKL's Fortran sgemm_/dgemm_ in libtorch_cpu), found
 // by the Python side and handed over once with set_blas(); without them the Python side keeps
