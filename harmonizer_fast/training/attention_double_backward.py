@@ -292,7 +292,7 @@ class AttentionFunction(torch.autograd.Function):
         q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
         scores_shape = q.shape[:-1] + (k.shape[-2],)
         suffix = _slice_kernels(q3, k3, v3)
-        if suffix is not None and (bias is None or bias.device == q.device):
+        if suffix is not None and (bias is None or (bias.device == q.device and bias.dtype == q.dtype)):
             full_bias = None if bias is None else bias.expand(scores_shape).contiguous().view(-1, *scores_shape[-2:])
             out3 = q3.new_empty(q3.shape[:-1] + (v3.shape[-1],))
             probs = q3.new_empty((q3.shape[0], q3.shape[1], k3.shape[1]))
