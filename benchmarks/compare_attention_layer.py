@@ -2,7 +2,8 @@
 
 The harmonized step runs, per attention layer, the forward, the saliency pass (the input
 gradient of q, k, v with ``create_graph=True``) and the backward of a loss of both. This times that
-flow for the closed-form attention of ``fast_double_backward`` and for native math attention,
+flow for the closed-form attention of ``fast_double_backward`` (its C++ slice kernels, the
+default on the CPU, and its torch formulas, the fallback elsewhere) and for native math attention,
 against the plain step's work (the fused flash forward and backward), on the shapes of one
 ViT-Tiny and one ViT-B/16 layer (batch 8, 197 tokens). Before every run a 64 MB buffer is written,
 so no operand starts in L2, as inside a real step.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks._timing import Comparison, format_table, measure
+from harmonizer_fast.training import attention_double_backward
 from harmonizer_fast.training.attention_double_backward import scaled_dot_product_attention_fast_double_backward
 
 #: (label, heads, tokens, head dim): one layer of each model at 224 px
@@ -31,14 +33,22 @@ def _math_attention(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def _harmonized_flow(attention: Callable, q, k, v, grad_out) -> Callable[[], None]:
-    """Forward, the saliency pass, and the backward of a loss of the output and the saliency."""
+def _harmonized_flow(attention: Callable, q, k, v, grad_out, slice_kernels: bool = True) -> Callable[[], None]:
+    """Forward, the saliency pass, and the backward of a loss of the output and the saliency;
+    ``slice_kernels=False``: the closed form's torch formulas (as on a GPU or without the
+    extension) for the whole flow."""
 
     def run():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = attention(*leaves)
-        saliency = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
-        (sum(g.square().sum() for g in saliency) + out.square().sum()).backward()
+        kernels = attention_double_backward._C
+        if not slice_kernels:
+            attention_double_backward._C = None
+        try:
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out = attention(*leaves)
+            saliency = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
+            (sum(g.square().sum() for g in saliency) + out.square().sum()).backward()
+        finally:
+            attention_double_backward._C = kernels
 
     return run
 
@@ -62,8 +72,11 @@ def compare(quick: bool = False, repeats: Optional[int] = None, batch: int = 8) 
         base = timed("plain step's attention (flash forward + backward)", _plain_flow(q, k, v, grad_out))
         fast = timed("harmonized, closed form (Trainer)",
                      _harmonized_flow(scaled_dot_product_attention_fast_double_backward, q, k, v, grad_out))
+        formulas = timed("harmonized, closed form, torch formulas",
+                         _harmonized_flow(scaled_dot_product_attention_fast_double_backward, q, k, v, grad_out,
+                                          slice_kernels=False))
         native = timed("harmonized, native math attention", _harmonized_flow(_math_attention, q, k, v, grad_out))
-        comparisons.append(Comparison(f"{label} b{batch}", base, [fast, native],
+        comparisons.append(Comparison(f"{label} b{batch}", base, [fast, formulas, native],
                                       note="speed-up < 1: cost over the plain step's attention"))
     title = f"One attention layer: harmonized flow vs the plain step's (CPU, {torch.get_num_threads()} threads)"
     return title, comparisons
