@@ -252,8 +252,7 @@ template <typename T>
 void softmax_rows(T* x, int rows, int n, bool safe) {
 #ifdef HF_HAVE_AVX512_EXP
   if constexpr (std::is_same<T, float>::value) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return softmax_rows_avx512(x, rows, n, safe);
+    if (use_avx512()) return softmax_rows_avx512(x, rows, n, safe);
   }
 #endif
   for (int i = 0; i < rows; ++i) softmax_row<T>(x + size_t(i) * n, n, safe);

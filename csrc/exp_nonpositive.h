@@ -28,6 +28,18 @@ __attribute__((always_inline)) inline float exp_nonpositive(float a) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HF_HAVE_AVX512_EXP 1
+
+// Whether the AVX-512 forms may run (the CPU has them and avx512_allowed() is true; tests turn
+// it off through _C.set_avx512_allowed to run the portable forms on an AVX-512 machine too).
+inline bool& avx512_allowed() {
+  static bool allowed = true;
+  return allowed;
+}
+inline bool use_avx512() {
+  static const bool present = __builtin_cpu_supports("avx512f");
+  return present && avx512_allowed();
+}
+
 // The same reduction and polynomial, 16 floats at a time (GCC vectorizes the scalar form only
 // for SSE2, 4 floats). k rounds to nearest here (the scalar form truncates a - 1/2), so the two
 // may differ in the last bit.

@@ -167,15 +167,6 @@ Arr<T> exact_array(py::object o, const char* fn, const char* name) {
   return o.cast<Arr<T>>();
 }
 
-inline bool has_avx512() {
-#ifdef HF_HAVE_AVX512_EXP
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512;
-#else
-  return false;
-#endif
-}
-
 // Runs block(begin, end) over [0, n) on up to num_threads threads, without the GIL.
 template <typename Block>
 void run_blocks(int64_t n, int num_threads, Block&& block) {
@@ -197,7 +188,7 @@ void gelu_second_order_term(py::object x_obj, py::object g_obj, py::object u_obj
   run_blocks(n, num_threads, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same<T, float>::value) {
 #ifdef HF_HAVE_AVX512_EXP
-      if (has_avx512()) return block_f32_avx512(px, pg, pu, po, begin, end);
+      if (use_avx512()) return block_f32_avx512(px, pg, pu, po, begin, end);
 #endif
       block_f32_default(px, pg, pu, po, begin, end);
     } else {
@@ -221,7 +212,7 @@ void gelu_double_backward(py::object x_obj, py::object g_obj, py::object u_obj, 
   run_blocks(n, num_threads, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same<T, float>::value) {
 #ifdef HF_HAVE_AVX512_EXP
-      if (has_avx512()) return both_block_f32_avx512(px, pg, pu, pog, pox, begin, end);
+      if (use_avx512()) return both_block_f32_avx512(px, pg, pu, pog, pox, begin, end);
 #endif
       both_block_f32_default(px, pg, pu, pog, pox, begin, end);
     } else {

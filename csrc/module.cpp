@@ -1,6 +1,8 @@
 // Entry point of harmonizer_fast._C: each csrc/*.cpp file exposes a register_* function.
 #include <pybind11/pybind11.h>
 
+#include "exp_nonpositive.h"
+
 #ifdef HF_HAVE_OPENMP
 #include <omp.h>
 #endif
@@ -25,6 +27,18 @@ PYBIND11_MODULE(_C, m) {
     return 1;
 #endif
   });
+  m.def(
+      "set_avx512_allowed",
+      [](bool allowed) {
+#ifdef HF_HAVE_AVX512_EXP
+        avx512_allowed() = allowed;
+#else
+        (void)allowed;
+#endif
+      },
+      py::arg("allowed"),
+      "Allow (default) or forbid the AVX-512 forms of the GELU and attention kernels; forbidding "
+      "runs the portable forms, which tests compare on AVX-512 machines too.");
   // register_* calls
   register_crc32c(m);
   register_metrics(m);

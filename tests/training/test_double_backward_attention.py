@@ -22,6 +22,21 @@ DEVICE = torch.device(os.environ.get("HF_TEST_DEVICE", "cpu"))
 GELU_KERNELS = ("gelu_second_order_term", "gelu_double_backward")
 
 
+@pytest.fixture(params=["avx512 where present", "portable"])
+def vector_forms(request):
+    """Runs a float32 kernel test with the AVX-512 forms allowed, then with only the portable
+    ones (which CPUs without AVX-512 run)."""
+    from harmonizer_fast._ext import _C
+
+    if request.param == "portable":
+        if _C is None:
+            pytest.skip("the C++ extension is not built")
+        _C.set_avx512_allowed(False)
+    yield request.param
+    if _C is not None:
+        _C.set_avx512_allowed(True)
+
+
 def _randn(*shape, gen, requires_grad=True, scale=1.0):
     t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
     return t.to(DEVICE).requires_grad_(requires_grad)
@@ -132,7 +147,7 @@ def test_gelu_second_order_matches_native(approximate, path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gelu_saved_term_alone_with_a_constant_output_gradient(dtype, monkeypatch):
+def test_gelu_saved_term_alone_with_a_constant_output_gradient(dtype, monkeypatch, vector_forms):
     # an output gradient that needs no gradient itself: only the x-term is wanted (its own kernel)
     counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, "gelu_second_order_term")
     gen = torch.Generator().manual_seed(9)
@@ -149,7 +164,7 @@ def test_gelu_saved_term_alone_with_a_constant_output_gradient(dtype, monkeypatc
         assert counter.calls == 1
 
 
-def test_gelu_fused_kernel_float32_mlp_shape(monkeypatch):
+def test_gelu_fused_kernel_float32_mlp_shape(monkeypatch, vector_forms):
     # a ViT MLP's hidden activations in float32 (several threads' worth, |x| up to ~13)
     counter = kernel_path("fused kernel", monkeypatch, activation_double_backward, GELU_KERNELS)
     gen = torch.Generator().manual_seed(8)
@@ -321,7 +336,7 @@ def test_timm_vit_matches_native_gradients(fused_attn):
     assert routed  # the block ran under the mode
 
 
-def test_attention_slice_kernels_float32_vit_shape(monkeypatch):
+def test_attention_slice_kernels_float32_vit_shape(monkeypatch, vector_forms):
     # a ViT layer's attention in float32 (8 heads of 197 tokens: both threads' worth of slices),
     # through the C++ slice kernels and through the torch formulas
     if attention_double_backward._C is None or DEVICE.type != "cpu":
@@ -373,7 +388,7 @@ def test_attention_slice_kernels_name_a_bad_argument():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("safe", [True, False])
-def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch):
+def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch, vector_forms):
     # rows with a NaN score, a +inf score, only -inf scores (masked out) and a -inf among finite
     # ones; 21 keys: a 16-wide vector block and a tail
     gen = torch.Generator().manual_seed(12)
