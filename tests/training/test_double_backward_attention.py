@@ -426,3 +426,20 @@ def test_attention_with_no_keys_runs_natively():
     with fast_double_backward():
         out = F.scaled_dot_product_attention(q, k, v)
     assert out.shape == (2, 3, 5) and not out.abs().sum()
+
+
+def test_attention_blas_that_disagrees_with_torch_is_not_used(monkeypatch):
+    # the one-time check computes a small backward with the found GEMMs and with torch: any
+    # disagreement (an ABI mismatch, say) leaves the torch formulas in charge
+    if attention_double_backward._C is None:
+        pytest.skip("the C++ extension is not built")
+    real = attention_double_backward._slice_backward
+    monkeypatch.setattr(attention_double_backward, "_BLAS_STATE", {})
+    monkeypatch.setattr(attention_double_backward, "_slice_backward",
+                        lambda *args: tuple(None if t is None else t + 1e-3 for t in real(*args)))
+    assert attention_double_backward._find_blas() is False
+    assert attention_double_backward._slice_kernels(torch.ones(2, 2, 2)) is None
+    # hand the real GEMMs back for the tests that follow (the check cleared them in C++)
+    monkeypatch.setattr(attention_double_backward, "_slice_backward", real)
+    monkeypatch.setattr(attention_double_backward, "_BLAS_STATE", {})
+    assert attention_double_backward._find_blas() is True
