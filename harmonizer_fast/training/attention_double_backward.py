@@ -129,7 +129,7 @@ def _find_blas() -> bool:
             lib = ctypes.CDLL(path)
             addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in ("sgemm_", "dgemm_")]
             break
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # TypeError: no process-wide handle (Windows)
             continue
     if addresses is None:
         return False
