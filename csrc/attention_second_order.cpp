@@ -80,6 +80,14 @@ inline T dot(const T* a, const T* b, int n) {
   return acc;
 }
 
+// One row of the softmax Jacobian-vector product in place: t = p * (t - <t, p>).
+template <typename T>
+inline void softmax_vjp_row(T* t, const T* p, int n) {
+  const T c = dot<T>(t, p, n);
+#pragma omp simd
+  for (int j = 0; j < n; ++j) t[j] = p[j] * (t[j] - c);
+}
+
 // E = G V^T - <G, O> (rows of the slice) into `out`; with `times_p`, dS = P * E instead.
 template <typename T>
 inline void scores_grad(const T* G, const T* V, const T* O, const T* P, int L, int S, int Ev, T* out, bool times_p) {
@@ -384,13 +392,7 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T
     }
     const bool fold_here = fold_p && has_p;
     if (fold_here) {  // P' through the softmax here: T' = P (P' - <P', P>), Q' += s T' K, K' += s T'^T Q
-      for (int i = 0; i < L; ++i) {
-        T* tr = Pbar + i * S;
-        const T* pr = P + i * S;
-        const T c = dot<T>(tr, pr, S);
-#pragma omp simd
-        for (int j = 0; j < S; ++j) tr[j] = pr[j] * (tr[j] - c);
-      }
+      for (int i = 0; i < L; ++i) softmax_vjp_row<T>(Pbar + i * S, P + i * S, S);
       gemm<T>(false, false, L, E, S, s, Pbar, S, K, E, UK ? 1 : 0, oq + b * L * E, E);
       gemm<T>(true, false, S, E, L, s, Pbar, S, Q, E, UQ ? 1 : 0, ok + b * S * E, E);
     }
@@ -432,9 +434,7 @@ void backward(py::object g, py::object grad_p, Arr<T> q, Arr<T> k, Arr<T> v, Arr
       } else if (GP) {
         std::copy(GP + i * S, GP + (i + 1) * S, tr);
       }
-      const T c = dot<T>(tr, pr, S);
-#pragma omp simd
-      for (int j = 0; j < S; ++j) tr[j] = pr[j] * (tr[j] - c);
+      softmax_vjp_row<T>(tr, pr, S);
     }
     if (oq) gemm<T>(false, false, L, E, S, s, Tm, S, K, E, 0, oq + b * L * E, E);  // dQ = s T K
     if (ok) gemm<T>(true, false, S, E, L, s, Tm, S, Q, E, 0, ok + b * S * E, E);   // dK = s T^T Q

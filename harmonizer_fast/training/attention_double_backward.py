@@ -344,18 +344,16 @@ class AttentionFunction(torch.autograd.Function):
         if _slice_kernels(g, grad_p, q3, k3, v3, probs) is not None:
             grad_q, grad_k, grad_v, t = _slice_backward(g, grad_p, q3, k3, v3, probs, scale, need_q, need_k,
                                                         need_v, need_bias)
-            view = lambda x, shape: None if x is None else x.view(shape)
-            grad_bias = None if t is None else t.view(q.shape[:-1] + (k.shape[-2],)).sum_to_size(ctx.bias_shape)
-            return view(grad_q, q.shape), view(grad_k, k.shape), view(grad_v, v.shape), grad_bias, None, None
-        if g is not None:
-            grad_p = _bmm(g, v3.transpose(1, 2), add=grad_p)
-        t = softmax_vjp(grad_p, probs)
-        grad_q = _bmm(t, k3, scale).view(q.shape) if need_q else None
-        grad_k = _bmm(t.transpose(1, 2), q3, scale).view(k.shape) if need_k else None
-        grad_v = torch.bmm(probs.transpose(1, 2), g).view(v.shape) if need_v and g is not None else None
+        else:
+            if g is not None:
+                grad_p = _bmm(g, v3.transpose(1, 2), add=grad_p)
+            t = softmax_vjp(grad_p, probs)
+            grad_q = _bmm(t, k3, scale) if need_q else None
+            grad_k = _bmm(t.transpose(1, 2), q3, scale) if need_k else None
+            grad_v = torch.bmm(probs.transpose(1, 2), g) if need_v and g is not None else None
+        view = lambda x, shape: None if x is None else x.view(shape)
         grad_bias = t.view(q.shape[:-1] + (k.shape[-2],)).sum_to_size(ctx.bias_shape) if need_bias else None
-        return grad_q, grad_k, grad_v, grad_bias, None, None
-
+        return view(grad_q, q.shape), view(grad_k, k.shape), view(grad_v, v.shape), grad_bias, None, None
 
 _SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
          ("is_causal", False), ("scale", None), ("enable_gqa", False))
