@@ -24,7 +24,8 @@
 //
 // The GEMMs are the BLAS torch itself uses (MKL's Fortran sgemm_/dgemm_ in libtorch_cpu), found
 // by the Python side and handed over once with set_blas(); without them the Python side keeps
-// the torch formulas. All arrays are C-contiguous (slices, rows, cols) of one float dtype.
+// the torch formulas. Arrays of P's size (P, bias, dS, U_S, P', T) are C-contiguous (slices, L, S);
+// the others are 4-D (outer, inner, rows, cols) strided views (Slices), all of one float dtype.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -88,14 +89,15 @@ inline void softmax_vjp_row(T* t, const T* p, int n) {
   for (int j = 0; j < n; ++j) t[j] = p[j] * (t[j] - c);
 }
 
-// E = G V^T - <G, O> (rows of the slice) into `out`; with `times_p`, dS = P * E instead.
+// E = G V^T - <G, O> (rows of the slice) into `out` (rows of S); with `times_p`, dS = P * E instead.
 template <typename T>
-inline void scores_grad(const T* G, const T* V, const T* O, const T* P, int L, int S, int Ev, T* out, bool times_p) {
-  gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, 0, out, S);  // dP = G V^T
+inline void scores_grad(const T* G, int ldg, const T* V, int ldv, const T* O, int ldo, const T* P, int L, int S,
+                        int Ev, T* out, bool times_p) {
+  gemm<T>(false, true, L, S, Ev, 1, G, ldg, V, ldv, 0, out, S);  // dP = G V^T
   for (int i = 0; i < L; ++i) {
-    const T c = dot(G + i * Ev, O + i * Ev, Ev);
-    T* er = out + i * S;
-    const T* pr = P + i * S;
+    const T c = dot(G + size_t(i) * ldg, O + size_t(i) * ldo, Ev);
+    T* er = out + size_t(i) * S;
+    const T* pr = P + size_t(i) * S;
     if (times_p) {
 #pragma omp simd
       for (int j = 0; j < S; ++j) er[j] = pr[j] * (er[j] - c);
@@ -109,11 +111,66 @@ inline void scores_grad(const T* G, const T* V, const T* O, const T* P, int L, i
 template <typename T>
 using Arr = py::array_t<T, py::array::c_style>;
 
+// Slice b of a 4-D array (outer, inner, rows, cols) with any non-negative strides and unit column
+// stride: (b / inner, b % inner). q, k, v, O, G and their gradients come this way, so that views
+// of one (tokens, 3, heads, head_dim) tensor (timm's qkv.unbind(0)) and transposed gradients need
+// no copy: each slice is a matrix with leading dimension `ld` for the GEMMs.
+template <typename T>
+struct Slices {
+  T* data = nullptr;
+  int64_t inner = 1, outer_stride = 0, inner_stride = 0;
+  int ld = 1;
+  T* at(int64_t b) const { return data + (b / inner) * outer_stride + (b % inner) * inner_stride; }
+  explicit operator bool() const { return data != nullptr; }
+};
+
 struct Dims {
-  int64_t slices;
+  int64_t slices, outer, inner;
   int l, s, e, ev;
 };
 
+// `o` as Slices of `rows` x `cols` (None -> empty unless `required`); an output must be writeable
+// (a converted copy would lose what is written).
+template <typename T>
+Slices<T> slices(py::handle o, const Dims& d, int64_t rows, int64_t cols, const char* fn, const char* name,
+                 bool output, bool required) {
+  Slices<T> r;
+  if (o.is_none()) {
+    if (required) throw std::invalid_argument(std::string(fn) + ": `" + name + "` is needed");
+    return r;
+  }
+  if (!py::array_t<T>::check_(o))
+    throw std::invalid_argument(std::string(fn) + ": `" + name + "` must be an array of the inputs' dtype");
+  auto a = py::reinterpret_borrow<py::array>(o);
+  if (a.ndim() != 4 || a.shape(0) != d.outer || a.shape(1) != d.inner || a.shape(2) != rows || a.shape(3) != cols)
+    throw std::invalid_argument(std::string(fn) + ": `" + name + "` must be (" + std::to_string(d.outer) + ", " +
+                                std::to_string(d.inner) + ", " + std::to_string(rows) + ", " +
+                                std::to_string(cols) + ")");
+  const auto item = py::ssize_t(sizeof(T));
+  for (int i = 0; i < 4; ++i)
+    if (a.strides(i) < 0 || a.strides(i) % item)
+      throw std::invalid_argument(std::string(fn) + ": `" + name +
+                                  "` needs non-negative strides in whole items");
+  const int64_t row = a.strides(2) / item, col = a.strides(3) / item;
+  if ((cols > 1 && col != 1) || (rows > 1 && row < cols))
+    throw std::invalid_argument(std::string(fn) + ": `" + name +
+                                "` needs a unit column stride and a row stride of at least its columns");
+  if (output && !a.writeable()) throw std::invalid_argument(std::string(fn) + ": `" + name + "` is read-only");
+  r.data = static_cast<T*>(const_cast<void*>(a.data()));
+  r.inner = d.inner;
+  r.outer_stride = a.strides(0) / item;
+  r.inner_stride = a.strides(1) / item;
+  r.ld = int(std::max<int64_t>(1, rows > 1 ? row : cols));
+  return r;
+}
+
+// rows x cols of a strided slice set to zero
+template <typename T>
+void zero_rows(T* x, int rows, int cols, int ld) {
+  for (int i = 0; i < rows; ++i) std::fill(x + size_t(i) * ld, x + size_t(i) * ld + cols, T(0));
+}
+
+// The (slices, rows, cols) C-contiguous arrays of P's size: P, the bias, dS, U_S, P', T.
 template <typename T>
 const T* in(const Arr<T>& a, int64_t slices, int64_t rows, int64_t cols, const char* fn, const char* name) {
   if (a.ndim() != 3 || a.shape(0) != slices || a.shape(1) != rows || a.shape(2) != cols)
@@ -122,7 +179,7 @@ const T* in(const Arr<T>& a, int64_t slices, int64_t rows, int64_t cols, const c
   return a.data();
 }
 
-// An optional array: None -> nullptr; outputs must be exact (a converted copy would lose them).
+// An optional P-sized array: None -> nullptr; outputs must be exact (a converted copy would lose them).
 template <typename T>
 T* opt(py::object o, int64_t slices, int64_t rows, int64_t cols, const char* fn, const char* name) {
   if (o.is_none()) return nullptr;
@@ -133,14 +190,21 @@ T* opt(py::object o, int64_t slices, int64_t rows, int64_t cols, const char* fn,
   return const_cast<T*>(a.data());
 }
 
+// q (outer, inner, L, E), k (outer, inner, S, E), v (outer, inner, S, Ev) as Slices, and their sizes.
 template <typename T>
-Dims check(const Arr<T>& q, const Arr<T>& k, const Arr<T>& v, const char* fn) {
+Dims check(py::handle q, py::handle k, py::handle v, const char* fn, Slices<T>* sq, Slices<T>* sk, Slices<T>* sv) {
   if (blas<T>() == nullptr) throw std::runtime_error(std::string(fn) + ": no BLAS set (set_blas)");
-  if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
-    throw std::invalid_argument(std::string(fn) + ": q, k, v must be (slices, rows, cols)");
-  Dims d{q.shape(0), int(q.shape(1)), int(k.shape(1)), int(q.shape(2)), int(v.shape(2))};
-  in<T>(k, d.slices, d.s, d.e, fn, "k");
-  in<T>(v, d.slices, d.s, d.ev, fn, "v");
+  for (auto [a, name] : {std::pair<py::handle, const char*>{q, "q"}, {k, "k"}, {v, "v"}})
+    if (!py::array_t<T>::check_(a) || py::reinterpret_borrow<py::array>(a).ndim() != 4)
+      throw std::invalid_argument(std::string(fn) + ": `" + name +
+                                  "` must be an array (outer, inner, rows, cols) of one float dtype");
+  auto aq = py::reinterpret_borrow<py::array>(q), ak = py::reinterpret_borrow<py::array>(k),
+       av = py::reinterpret_borrow<py::array>(v);
+  Dims d{aq.shape(0) * aq.shape(1), aq.shape(0), aq.shape(1), int(aq.shape(2)), int(ak.shape(2)),
+         int(aq.shape(3)), int(av.shape(3))};
+  *sq = slices<T>(q, d, d.l, d.e, fn, "q", false, true);
+  *sk = slices<T>(k, d, d.s, d.e, fn, "k", false, true);
+  *sv = slices<T>(v, d, d.s, d.ev, fn, "v", false, true);
   return d;
 }
 
@@ -267,103 +331,103 @@ void softmax_rows(T* x, int rows, int n, bool safe) {
 }
 
 template <typename T>
-void forward(Arr<T> q, Arr<T> k, Arr<T> v, py::object bias, double scale, bool safe, py::object out,
+void forward(py::object q, py::object k, py::object v, py::object bias, double scale, bool safe, py::object out,
              py::object out_p, int threads) {
   const char* fn = "attention_forward";
-  const Dims d = check<T>(q, k, v, fn);
+  Slices<T> Q, K, V;
+  const Dims d = check<T>(q, k, v, fn, &Q, &K, &V);
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
   const int64_t n = d.slices;
-  const T *pq = q.data(), *pk = k.data(), *pv = v.data();
   const T* pb = opt<T>(bias, n, L, S, fn, "bias");
-  T* oo = opt<T>(out, n, L, Ev, fn, "out");
+  const Slices<T> O = slices<T>(out, d, L, Ev, fn, "out", true, true);
   T* op = opt<T>(out_p, n, L, S, fn, "out_p");
-  if (!oo || !op) throw std::invalid_argument(std::string(fn) + ": out and out_p are needed");
+  if (!op) throw std::invalid_argument(std::string(fn) + ": `out_p` is needed");
   const T s = T(scale);
+  const size_t block = size_t(L) * S;
   for_slices<T>(n, threads, 0, [&](int64_t b, T*) {
-    const T *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
-    T* P = op + b * L * S;
-    if (pb) std::copy(pb + b * L * S, pb + (b + 1) * L * S, P);
-    gemm<T>(false, true, L, S, E, s, Q, E, K, E, pb ? 1 : 0, P, S);  // S = s Q K^T + B
+    T* P = op + b * block;
+    if (pb) std::copy(pb + b * block, pb + (b + 1) * block, P);
+    gemm<T>(false, true, L, S, E, s, Q.at(b), Q.ld, K.at(b), K.ld, pb ? 1 : 0, P, S);  // S = s Q K^T + B
     softmax_rows<T>(P, L, S, safe);
-    gemm<T>(false, false, L, Ev, S, 1, P, S, V, Ev, 0, oo + b * L * Ev, Ev);  // O = P V
+    gemm<T>(false, false, L, Ev, S, 1, P, S, V.at(b), V.ld, 0, O.at(b), O.ld);  // O = P V
   });
 }
 
 template <typename T>
-void input_grad(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, double scale, py::object out_q,
-                py::object out_k, py::object out_v, py::object out_s, int threads) {
+void input_grad(py::object g, py::object q, py::object k, py::object v, py::object o, Arr<T> p, double scale,
+                py::object out_q, py::object out_k, py::object out_v, py::object out_s, int threads) {
   const char* fn = "attention_input_grad";
-  const Dims d = check<T>(q, k, v, fn);
+  Slices<T> Q, K, V;
+  const Dims d = check<T>(q, k, v, fn, &Q, &K, &V);
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
-  const T *pg = in<T>(g, d.slices, L, Ev, fn, "g"), *pq = q.data(), *pk = k.data(), *pv = v.data();
-  const T *po = in<T>(o, d.slices, L, Ev, fn, "o"), *pp = in<T>(p, d.slices, L, S, fn, "p");
-  T* oq = opt<T>(out_q, d.slices, L, E, fn, "out_q");
-  T* ok = opt<T>(out_k, d.slices, S, E, fn, "out_k");
-  T* ov = opt<T>(out_v, d.slices, S, Ev, fn, "out_v");
+  const Slices<T> G = slices<T>(g, d, L, Ev, fn, "g", false, true), O = slices<T>(o, d, L, Ev, fn, "o", false, true);
+  const T* pp = in<T>(p, d.slices, L, S, fn, "p");
+  const Slices<T> oq = slices<T>(out_q, d, L, E, fn, "out_q", true, true);
+  const Slices<T> ok = slices<T>(out_k, d, S, E, fn, "out_k", true, true);
+  const Slices<T> ov = slices<T>(out_v, d, S, Ev, fn, "out_v", true, true);
   T* os = opt<T>(out_s, d.slices, L, S, fn, "out_s");
-  if (!oq || !ok || !ov) throw std::invalid_argument(std::string(fn) + ": out_q, out_k, out_v are needed");
   const T s = T(scale);
-  for_slices<T>(d.slices, threads, os ? 0 : size_t(L) * S, [&](int64_t b, T* scratch) {
-    const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
-    const T *O = po + b * L * Ev, *P = pp + b * L * S;
-    T* dS = os ? os + b * L * S : scratch;
-    gemm<T>(true, false, S, Ev, L, 1, P, S, G, Ev, 0, ov + b * S * Ev, Ev);  // dV = P^T G
-    scores_grad<T>(G, V, O, P, L, S, Ev, dS, true);                          // dS = P (G V^T - <G, O>)
-    gemm<T>(false, false, L, E, S, s, dS, S, K, E, 0, oq + b * L * E, E);  // dQ = s dS K
-    gemm<T>(true, false, S, E, L, s, dS, S, Q, E, 0, ok + b * S * E, E);   // dK = s dS^T Q
+  const size_t block = size_t(L) * S;
+  for_slices<T>(d.slices, threads, os ? 0 : block, [&](int64_t b, T* scratch) {
+    const T* P = pp + b * block;
+    T* dS = os ? os + b * block : scratch;
+    gemm<T>(true, false, S, Ev, L, 1, P, S, G.at(b), G.ld, 0, ov.at(b), ov.ld);     // dV = P^T G
+    scores_grad<T>(G.at(b), G.ld, V.at(b), V.ld, O.at(b), O.ld, P, L, S, Ev, dS, true);  // dS = P (G V^T - <G, O>)
+    gemm<T>(false, false, L, E, S, s, dS, S, K.at(b), K.ld, 0, oq.at(b), oq.ld);    // dQ = s dS K
+    gemm<T>(true, false, S, E, L, s, dS, S, Q.at(b), Q.ld, 0, ok.at(b), ok.ld);     // dK = s dS^T Q
   });
 }
 
 template <typename T>
-void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T> p, py::object up_q,
-                         py::object up_k, py::object up_v, py::object up_s, double scale, bool fold_p,
+void input_grad_backward(py::object g, py::object q, py::object k, py::object v, py::object o, Arr<T> p,
+                         py::object up_q, py::object up_k, py::object up_v, py::object up_s, double scale, bool fold_p,
                          py::object out_g, py::object out_q, py::object out_k, py::object out_v, py::object out_p,
                          int threads) {
   const char* fn = "attention_input_grad_backward";
-  const Dims d = check<T>(q, k, v, fn);
+  Slices<T> Q, K, V;
+  const Dims d = check<T>(q, k, v, fn, &Q, &K, &V);
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
   const int64_t n = d.slices;
-  const T *pg = in<T>(g, n, L, Ev, fn, "g"), *pq = q.data(), *pk = k.data(), *pv = v.data();
-  const T *pp = in<T>(p, n, L, S, fn, "p"), *po = in<T>(o, n, L, Ev, fn, "o");
-  const T* uq = opt<T>(up_q, n, L, E, fn, "up_q");
-  const T* uk = opt<T>(up_k, n, S, E, fn, "up_k");
-  const T* uv = opt<T>(up_v, n, S, Ev, fn, "up_v");
+  const Slices<T> G = slices<T>(g, d, L, Ev, fn, "g", false, true), O = slices<T>(o, d, L, Ev, fn, "o", false, true);
+  const T* pp = in<T>(p, n, L, S, fn, "p");
+  const Slices<T> UQ = slices<T>(up_q, d, L, E, fn, "up_q", false, false);
+  const Slices<T> UK = slices<T>(up_k, d, S, E, fn, "up_k", false, false);
+  const Slices<T> UV = slices<T>(up_v, d, S, Ev, fn, "up_v", false, false);
   const T* us = opt<T>(up_s, n, L, S, fn, "up_s");
-  T* og = opt<T>(out_g, n, L, Ev, fn, "out_g");
-  T* oq = opt<T>(out_q, n, L, E, fn, "out_q");
-  T* ok = opt<T>(out_k, n, S, E, fn, "out_k");
-  T* ov = opt<T>(out_v, n, S, Ev, fn, "out_v");
+  const Slices<T> og = slices<T>(out_g, d, L, Ev, fn, "out_g", true, false);
+  const Slices<T> oq = slices<T>(out_q, d, L, E, fn, "out_q", true, false);
+  const Slices<T> ok = slices<T>(out_k, d, S, E, fn, "out_k", true, false);
+  const Slices<T> ov = slices<T>(out_v, d, S, Ev, fn, "out_v", true, false);
   T* op = opt<T>(out_p, n, L, S, fn, "out_p");
-  const bool has_w = uq || uk || us, has_p = has_w || uv;
+  const bool has_w = UQ || UK || us, has_p = has_w || bool(UV);
   const std::string names = fold_p ? "out_g, out_q, out_k" : "out_g, out_p";
   if (has_w && !(og && ov)) throw std::invalid_argument(std::string(fn) + ": U_Q, U_K or U_S needs out_g, out_v");
   if (has_p && !(og && (fold_p ? oq && ok : op != nullptr)))
     throw std::invalid_argument(std::string(fn) + ": upstreams need " + names);
   if (fold_p && op) throw std::invalid_argument(std::string(fn) + ": fold_p returns no out_p");
-  if ((uk && !oq) || (uq && !ok)) throw std::invalid_argument(std::string(fn) + ": U_K needs out_q, U_Q out_k");
+  if ((UK && !oq) || (UQ && !ok)) throw std::invalid_argument(std::string(fn) + ": U_K needs out_q, U_Q out_k");
   const T s = T(scale);
   const size_t block = size_t(L) * S;
   for_slices<T>(n, threads, (fold_p ? 3 : 2) * block, [&](int64_t b, T* scratch) {
-    const T *G = pg + b * L * Ev, *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev;
-    const T *P = pp + b * L * S, *O = po + b * L * Ev;
-    const T *UQ = uq ? uq + b * L * E : nullptr, *UK = uk ? uk + b * S * E : nullptr;
-    const T *UV = uv ? uv + b * S * Ev : nullptr, *US = us ? us + b * L * S : nullptr;
+    const T *Gb = G.at(b), *Qb = Q.at(b), *Kb = K.at(b), *Vb = V.at(b), *P = pp + b * block;
+    const T *UQb = UQ ? UQ.at(b) : nullptr, *UKb = UK ? UK.at(b) : nullptr, *UVb = UV ? UV.at(b) : nullptr;
+    const T* US = us ? us + b * block : nullptr;
     T *W = scratch, *Ep = scratch + block;  // Ep: E, then dS = P * E
-    if (has_w) scores_grad<T>(G, V, O, P, L, S, Ev, Ep, false);
-    T* Pbar = fold_p ? scratch + 2 * block : op ? op + b * L * S : nullptr;
-    T* Gbar = og ? og + b * L * Ev : nullptr;
+    if (has_w) scores_grad<T>(Gb, G.ld, Vb, V.ld, O.at(b), O.ld, P, L, S, Ev, Ep, false);
+    T* Pbar = fold_p ? scratch + 2 * block : op ? op + b * block : nullptr;
+    T* Gbar = og ? og.at(b) : nullptr;
     if (has_w) {
       T beta = 0;
       if (US) {
         std::copy(US, US + block, W);
         beta = 1;
       }
-      if (UQ) { gemm<T>(false, true, L, S, E, s, UQ, E, K, E, beta, W, S); beta = 1; }  // s U_Q K^T
-      if (UK) gemm<T>(false, true, L, S, E, s, Q, E, UK, E, beta, W, S);               // + s Q U_K^T
+      if (UQb) { gemm<T>(false, true, L, S, E, s, UQb, UQ.ld, Kb, K.ld, beta, W, S); beta = 1; }  // s U_Q K^T
+      if (UKb) gemm<T>(false, true, L, S, E, s, Qb, Q.ld, UKb, UK.ld, beta, W, S);               // + s Q U_K^T
       for (int i = 0; i < L; ++i) {  // W_c = W - <W, P>; P' = W_c E; Z = P W_c (into W)
-        T* wr = W + i * S;
-        const T *pr = P + i * S, *er = Ep + i * S;
-        T* qr = Pbar + i * S;
+        T* wr = W + size_t(i) * S;
+        const T *pr = P + size_t(i) * S, *er = Ep + size_t(i) * S;
+        T* qr = Pbar + size_t(i) * S;
         const T c = dot<T>(wr, pr, S);
 #pragma omp simd
         for (int j = 0; j < S; ++j) {
@@ -372,73 +436,77 @@ void input_grad_backward(Arr<T> g, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> o, Arr<T
           wr[j] = pr[j] * wc;
         }
       }
-      gemm<T>(false, false, L, Ev, S, 1, W, S, V, Ev, 0, Gbar, Ev);                // G' = Z V
-      gemm<T>(true, false, S, Ev, L, 1, W, S, G, Ev, 0, ov + b * S * Ev, Ev);      // V' = Z^T G
+      gemm<T>(false, false, L, Ev, S, 1, W, S, Vb, V.ld, 0, Gbar, og.ld);         // G' = Z V
+      gemm<T>(true, false, S, Ev, L, 1, W, S, Gb, G.ld, 0, ov.at(b), ov.ld);      // V' = Z^T G
     } else if (ov) {
-      std::fill(ov + b * S * Ev, ov + (b + 1) * S * Ev, T(0));
+      zero_rows<T>(ov.at(b), S, Ev, ov.ld);
     }
-    if (UV) {
-      gemm<T>(false, false, L, Ev, S, 1, P, S, UV, Ev, has_w ? 1 : 0, Gbar, Ev);   // G' += P U_V
-      gemm<T>(false, true, L, S, Ev, 1, G, Ev, UV, Ev, has_w ? 1 : 0, Pbar, S);    // P' += G U_V^T
+    if (UVb) {
+      gemm<T>(false, false, L, Ev, S, 1, P, S, UVb, UV.ld, has_w ? 1 : 0, Gbar, og.ld);  // G' += P U_V
+      gemm<T>(false, true, L, S, Ev, 1, Gb, G.ld, UVb, UV.ld, has_w ? 1 : 0, Pbar, S);   // P' += G U_V^T
     } else if (!has_w) {
-      if (Gbar) std::fill(Gbar, Gbar + size_t(L) * Ev, T(0));
+      if (Gbar) zero_rows<T>(Gbar, L, Ev, og.ld);
       if (Pbar) std::fill(Pbar, Pbar + block, T(0));
     }
-    if (UQ || UK) {
+    if (UQb || UKb) {
       T* dS = Ep;
       for (size_t j = 0; j < block; ++j) dS[j] = P[j] * Ep[j];
-      if (UK) gemm<T>(false, false, L, E, S, s, dS, S, UK, E, 0, oq + b * L * E, E);  // Q' = s dS U_K
-      if (UQ) gemm<T>(true, false, S, E, L, s, dS, S, UQ, E, 0, ok + b * S * E, E);   // K' = s dS^T U_Q
+      if (UKb) gemm<T>(false, false, L, E, S, s, dS, S, UKb, UK.ld, 0, oq.at(b), oq.ld);  // Q' = s dS U_K
+      if (UQb) gemm<T>(true, false, S, E, L, s, dS, S, UQb, UQ.ld, 0, ok.at(b), ok.ld);   // K' = s dS^T U_Q
     }
     const bool fold_here = fold_p && has_p;
     if (fold_here) {  // P' through the softmax here: T' = P (P' - <P', P>), Q' += s T' K, K' += s T'^T Q
-      for (int i = 0; i < L; ++i) softmax_vjp_row<T>(Pbar + i * S, P + i * S, S);
-      gemm<T>(false, false, L, E, S, s, Pbar, S, K, E, UK ? 1 : 0, oq + b * L * E, E);
-      gemm<T>(true, false, S, E, L, s, Pbar, S, Q, E, UQ ? 1 : 0, ok + b * S * E, E);
+      for (int i = 0; i < L; ++i) softmax_vjp_row<T>(Pbar + size_t(i) * S, P + size_t(i) * S, S);
+      gemm<T>(false, false, L, E, S, s, Pbar, S, Kb, K.ld, UKb ? 1 : 0, oq.at(b), oq.ld);
+      gemm<T>(true, false, S, E, L, s, Pbar, S, Qb, Q.ld, UQb ? 1 : 0, ok.at(b), ok.ld);
     }
-    if (oq && !UK && !fold_here) std::fill(oq + b * L * E, oq + (b + 1) * L * E, T(0));
-    if (ok && !UQ && !fold_here) std::fill(ok + b * S * E, ok + (b + 1) * S * E, T(0));
+    if (oq && !UKb && !fold_here) zero_rows<T>(oq.at(b), L, E, oq.ld);
+    if (ok && !UQb && !fold_here) zero_rows<T>(ok.at(b), S, E, ok.ld);
   });
 }
 
+// add_q, add_k, add_v: out_q, out_k, out_v hold values the gradients are added to (the closed
+// form's Q', K', V', so that autograd adds nothing and the gradients keep their layout).
 template <typename T>
-void backward(py::object g, py::object grad_p, Arr<T> q, Arr<T> k, Arr<T> v, Arr<T> p, double scale,
-              py::object out_q, py::object out_k, py::object out_v, py::object out_t, int threads) {
+void backward(py::object g, py::object grad_p, py::object q, py::object k, py::object v, Arr<T> p, double scale,
+              py::object out_q, py::object out_k, py::object out_v, py::object out_t, bool add_q, bool add_k,
+              bool add_v, int threads) {
   const char* fn = "attention_backward";
-  const Dims d = check<T>(q, k, v, fn);
+  Slices<T> Q, K, V;
+  const Dims d = check<T>(q, k, v, fn, &Q, &K, &V);
   const int L = d.l, S = d.s, E = d.e, Ev = d.ev;
   const int64_t n = d.slices;
-  const T *pq = q.data(), *pk = k.data(), *pv = v.data(), *pp = in<T>(p, n, L, S, fn, "p");
-  const T* pg = opt<T>(g, n, L, Ev, fn, "g");
+  const T* pp = in<T>(p, n, L, S, fn, "p");
+  const Slices<T> G = slices<T>(g, d, L, Ev, fn, "g", false, false);
   const T* pgp = opt<T>(grad_p, n, L, S, fn, "grad_p");
-  T* oq = opt<T>(out_q, n, L, E, fn, "out_q");
-  T* ok = opt<T>(out_k, n, S, E, fn, "out_k");
-  T* ov = opt<T>(out_v, n, S, Ev, fn, "out_v");
+  const Slices<T> oq = slices<T>(out_q, d, L, E, fn, "out_q", true, false);
+  const Slices<T> ok = slices<T>(out_k, d, S, E, fn, "out_k", true, false);
+  const Slices<T> ov = slices<T>(out_v, d, S, Ev, fn, "out_v", true, false);
   T* ot = opt<T>(out_t, n, L, S, fn, "out_t");
-  if (!pg && !pgp) throw std::invalid_argument(std::string(fn) + ": needs g or grad_p");
-  if (ov && !pg) throw std::invalid_argument(std::string(fn) + ": out_v needs g");
+  if (!G && !pgp) throw std::invalid_argument(std::string(fn) + ": needs g or grad_p");
+  if (ov && !G) throw std::invalid_argument(std::string(fn) + ": out_v needs g");
   const T s = T(scale);
   const size_t block = size_t(L) * S;
   for_slices<T>(n, threads, ot ? 0 : block, [&](int64_t b, T* scratch) {
-    const T *Q = pq + b * L * E, *K = pk + b * S * E, *V = pv + b * S * Ev, *P = pp + b * L * S;
-    const T* G = pg ? pg + b * L * Ev : nullptr;
-    T* Tm = ot ? ot + b * L * S : scratch;
-    const T* GP = pgp ? pgp + b * L * S : nullptr;
-    if (G) gemm<T>(false, true, L, S, Ev, 1, G, Ev, V, Ev, 0, Tm, S);  // D = G V^T (+ grad_P per row)
+    const T* P = pp + b * block;
+    const T* Gb = G ? G.at(b) : nullptr;
+    T* Tm = ot ? ot + b * block : scratch;
+    const T* GP = pgp ? pgp + b * block : nullptr;
+    if (Gb) gemm<T>(false, true, L, S, Ev, 1, Gb, G.ld, V.at(b), V.ld, 0, Tm, S);  // D = G V^T (+ grad_P per row)
     for (int i = 0; i < L; ++i) {  // T = P (D - <D, P>)
-      T* tr = Tm + i * S;
-      const T* pr = P + i * S;
-      if (GP && G) {
+      T* tr = Tm + size_t(i) * S;
+      const T* pr = P + size_t(i) * S;
+      if (GP && Gb) {
 #pragma omp simd
-        for (int j = 0; j < S; ++j) tr[j] += GP[i * S + j];
+        for (int j = 0; j < S; ++j) tr[j] += GP[size_t(i) * S + j];
       } else if (GP) {
-        std::copy(GP + i * S, GP + (i + 1) * S, tr);
+        std::copy(GP + size_t(i) * S, GP + size_t(i + 1) * S, tr);
       }
       softmax_vjp_row<T>(tr, pr, S);
     }
-    if (oq) gemm<T>(false, false, L, E, S, s, Tm, S, K, E, 0, oq + b * L * E, E);  // dQ = s T K
-    if (ok) gemm<T>(true, false, S, E, L, s, Tm, S, Q, E, 0, ok + b * S * E, E);   // dK = s T^T Q
-    if (ov) gemm<T>(true, false, S, Ev, L, 1, P, S, G, Ev, 0, ov + b * S * Ev, Ev);  // dV = P^T G
+    if (oq) gemm<T>(false, false, L, E, S, s, Tm, S, K.at(b), K.ld, add_q ? 1 : 0, oq.at(b), oq.ld);  // dQ = s T K
+    if (ok) gemm<T>(true, false, S, E, L, s, Tm, S, Q.at(b), Q.ld, add_k ? 1 : 0, ok.at(b), ok.ld);   // dK = s T^T Q
+    if (ov) gemm<T>(true, false, S, Ev, L, 1, P, S, Gb, G.ld, add_v ? 1 : 0, ov.at(b), ov.ld);        // dV = P^T G
   });
 }
 
@@ -459,7 +527,9 @@ void register_attention(py::module_& m) {
       "Backward of the attention input gradient per slice for upstreams U_Q, U_K, U_V, U_S (None: zero): "
       "writes G', Q', K', V' and P' (fold_p: P' pushed into Q', K' instead; module comment of "
       "csrc/attention_second_order.cpp).";
-  const char* doc_b = "Attention backward per slice from G and/or grad_P: writes dQ, dK, dV and (out_t) T.";
+  const char* doc_b =
+      "Attention backward per slice from G and/or grad_P: writes dQ, dK, dV (add_*: added to what the out "
+      "array holds) and (out_t) T.";
 #define HF_ATTN_DEFS(SUFFIX, T)                                                                                  \
   m.def("attention_forward_" SUFFIX, &forward<T>, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),      \
         py::arg("scale"), py::arg("safe"), py::arg("out"), py::arg("out_p"), py::arg("num_threads"), doc_f);      \
@@ -472,7 +542,7 @@ void register_attention(py::module_& m) {
         py::arg("out_p"), py::arg("num_threads"), doc_igb);                                                      \
   m.def("attention_backward_" SUFFIX, &backward<T>, py::arg("g"), py::arg("grad_p"), py::arg("q"), py::arg("k"), \
         py::arg("v"), py::arg("p"), py::arg("scale"), py::arg("out_q"), py::arg("out_k"), py::arg("out_v"),      \
-        py::arg("out_t"), py::arg("num_threads"), doc_b);
+        py::arg("out_t"), py::arg("add_q"), py::arg("add_k"), py::arg("add_v"), py::arg("num_threads"), doc_b);
   HF_ATTN_DEFS("f32", float)
   HF_ATTN_DEFS("f64", double)
 #undef HF_ATTN_DEFS

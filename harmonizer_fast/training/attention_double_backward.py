@@ -53,10 +53,24 @@ the bias needs no gradient, pushes :math:`\bar P` through the softmax itself
 formulas here are the specification and run everywhere else (other devices and dtypes, no
 extension, no BLAS found).
 
+Layouts: timm's attention takes q, k, v as views of one qkv projection (``unbind`` of a
+permuted reshape) and transposes its output back. The kernels read strided operands in place
+(any strides but a unit column stride) and write the gradients of q, k, v as slices of one new
+tensor of the projection's layout (:func:`_grad_buffers`). The mode routes ``unbind`` through
+:class:`_Unbind`, whose backward stacks such slices as a view (:class:`_StackGrads`), so that
+the gradients go back through the unbind and the reshapes without a copy (natively a stack and
+a reshape copy per layer in each of the three backward passes, and a contiguous copy of each
+operand). The closed form's :math:`\bar Q, \bar K, \bar V` reach the training backward through
+stand-in outputs of :class:`AttentionFunction`, which adds its own gradients to them in place
+(no sum by autograd, the layout kept). The G' of the closed form takes G's layout, so it too
+goes back through the output's transpose and reshape as views.
+
 Route (used by the mode in :mod:`.double_backward`): ``F.scaled_dot_product_attention`` (no
 dropout, no grouped-query broadcasting; masks, biases, ``is_causal``, ``scale``; under
-autocast in the autocast dtype, as natively); other calls run natively. Third-order
-derivatives are not supported.
+autocast in the autocast dtype, as natively) and ``torch.unbind`` / ``Tensor.unbind`` of
+differentiable floating-point tensors (any dimension: the same values and gradients as
+natively, to any order); other calls run natively. Third-order derivatives of attention are
+not supported.
 """
 from __future__ import annotations
 
@@ -106,8 +120,123 @@ def _scores_grad(g: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.T
 
 
 def _as_batched(t: torch.Tensor) -> torch.Tensor:
-    """(..., rows, cols) -> (batch, rows, cols), a view for the contiguous tensors used here."""
+    """(..., rows, cols) -> (batch, rows, cols) for the torch formulas (a copy for views that
+    do not flatten)."""
     return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _as_slices(t: torch.Tensor) -> torch.Tensor:
+    """(..., rows, cols) -> a 4-D (outer, inner, rows, cols) view for the C++ kernels, which take
+    any strides but a unit column stride and a row stride of at least the columns (a copy
+    otherwise, and for more than two leading dimensions that do not flatten)."""
+    if t.dim() < 4:
+        t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    elif t.dim() > 4:
+        t = t.reshape((-1,) + tuple(t.shape[-3:]))
+    rows, cols = t.shape[-2:]
+    if (cols > 1 and t.stride(-1) != 1) or (rows > 1 and t.stride(-2) < cols):
+        t = t.contiguous()
+    return t
+
+
+def _out_slices(t: torch.Tensor):
+    """:func:`_as_slices` of an output buffer of :func:`_grad_buffers` (or a contiguous one), as
+    the kernels' array: always a view, never a copy (which would lose what is written)."""
+    view = _as_slices(t)
+    if view.data_ptr() != t.data_ptr():
+        raise RuntimeError("attention kernels: an output buffer is not a view of its slices")
+    return view.detach().numpy()
+
+
+def _stacked_layout(parts) -> Optional[int]:
+    """The storage step between ``parts`` when they are the slices 0, 1, ... along one dimension
+    of a non-overlapping, dense tensor (``t.unbind(d)`` of such a ``t``: timm's q, k, v from one
+    qkv projection), else None."""
+    if len(parts) < 2 or any(p is None for p in parts):
+        return None
+    first = parts[0]
+    if first.numel() == 0 or first.layout != torch.strided:
+        return None
+    base = first.data_ptr() - first.storage_offset() * first.element_size()
+    for p in parts[1:]:
+        if (p.shape != first.shape or p.stride() != first.stride() or p.dtype != first.dtype
+                or p.device != first.device or p.data_ptr() - p.storage_offset() * p.element_size() != base):
+            return None
+    step = parts[1].storage_offset() - first.storage_offset()
+    if step <= 0 or any(p.storage_offset() - first.storage_offset() != i * step for i, p in enumerate(parts)):
+        return None
+    sizes, strides = (len(parts),) + tuple(first.shape), (step,) + tuple(first.stride())
+    expected = 1  # dense: sorted by stride, each stride is the product of the smaller dimensions
+    for stride, size in sorted((st, sz) for sz, st in zip(sizes, strides) if sz != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return step
+
+
+def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Uninitialized tensors for the gradients of ``q``, ``k``, ``v``: when the three are slices
+    of one dense tensor (:func:`_stacked_layout`), slices of one new tensor of that layout, so
+    that autograd's way back through the unbind and the reshapes before it is views, not copies
+    (:class:`_StackGrads`); else one contiguous tensor each."""
+    step = _stacked_layout((q, k, v)) if q.dim() <= 4 else None
+    if step is None:
+        return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    flat = q.new_empty(3 * q.numel())
+    return tuple(flat.as_strided(q.shape, q.stride(), i * step) for i in range(3))
+
+
+class _StackGrads(torch.autograd.Function):
+    """``torch.stack(grads, dim)`` (None: zeros of ``shape``), the backward of :class:`_Unbind`:
+    a view instead of a copy when the gradients are the slices of one dense tensor (the
+    attention gradients of :func:`_grad_buffers`)."""
+
+    @staticmethod
+    def forward(ctx, dim: int, shape, *grads):
+        ctx.dim, ctx.present = dim, [g is not None for g in grads]
+        step = _stacked_layout(grads)
+        if step is not None:
+            g = grads[0]
+            return g.as_strided(g.shape[:dim] + (len(grads),) + g.shape[dim:],
+                                g.stride()[:dim] + (step,) + g.stride()[dim:], g.storage_offset())
+        like = next(g for g in grads if g is not None)
+        return torch.stack([like.new_zeros(shape) if g is None else g for g in grads], dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *(part if present else None for part, present in zip(grad.unbind(ctx.dim), ctx.present)))
+
+
+class _Unbind(torch.autograd.Function):
+    """``t.unbind(dim)`` whose backward is :class:`_StackGrads` (native autograd's stacks a
+    copy, and the reshape of timm's qkv projection before it copies again)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dim: int):
+        ctx.dim = dim
+        ctx.part_shape = t.shape[:dim] + t.shape[dim + 1:]
+        ctx.set_materialize_grads(False)
+        return t.unbind(dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return None, None
+        return _StackGrads.apply(ctx.dim, ctx.part_shape, *grads), None
+
+
+_UNBIND = (("input", None), ("dim", 0))
+
+
+def unbind_fast_double_backward(*args, **kwargs):
+    """``torch.unbind(*args, **kwargs)`` through :class:`_Unbind` (differentiable floating-point
+    tensors, an integer dimension; None otherwise: the native call)."""
+    t, dim = bind(_UNBIND, args, kwargs)
+    if not isinstance(t, torch.Tensor) or not t.requires_grad or not t.is_floating_point() or t.dim() == 0:
+        return None
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -t.dim() <= dim < t.dim() or t.shape[dim] == 0:
+        return None  # the native call raises its error (or returns no parts)
+    return _Unbind.apply(t, dim % t.dim())
 
 
 _THIRD_ORDER = "AttentionFunction: third-order derivatives are not supported"
@@ -138,7 +267,8 @@ def _find_blas() -> bool:
     for dtype in (torch.float32, torch.float64):
         q, k, v, g = (torch.randn(2, 5, 3, generator=gen, dtype=dtype) for _ in range(4))
         probs, grad_p = (torch.softmax(torch.randn(2, 5, 5, generator=gen, dtype=dtype), -1) for _ in range(2))
-        got = _slice_backward(g, grad_p, q, k, v, probs, 0.5, True, True, True, True)
+        got = [torch.empty_like(t) for t in (q, k, v)]
+        got.append(_slice_backward(g, grad_p, q, k, v, probs, 0.5, *got, True))
         t = softmax_vjp(torch.bmm(g, v.transpose(1, 2)).add_(grad_p), probs)
         expected = (0.5 * torch.bmm(t, k), 0.5 * torch.bmm(t.transpose(1, 2), q), torch.bmm(probs.transpose(1, 2), g), t)
         tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -154,13 +284,12 @@ _SLICE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 def _slice_kernels(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     """The C++ kernels' dtype suffix when they apply to these tensors (CPU, float32/float64, one
-    dtype, contiguous; None entries are skipped), else None."""
+    dtype, not empty; None entries are skipped), else None."""
     present = [t for t in tensors if t is not None]
     if _C is None:
         return None
     dtype = present[0].dtype
-    if dtype not in _SLICE_SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
-                                         for t in present):
+    if dtype not in _SLICE_SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in present):
         return None
     # empty operands stay in torch: a BLAS rejects a zero leading dimension
     if any(t.numel() == 0 for t in present) or not (_BLAS_STATE.get("ok") or _find_blas()):
@@ -168,53 +297,57 @@ def _slice_kernels(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     return _SLICE_SUFFIX[dtype]
 
 
-def _numpy(t: Optional[torch.Tensor]):
-    return None if t is None else t.detach().numpy()
+def _numpy(t: Optional[torch.Tensor], slices: bool = False):
+    """``t`` as the kernels' array (None stays None); ``slices``: as its 4-D :func:`_as_slices`."""
+    if t is None:
+        return None
+    return (_as_slices(t) if slices else t).detach().numpy()
 
 
-def _slice_backward(g, grad_p, q, k, v, probs, scale: float, need_q: bool, need_k: bool, need_v: bool,
-                    need_t: bool):
-    """:meth:`AttentionFunction.backward`'s training branch in C++ (3-D contiguous operands):
-    ``(grad_q, grad_k, grad_v, T)`` with None where not wanted."""
+def _slice_backward(g, grad_p, q, k, v, probs, scale: float, out_q, out_k, out_v, need_t: bool,
+                    add=(False, False, False)):
+    """:meth:`AttentionFunction.backward`'s training branch in C++: writes (``add``: adds) the
+    gradients of q, k, v into ``out_q``, ``out_k``, ``out_v`` (None: not wanted) and returns the
+    softmax's gradient T when ``need_t``, else None."""
     suffix = _SLICE_SUFFIX[q.dtype]
-    out_q = torch.empty_like(q) if need_q else None
-    out_k = torch.empty_like(k) if need_k else None
-    out_v = torch.empty_like(v) if need_v and g is not None else None
     out_t = torch.empty_like(probs) if need_t else None
+    outs = (None if o is None else _out_slices(o) for o in (out_q, out_k, out_v))
     getattr(_C, "attention_backward_" + suffix)(
-        _numpy(g), _numpy(grad_p), _numpy(q), _numpy(k), _numpy(v), _numpy(probs), scale, _numpy(out_q),
-        _numpy(out_k), _numpy(out_v), _numpy(out_t), torch.get_num_threads())
-    return out_q, out_k, out_v, out_t
+        _numpy(g, True), _numpy(grad_p), _numpy(q, True), _numpy(k, True), _numpy(v, True), _numpy(probs),
+        scale, *outs, _numpy(out_t), *add, torch.get_num_threads())
+    return out_t
 
 
 class _AttentionInputGrad(torch.autograd.Function):
     r"""The attention input gradient :math:`(dQ, dK, dV)` (and :math:`dS` when the bias gradient
-    is needed) with the closed-form backward of the module docstring."""
+    is needed) with the closed-form backward of the module docstring. ``aliases`` are
+    :class:`AttentionFunction`'s stand-ins for q, k, v: the backward's :math:`\bar Q, \bar K,
+    \bar V` go to them, so that the training backward adds its gradients to them in place (no
+    sum by autograd, and their layout is kept)."""
 
     @staticmethod
-    def forward(ctx, grad_out, q, k, v, out, probs, scale: float, need_scores: bool, fold_probs: bool):
-        g, q3, k3, v3, o3 = (_as_batched(t) for t in (grad_out, q, k, v, out))
-        suffix = _slice_kernels(g, q3, k3, v3, o3, probs)
+    def forward(ctx, grad_out, q, k, v, out, probs, alias_q, alias_k, alias_v, scale: float, need_scores: bool,
+                fold_probs: bool):
+        suffix = _slice_kernels(grad_out, q, k, v, out, probs)
         if suffix is not None:  # E is recomputed by the backward's kernel, from O
-            grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q3, k3, v3))
+            grad_q, grad_k, grad_v = _grad_buffers(q, k, v)
             grad_s = torch.empty_like(probs) if need_scores else None
             getattr(_C, "attention_input_grad_" + suffix)(
-                *(_numpy(t) for t in (g, q3, k3, v3, o3, probs)), scale,
-                *(_numpy(t) for t in (grad_q, grad_k, grad_v, grad_s)), torch.get_num_threads())
-            ctx.save_for_backward(g, q3, k3, v3, probs, o3)
+                *(_numpy(t, True) for t in (grad_out, q, k, v, out)), _numpy(probs), scale,
+                *(_out_slices(t) for t in (grad_q, grad_k, grad_v)), _numpy(grad_s), torch.get_num_threads())
+            ctx.save_for_backward(grad_out, q, k, v, probs, out)
         else:
-            grad_v = torch.bmm(probs.transpose(1, 2), g)
+            g, q3, k3, v3, o3 = (_as_batched(t) for t in (grad_out, q, k, v, out))
+            grad_v = torch.bmm(probs.transpose(1, 2), g).view(v.shape)
             e = _scores_grad(g, v3, o3)
             grad_s = probs * e
-            grad_q = _bmm(grad_s, k3, scale)
-            grad_k = _bmm(grad_s.transpose(1, 2), q3, scale)
-            ctx.save_for_backward(g, q3, k3, v3, probs, e)
+            grad_q = _bmm(grad_s, k3, scale).view(q.shape)
+            grad_k = _bmm(grad_s.transpose(1, 2), q3, scale).view(k.shape)
+            ctx.save_for_backward(grad_out, q, k, v, probs, e)
         ctx.e_saved = suffix is None
         ctx.fold_probs = fold_probs
         ctx.scale = scale
-        ctx.shapes = (q.shape, k.shape, v.shape)
-        return (grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape),
-                grad_s if need_scores else None)
+        return grad_q, grad_k, grad_v, grad_s if need_scores else None
 
     @staticmethod
     def backward(ctx, up_q, up_k, up_v, up_s):
@@ -223,30 +356,36 @@ class _AttentionInputGrad(torch.autograd.Function):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (up_q, up_k, up_v, up_s)):
             raise RuntimeError(_THIRD_ORDER)
         with torch.no_grad():
-            return _AttentionInputGrad._backward(ctx, up_q, up_k, up_v, up_s)
+            gg_out, gg_q, gg_k, gg_v, gg_probs = _AttentionInputGrad._backward(ctx, up_q, up_k, up_v, up_s)
+        return gg_out, None, None, None, None, gg_probs, gg_q, gg_k, gg_v, None, None, None
 
     @staticmethod
     def _backward(ctx, up_q, up_k, up_v, up_s):
         g, q, k, v, probs, e_or_out = ctx.saved_tensors
         s = ctx.scale
-        q_shape, k_shape, v_shape = ctx.shapes
-        up_q, up_k, up_v = (None if t is None else _as_batched(t.contiguous()) for t in (up_q, up_k, up_v))
         up_s = None if up_s is None else up_s.contiguous()
         suffix = None if ctx.e_saved else _slice_kernels(g, q, k, v, probs, e_or_out, up_q, up_k, up_v, up_s)
         if suffix is not None:
             has_w = up_q is not None or up_k is not None or up_s is not None
             has_p, fold = has_w or up_v is not None, ctx.fold_probs
-            empty = lambda like, wanted: torch.empty_like(like) if wanted else None
-            gg_out, gg_v = empty(g, has_p), empty(v, has_w)
-            gg_q, gg_k = empty(q, up_k is not None or (fold and has_p)), empty(k, up_q is not None or (fold and has_p))
-            gg_probs = empty(probs, has_p and not fold)
+            buffers = _grad_buffers(q, k, v)
+            # G' in G's layout (a transposed view in timm's attention), so that it goes back
+            # through the saliency graph's reshapes as views
+            gg_out = torch.empty_like(g) if has_p else None
+            gg_q = buffers[0] if up_k is not None or (fold and has_p) else None
+            gg_k = buffers[1] if up_q is not None or (fold and has_p) else None
+            gg_v = buffers[2] if has_w else None
+            gg_probs = torch.empty_like(probs) if has_p and not fold else None
             getattr(_C, "attention_input_grad_backward_" + suffix)(
-                *(_numpy(t) for t in (g, q, k, v, e_or_out, probs, up_q, up_k, up_v, up_s)), s, fold,
-                *(_numpy(t) for t in (gg_out, gg_q, gg_k, gg_v, gg_probs)), torch.get_num_threads())
-            return (None if gg_out is None else gg_out.view(q_shape[:-1] + (v_shape[-1],)),
-                    None if gg_q is None else gg_q.view(q_shape), None if gg_k is None else gg_k.view(k_shape),
-                    None if gg_v is None else gg_v.view(v_shape), None, gg_probs, None, None, None)
-        e = e_or_out if ctx.e_saved else _scores_grad(g, v, e_or_out)
+                *(_numpy(t, True) for t in (g, q, k, v, e_or_out)), _numpy(probs),
+                *(_numpy(t, True) for t in (up_q, up_k, up_v)), _numpy(up_s), s, fold,
+                *(None if t is None else _out_slices(t) for t in (gg_out, gg_q, gg_k, gg_v)), _numpy(gg_probs),
+                torch.get_num_threads())
+            return gg_out, gg_q, gg_k, gg_v, gg_probs
+        q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+        g, q, k, v = (_as_batched(t) for t in (g, q, k, v))
+        up_q, up_k, up_v = (None if t is None else _as_batched(t) for t in (up_q, up_k, up_v))
+        e = e_or_out if ctx.e_saved else _scores_grad(g, v, _as_batched(e_or_out))
         gg_out = gg_q = gg_k = gg_v = gg_probs = None
         w = None  # W = s (U_Q K^T + Q U_K^T) + U_S
         if up_q is not None:
@@ -274,32 +413,33 @@ class _AttentionInputGrad(torch.autograd.Function):
             gg_out = gg_out.view(q_shape[:-1] + (v_shape[-1],))
         if gg_v is not None:
             gg_v = gg_v.view(v_shape)
-        return gg_out, gg_q, gg_k, gg_v, None, gg_probs, None, None, None
+        return gg_out, gg_q, gg_k, gg_v, gg_probs
 
 
 class AttentionFunction(torch.autograd.Function):
-    r""":math:`\mathrm{softmax}(s\,Q K^\top + B)\,V` for contiguous ``q`` (..., L, E), ``k``
-    (..., S, E), ``v`` (..., S, Ev) with the same leading dimensions and an additive ``bias``
+    r""":math:`\mathrm{softmax}(s\,Q K^\top + B)\,V` for ``q`` (..., L, E), ``k`` (..., S, E),
+    ``v`` (..., S, Ev) with the same leading dimensions (any strides) and an additive ``bias``
     broadcastable to (..., L, S) or None; ``safe``: rows whose scores are all :math:`-\infty`
     give zeros (``torch``'s masked softmax) instead of NaN.
 
-    Returns the output and :math:`P` (batch, L, S), a hidden output through which the
-    closed-form backward of :class:`_AttentionInputGrad` hands its :math:`\bar P` to this
-    node's backward (module docstring)."""
+    Returns the output (contiguous, as natively) and four hidden outputs for the closed-form
+    backward of :class:`_AttentionInputGrad`: :math:`P` (batch, L, S), through which it hands
+    its :math:`\bar P` to this node's backward (module docstring), and stand-ins for q, k, v
+    (zero-sized expands; their gradients are added to those of q, k, v)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, safe: bool):
-        q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
         scores_shape = q.shape[:-1] + (k.shape[-2],)
-        suffix = _slice_kernels(q3, k3, v3)
+        suffix = _slice_kernels(q, k, v)
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         if suffix is not None and (bias is None or (bias.device == q.device and bias.dtype == q.dtype)):
             full_bias = None if bias is None else bias.expand(scores_shape).contiguous().view(-1, *scores_shape[-2:])
-            out3 = q3.new_empty(q3.shape[:-1] + (v3.shape[-1],))
-            probs = q3.new_empty((q3.shape[0], q3.shape[1], k3.shape[1]))
+            probs = q.new_empty((math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2]))
             getattr(_C, "attention_forward_" + suffix)(
-                _numpy(q3), _numpy(k3), _numpy(v3), _numpy(full_bias), scale, safe, _numpy(out3), _numpy(probs),
-                torch.get_num_threads())
+                _numpy(q, True), _numpy(k, True), _numpy(v, True), _numpy(full_bias), scale, safe, _out_slices(out),
+                _numpy(probs), torch.get_num_threads())
         else:
+            q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
             if bias is None:
                 scores = _bmm(q3, k3.transpose(1, 2), scale)
             else:
@@ -307,53 +447,85 @@ class AttentionFunction(torch.autograd.Function):
                 scores.view(scores_shape).copy_(bias)
                 scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
             probs = _aten._safe_softmax(scores, -1) if safe else _aten._softmax(scores, -1, False)
-            out3 = torch.bmm(probs, v3)
-        out = out3.view(q.shape[:-1] + (v.shape[-1],))
-        ctx.save_for_backward(q, k, v, bias, out, probs)
+            torch.bmm(probs, v3, out=out.view(-1, *out.shape[-2:]))
+        aliases = tuple(t.new_zeros(()).expand(t.shape) for t in (q, k, v))
+        ctx.save_for_backward(q, k, v, bias, out, probs, *aliases)
         ctx.scale = scale
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.set_materialize_grads(False)
-        return out, probs
+        return (out, probs, *aliases)
 
     @staticmethod
-    def backward(ctx, grad_out: Optional[torch.Tensor], grad_probs: Optional[torch.Tensor]):
-        q, k, v, bias, out, probs = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_probs, *grad_aliases):
+        q, k, v, bias, out, probs, *aliases = ctx.saved_tensors
         scale = ctx.scale
-        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
+        need = ctx.needs_input_grad[:3]
+        need_bias = ctx.needs_input_grad[3]
         if torch.is_grad_enabled():  # the saliency pass: a differentiable input gradient
-            if grad_probs is not None:
+            if grad_probs is not None or any(t is not None for t in grad_aliases):
                 raise RuntimeError(_THIRD_ORDER)
             if grad_out is None:
                 return None, None, None, None, None, None
             need_scores = need_bias and will_be_used(bias)
             grad_q, grad_k, grad_v, grad_s = _AttentionInputGrad.apply(
-                grad_out.contiguous(), q, k, v, out.detach(), probs, scale, need_scores, not need_bias)
+                grad_out, q, k, v, out.detach(), probs, *aliases, scale, need_scores, not need_bias)
             grad_bias = None
             if need_scores:
                 grad_bias = grad_s.view(q.shape[:-1] + (k.shape[-2],)).sum_to_size(ctx.bias_shape)
-            return (grad_q if need_q else None, grad_k if need_k else None, grad_v if need_v else None,
+            return (grad_q if need[0] else None, grad_k if need[1] else None, grad_v if need[2] else None,
                     grad_bias, None, None)
-        # the training backward: the output gradient and the closed form's P-gradient together
-        q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
-        g = None if grad_out is None else _as_batched(grad_out.contiguous())
-        grad_p = grad_probs
+        # the training backward: the output gradient and the closed form's P-, Q-, K- and
+        # V-gradients (grad_probs, grad_aliases) together
+        g, grad_p = grad_out, grad_probs
         if g is None and grad_p is None:
-            return None, None, None, None, None, None
+            return (*(a if n else None for a, n in zip(grad_aliases, need)), None, None, None)
         if grad_p is not None:
             grad_p = grad_p.contiguous()
-        if _slice_kernels(g, grad_p, q3, k3, v3, probs) is not None:
-            grad_q, grad_k, grad_v, t = _slice_backward(g, grad_p, q3, k3, v3, probs, scale, need_q, need_k,
-                                                        need_v, need_bias)
+        if _slice_kernels(g, grad_p, q, k, v, probs) is not None:
+            grads = _AttentionFunctionGrads(q, k, v, grad_aliases, need, g is not None)
+            t = _slice_backward(g, grad_p, q, k, v, probs, scale, *grads.outs, need_bias, grads.add)
+            grad_q, grad_k, grad_v = grads.result
         else:
-            if g is not None:
-                grad_p = _bmm(g, v3.transpose(1, 2), add=grad_p)
+            q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
+            g3 = None if g is None else _as_batched(g)
+            if g3 is not None:
+                grad_p = _bmm(g3, v3.transpose(1, 2), add=grad_p)
             t = softmax_vjp(grad_p, probs)
-            grad_q = _bmm(t, k3, scale) if need_q else None
-            grad_k = _bmm(t.transpose(1, 2), q3, scale) if need_k else None
-            grad_v = torch.bmm(probs.transpose(1, 2), g) if need_v and g is not None else None
-        view = lambda x, shape: None if x is None else x.view(shape)
+            grad_q = _bmm(t, k3, scale).view(q.shape) if need[0] else None
+            grad_k = _bmm(t.transpose(1, 2), q3, scale).view(k.shape) if need[1] else None
+            grad_v = torch.bmm(probs.transpose(1, 2), g3).view(v.shape) if need[2] and g3 is not None else None
+            grad_q, grad_k, grad_v = (
+                None if not n else a if x is None else x if a is None else x.add_(a)
+                for x, a, n in zip((grad_q, grad_k, grad_v), grad_aliases, need))
         grad_bias = t.view(q.shape[:-1] + (k.shape[-2],)).sum_to_size(ctx.bias_shape) if need_bias else None
-        return view(grad_q, q.shape), view(grad_k, k.shape), view(grad_v, v.shape), grad_bias, None, None
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+class _AttentionFunctionGrads:
+    """Where the C++ training backward writes the gradients of q, k, v: into the closed form's
+    gradients of the stand-ins when given (added, in place: they are this backward's own
+    fresh buffers, of :func:`_grad_buffers` layout), else into new :func:`_grad_buffers`."""
+
+    def __init__(self, q, k, v, grad_aliases, need, has_g: bool):
+        fresh = None
+        self.outs, self.add, self.result = [], [], []
+        for i, (alias_grad, wanted) in enumerate(zip(grad_aliases, need)):
+            computed = wanted and (i < 2 or has_g)  # dV comes from G only
+            if alias_grad is not None and wanted:
+                if not (alias_grad.is_contiguous() or _stacked_layout(grad_aliases) is not None):
+                    alias_grad = alias_grad.contiguous()  # a layout the kernels cannot write in place
+                self.outs.append(alias_grad if computed else None)
+                self.add.append(computed)
+                self.result.append(alias_grad)
+            elif computed:
+                fresh = _grad_buffers(q, k, v) if fresh is None else fresh
+                self.outs.append(fresh[i])
+                self.add.append(False)
+                self.result.append(fresh[i])
+            else:
+                self.outs.append(None)
+                self.add.append(False)
+                self.result.append(None)
 
 _SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
          ("is_causal", False), ("scale", None), ("enable_gqa", False))
@@ -394,10 +566,13 @@ def scaled_dot_product_attention_fast_double_backward(*args, **kwargs) -> Option
         torch.broadcast_shapes(bias.shape if bias is not None else (), q.shape[:-1] + (k.shape[-2],))
     except RuntimeError:
         return None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     with torch.autocast(q.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        out, _ = AttentionFunction.apply(q, k, v, bias, scale, mask is not None)
+        out = AttentionFunction.apply(q, k, v, bias, scale, mask is not None)[0]
     return out
 
 
-ROUTES = {F.scaled_dot_product_attention: scaled_dot_product_attention_fast_double_backward}
+ROUTES = {
+    F.scaled_dot_product_attention: scaled_dot_product_attention_fast_double_backward,
+    torch.unbind: unbind_fast_double_backward,
+    torch.Tensor.unbind: unbind_fast_double_backward,
+}

@@ -20,8 +20,9 @@ functional calls) through :class:`Conv2dFunction`, :class:`BatchNormFunction` an
 evaluation-mode batch norm and normalization under autocast run natively. The first backward
 computes only the gradients the running backward pass uses (the saliency pass needs input
 gradients, not weight gradients). Third-order derivatives are not supported
-(``once_differentiable``). The same mode routes ``F.scaled_dot_product_attention``, softmax and
-``F.gelu`` (transformers) through :mod:`harmonizer_fast.training.attention_double_backward`,
+(``once_differentiable``). The same mode routes ``F.scaled_dot_product_attention``, softmax,
+``F.gelu`` and ``unbind`` (transformers: the unbind of a qkv projection goes back without a
+copy) through :mod:`harmonizer_fast.training.attention_double_backward`,
 and ``F.hardsigmoid``, which native autograd cannot differentiate twice at all
 (:data:`NATIVE_GAPS_COVERED`).
 """

@@ -380,10 +380,25 @@ def test_attention_without_a_usable_blas_runs_the_torch_formulas(monkeypatch):
 def test_attention_slice_kernels_name_a_bad_argument():
     if attention_double_backward._C is None or not attention_double_backward._find_blas():
         pytest.skip("the C++ slice kernels are not available")
-    q = torch.zeros(2, 5, 3).numpy()
-    with pytest.raises(ValueError, match="`v` must be \\(2, 5, 3\\)"):
-        attention_double_backward._C.attention_backward_f32(q, None, q, q, torch.zeros(2, 4, 3).numpy(), torch.zeros(2, 5, 5).numpy(),
-                                                            1.0, None, None, None, None, 1)
+    backward = attention_double_backward._C.attention_backward_f32
+    q, probs, out = torch.zeros(1, 2, 5, 3).numpy(), torch.zeros(2, 5, 5).numpy(), torch.zeros(1, 2, 5, 3)
+
+    def call(g=q, k=q, v=q, out_q=None):
+        backward(g, None, q, k, v, probs, 1.0, out_q, None, None, None, False, False, False, 1)
+
+    with pytest.raises(ValueError, match="`v` must be \\(1, 2, 5, 3\\)"):
+        call(v=torch.zeros(1, 2, 4, 3).numpy())
+    with pytest.raises(ValueError, match="`k` must be an array \\(outer, inner, rows, cols\\)"):
+        call(k=torch.zeros(2, 5, 3).numpy())
+    with pytest.raises(ValueError, match="`g` needs a unit column stride"):
+        call(g=torch.zeros(1, 2, 3, 5).transpose(-1, -2).numpy())
+    with pytest.raises(ValueError, match="`g` needs a unit column stride and a row stride of at least its columns"):
+        call(g=torch.zeros(1, 2, 1, 3).expand(1, 2, 5, 3).numpy())
+    read_only = out.numpy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="`out_q` is read-only"):
+        call(out_q=read_only)
+    call(out_q=out.numpy())  # the same call with a writeable output runs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -405,7 +420,7 @@ def test_attention_forward_softmax_edge_rows_as_torch(dtype, safe, monkeypatch, 
 
     def run(path):
         kernel_path(path, monkeypatch, attention_double_backward, "attention_")
-        out, probs = attention_double_backward.AttentionFunction.apply(q, k, v, bias, 0.5, safe)
+        out, probs = attention_double_backward.AttentionFunction.apply(q, k, v, bias, 0.5, safe)[:2]
         monkeypatch.undo()
         return out, probs
 
@@ -436,10 +451,119 @@ def test_attention_blas_that_disagrees_with_torch_is_not_used(monkeypatch):
     real = attention_double_backward._slice_backward
     monkeypatch.setattr(attention_double_backward, "_BLAS_STATE", {})
     monkeypatch.setattr(attention_double_backward, "_slice_backward",
-                        lambda *args: tuple(None if t is None else t + 1e-3 for t in real(*args)))
+                        lambda *args: real(*args) + 1e-3)
     assert attention_double_backward._find_blas() is False
     assert attention_double_backward._slice_kernels(torch.ones(2, 2, 2)) is None
     # hand the real GEMMs back for the tests that follow (the check cleared them in C++)
     monkeypatch.setattr(attention_double_backward, "_slice_backward", real)
     monkeypatch.setattr(attention_double_backward, "_BLAS_STATE", {})
     assert attention_double_backward._find_blas() is True
+
+
+def _timm_attention(qkv, heads, sdpa):
+    """timm's Attention between its two projections: q, k, v as views of one (B, N, 3 C) tensor,
+    the output transposed back to (B, N, C)."""
+    b, n, three_c = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, heads, three_c // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return sdpa(q, k, v).transpose(1, 2).reshape(b, n, three_c // 3)
+
+
+def _qkv_views_case(gen):
+    # timm's layout under the mode: the kernels read q, k, v and the transposed output gradient
+    # in place and write the q, k, v gradients as slices of one tensor, which the mode's unbind
+    # stacks as a view
+    def fast(qkv):
+        with fast_double_backward():
+            return _timm_attention(qkv, 2, F.scaled_dot_product_attention)
+
+    return (_randn(2, 7, 3 * 2 * 4, gen=gen),), fast, lambda qkv: _timm_attention(qkv, 2, _native_sdpa)
+
+
+def _strided_case(gen):
+    # q transposed (no unit column stride: copied for the kernels), k a slice with a row stride
+    # wider than its columns, v with its rows spread over a larger tensor
+    call = lambda sdpa: lambda q_t, k_wide, v_spread: sdpa(q_t.transpose(-1, -2), k_wide[..., 2:6],
+                                                            v_spread[:, :, ::2])
+    inputs = (_randn(2, 3, 4, 5, gen=gen), _randn(2, 3, 6, 9, gen=gen), _randn(2, 3, 12, 3, gen=gen))
+    return inputs, call(scaled_dot_product_attention_fast_double_backward), call(_native_sdpa)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("case", [_qkv_views_case, _strided_case], ids=["views of one qkv tensor", "strided"])
+def test_attention_on_strided_operands_matches_native(case, path, monkeypatch):
+    attention_double_backward._find_blas()
+    counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_forward", "attention_input_grad",
+                                                                          "attention_backward"))
+    inputs, fast, native = case(torch.Generator().manual_seed(21))
+    _assert_all_close(_second_order(fast, inputs), _second_order(native, inputs))
+    if counter is not None and DEVICE.type == "cpu":
+        assert counter.calls == 4
+
+
+def test_timm_attention_gradients_go_back_without_copies():
+    # float32 on the CPU kernels: no stack and no copy of a q-, k-, v- or qkv-sized tensor in the
+    # saliency pass, its backward or the training backward
+    if attention_double_backward._C is None or not attention_double_backward._find_blas() or DEVICE.type != "cpu":
+        pytest.skip("the C++ slice kernels are not available")
+    x, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(16, 3 * 2 * 8, requires_grad=True)
+    with fast_double_backward():
+        out = _timm_attention(x @ weight, 2, F.scaled_dot_product_attention)  # the qkv projection
+        with torch.profiler.profile(record_shapes=True) as prof:
+            (grad,) = torch.autograd.grad((out**3).sum(), x, create_graph=True)
+            (grad.square().sum() + out.sum()).backward()
+    part = [2, 2, 9, 8]
+    copies = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::cat", "aten::stack")
+              or (e.name in ("aten::copy_", "aten::clone") and e.input_shapes and e.input_shapes[0] in (
+                  part, [2, 9, 2, 8], [2, 9, 3, 2, 8], [3, 2, 2, 9, 8], [2, 9, 48]))]
+    assert copies == []
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+def test_stacked_layout_recognizes_slices_of_one_dense_tensor():
+    stacked = attention_double_backward._stacked_layout
+    qkv = torch.zeros(2, 5, 3, 4, 6).permute(2, 0, 3, 1, 4)  # timm: (3, B, H, N, d) of a (B, N, 3, H, d)
+    assert stacked(qkv.unbind(0)) == 4 * 6
+    assert stacked(torch.zeros(3, 4, 5).unbind(1)) == 5
+    t = torch.zeros(4, 5)
+    assert stacked((t, t, t)) is None  # one tensor three times: the step is 0
+    assert stacked(torch.zeros(3, 4, 8)[:, :, :5].unbind(0)) is None  # gaps between rows: not dense
+    assert stacked(torch.zeros(4, 5).expand(3, 4, 5).unbind(0)) is None  # overlapping
+    assert stacked(torch.zeros(5, 4, 5)[::2].unbind(0)) is None  # every other slice: not dense
+    assert stacked(torch.zeros(3, 4, 5).unbind(0)[::-1]) is None  # out of order
+    assert stacked((torch.zeros(4, 5), torch.zeros(4, 5))) is None  # two storages
+    assert stacked((qkv[0], None, qkv[2])) is None
+
+
+def test_stack_grads_is_a_view_of_stacked_slices_and_a_stack_otherwise():
+    q, k, v = torch.randn(2, 6, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    buffers = attention_double_backward._grad_buffers(q, k, v)
+    for b, value in zip(buffers, (1.0, 2.0, 3.0)):
+        b.fill_(value)
+    stacked = attention_double_backward._StackGrads.apply(0, q.shape, *buffers)
+    assert stacked.data_ptr() == buffers[0].data_ptr()  # no copy
+    torch.testing.assert_close(stacked, torch.stack(buffers))
+    assert stacked.permute(1, 3, 0, 2, 4).is_contiguous()  # the (B, N, 3, H, d) the qkv projection made
+    separate = [torch.full((2, 3), float(i)) for i in range(3)]
+    torch.testing.assert_close(attention_double_backward._StackGrads.apply(1, (2, 3), *separate),
+                               torch.stack(separate, 1))
+    with_none = attention_double_backward._StackGrads.apply(0, (2, 3), separate[0], None, separate[2])
+    torch.testing.assert_close(with_none, torch.stack([separate[0], torch.zeros(2, 3), separate[2]]))
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_unbind_route_matches_native_to_second_order(dim):
+    def routed(t):
+        with fast_double_backward():
+            parts = t.unbind(dim)
+        assert parts[0].grad_fn.name() == "_UnbindBackward"
+        return parts[0] * parts[-1] ** 2  # the middle parts unused: their gradients are zeros
+
+    t = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(routed, (t,))
+    assert torch.autograd.gradgradcheck(routed, (t,))
+    with fast_double_backward():
+        assert torch.unbind(t.detach(), dim)[0].grad_fn is None  # nothing to differentiate: native
+        assert torch.unbind(t, dim=dim)[1].grad_fn.name() == "_UnbindBackward"
+        with pytest.raises(IndexError):
+            t.unbind(3)  # the native error
