@@ -139,6 +139,12 @@ def _as_slices(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _kernel_writable(t: torch.Tensor) -> bool:
+    """Whether :func:`_as_slices` of ``t`` is a view (the kernels can write into ``t``)."""
+    rows, cols = t.shape[-2:]
+    return t.dim() <= 4 and (cols <= 1 or t.stride(-1) == 1) and (rows <= 1 or t.stride(-2) >= cols)
+
+
 def _out_slices(t: torch.Tensor):
     """:func:`_as_slices` of an output buffer of :func:`_grad_buffers` (or a contiguous one), as
     the kernels' array: always a view, never a copy (which would lose what is written)."""
@@ -179,7 +185,7 @@ def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     of one dense tensor (:func:`_stacked_layout`), slices of one new tensor of that layout, so
     that autograd's way back through the unbind and the reshapes before it is views, not copies
     (:class:`_StackGrads`); else one contiguous tensor each."""
-    step = _stacked_layout((q, k, v)) if q.dim() <= 4 else None
+    step = _stacked_layout((q, k, v)) if _kernel_writable(q) else None
     if step is None:
         return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     flat = q.new_empty(3 * q.numel())
@@ -371,7 +377,10 @@ class _AttentionInputGrad(torch.autograd.Function):
             buffers = _grad_buffers(q, k, v)
             # G' in G's layout (a transposed view in timm's attention), so that it goes back
             # through the saliency graph's reshapes as views
-            gg_out = torch.empty_like(g) if has_p else None
+            gg_out = None
+            if has_p:
+                gg_out = torch.empty_like(g)
+                gg_out = gg_out if _kernel_writable(gg_out) else torch.empty(g.shape, dtype=g.dtype)
             gg_q = buffers[0] if up_k is not None or (fold and has_p) else None
             gg_k = buffers[1] if up_q is not None or (fold and has_p) else None
             gg_v = buffers[2] if has_w else None
@@ -425,7 +434,7 @@ class AttentionFunction(torch.autograd.Function):
     Returns the output (contiguous, as natively) and four hidden outputs for the closed-form
     backward of :class:`_AttentionInputGrad`: :math:`P` (batch, L, S), through which it hands
     its :math:`\bar P` to this node's backward (module docstring), and stand-ins for q, k, v
-    (zero-sized expands; their gradients are added to those of q, k, v)."""
+    (expands of a scalar zero: no memory; their gradients are added to those of q, k, v)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, safe: bool):
@@ -512,7 +521,8 @@ class _AttentionFunctionGrads:
         for i, (alias_grad, wanted) in enumerate(zip(grad_aliases, need)):
             computed = wanted and (i < 2 or has_g)  # dV comes from G only
             if alias_grad is not None and wanted:
-                if not (alias_grad.is_contiguous() or _stacked_layout(grad_aliases) is not None):
+                if not (alias_grad.is_contiguous() or (_kernel_writable(alias_grad)
+                                                       and _stacked_layout(grad_aliases) is not None)):
                     alias_grad = alias_grad.contiguous()  # a layout the kernels cannot write in place
                 self.outs.append(alias_grad if computed else None)
                 self.add.append(computed)

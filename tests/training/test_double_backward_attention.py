@@ -488,8 +488,24 @@ def _strided_case(gen):
     return inputs, call(scaled_dot_product_attention_fast_double_backward), call(_native_sdpa)
 
 
+def _windowed_5d_case(gen):
+    # Hiera's layout: 5-D q, k, v (batch, heads, windows, tokens, head dim) as views of one
+    # projection, the output gradient a permuted dense tensor (more leading dimensions than the
+    # kernels' two: their gradient buffers are then plain contiguous ones)
+    def attend(qkv, sdpa):
+        q, k, v = qkv.reshape(2, 5, 2, 3, 2, 4).permute(3, 0, 4, 2, 1, 5).unbind(0)
+        return sdpa(q, k, v).transpose(1, 3).reshape(2, 10, 8)
+
+    def fast(qkv):
+        with fast_double_backward():
+            return attend(qkv, F.scaled_dot_product_attention)
+
+    return (_randn(2, 10, 24, gen=gen),), fast, lambda qkv: attend(qkv, _native_sdpa)
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
-@pytest.mark.parametrize("case", [_qkv_views_case, _strided_case], ids=["views of one qkv tensor", "strided"])
+@pytest.mark.parametrize("case", [_qkv_views_case, _strided_case, _windowed_5d_case],
+                         ids=["views of one qkv tensor", "strided", "5-D windowed views"])
 def test_attention_on_strided_operands_matches_native(case, path, monkeypatch):
     attention_double_backward._find_blas()
     counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_forward", "attention_input_grad",
