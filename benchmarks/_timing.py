@@ -6,7 +6,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
 @dataclass
@@ -38,6 +38,36 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, name: s
         fn()
         times.append(time.perf_counter() - start)
     return Timing(name, statistics.median(times), min(times), max(times), repeats)
+
+
+def measure_interleaved(fns: Sequence[Tuple[str, Callable[[], object]]], repeats: int = 5, warmup: int = 1,
+                        before_run: Optional[Callable[[int], object]] = None,
+                        after_run: Optional[Callable[[int], object]] = None) -> List[Timing]:
+    """Each of the named ``fns`` ``warmup`` times (in order), then ``repeats`` rounds in which
+    every variant runs once, the order rotated by one each round: a change of the machine's
+    speed during the run falls on all variants alike (a block of runs per variant puts it on
+    one). ``before_run(i)`` and ``after_run(i)`` run untimed around every run of variant ``i``
+    (memory probes)."""
+    def run(i: int) -> float:
+        gc.collect()
+        if before_run is not None:
+            before_run(i)
+        start = time.perf_counter()
+        fns[i][1]()
+        elapsed = time.perf_counter() - start
+        if after_run is not None:
+            after_run(i)
+        return elapsed
+
+    for i in range(len(fns)):
+        for _ in range(warmup):
+            run(i)
+    times: List[List[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            times[i].append(run(i))
+    return [Timing(name, statistics.median(t), min(t), max(t), repeats) for (name, _), t in zip(fns, times)]
 
 
 def peak_rss_gib() -> float:

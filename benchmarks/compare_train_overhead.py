@@ -16,8 +16,11 @@ Variants, on the same model, batch and optimizer (SGD), each a full step (forwar
   attention switched to its explicit matmul/softmax path (the closed-form softmax of
   :mod:`harmonizer_fast.training.activation_double_backward`).
 
-Peak memory is the growth of the process's peak RSS over the run of each variant (a
-lower bound when an earlier variant already raised the peak); on CUDA, each variant's
+The variants of a model are timed interleaved: after one warm-up step each, every round runs
+each variant once (the order rotated each round), so a change of the machine's speed during the
+run falls on all of them alike; each figure is the median of ``--repeats`` rounds. Peak memory
+is the growth of the process's peak RSS over the runs of each variant (a lower bound when an
+earlier variant already raised the peak); on CUDA, each variant's largest
 ``torch.cuda.max_memory_allocated``. ``--memory`` measures the CPU peak properly instead: each
 variant's first step in a fresh process (peak RSS growth over the step, no timing).
 ``--profile MODEL [--variant LABEL]`` prints a torch.profiler table of one step and the
@@ -36,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import Comparison, measure, peak_rss_gib
+from benchmarks._timing import Comparison, measure_interleaved, peak_rss_gib
 
 MODELS = ("resnet18", "convnext_atto", "efficientnet_lite0", "vit_tiny_patch16_224", "vit_base_patch16_224")
 PLAIN, PORT, TRAINER, TRAINER_UNFUSED = "plain CE", "reference port", "Trainer", "Trainer, attention unfused"
@@ -208,17 +211,28 @@ def compare(quick: bool = False, repeats: int = 0, models=None, batch: int = BAT
     models = models or (MODELS[:2] if quick else MODELS)
     on_cuda = torch.device(device).type == "cuda"
     comparisons = []
+    key = "peak_cuda_memory_gib" if on_cuda else "peak_rss_growth_gib"
     for name in models:
-        timings = []
-        for label, fn in _variants(name, batch, device, amp):
+        variants = _variants(name, batch, device, amp)
+        memory = [0.0] * len(variants)  # CUDA: the variant's largest peak; CPU: the peak's growth over its runs
+        start = [0.0]
+
+        def before_run(i):
             if on_cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            before = 0.0 if on_cuda else peak_rss_gib()
-            t = measure(fn, repeats=repeats, warmup=1, name=label)
-            key = "peak_cuda_memory_gib" if on_cuda else "peak_rss_growth_gib"
-            t.extra[key] = f"{_peak_memory_gib(device) - before:.2f}"
-            timings.append(t)
+            else:
+                start[0] = peak_rss_gib()
+
+        def after_run(i):
+            if on_cuda:
+                memory[i] = max(memory[i], _peak_memory_gib(device))
+            else:
+                memory[i] += peak_rss_gib() - start[0]
+
+        timings = measure_interleaved(variants, repeats=repeats, warmup=1, before_run=before_run, after_run=after_run)
+        for t, m in zip(timings, memory):
+            t.extra[key] = f"{m:.2f}"
         base = timings[0]
         for t in timings[1:]:
             t.extra["x_plain_step"] = f"{t.median_s / base.median_s:.2f}"
