@@ -5,8 +5,10 @@ gradient of q, k, v with ``create_graph=True``) and the backward of a loss of bo
 flow for the closed-form attention of ``fast_double_backward`` (its C++ slice kernels, the
 default on the CPU, and its torch formulas, the fallback elsewhere) and for native math attention,
 against the plain step's work (the fused flash forward and backward), on the shapes of one
-ViT-Tiny and one ViT-B/16 layer (batch 8, 197 tokens). Before every run a 64 MB buffer is written,
-so no operand starts in L2, as inside a real step.
+ViT-Tiny and one ViT-B/16 layer (batch 8, 197 tokens), on separate q, k, v tensors and in timm's
+layout (q, k, v views of one projection, the output transposed back: where the mode's strided
+kernels and unbind save the copies). Before every run a 64 MB buffer is written, so no operand
+starts in L2, as inside a real step.
 
     python -m benchmarks.compare_attention_layer [--repeats 15] [--batch 8]
 """
@@ -22,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks._timing import Comparison, format_table, measure
 from harmonizer_fast.training import attention_double_backward
 from harmonizer_fast.training.attention_double_backward import scaled_dot_product_attention_fast_double_backward
+from harmonizer_fast.training.double_backward import fast_double_backward
 
 #: (label, heads, tokens, head dim): one layer of each model at 224 px
 SHAPES = (("vit_tiny_patch16_224 layer", 3, 197, 64), ("vit_base_patch16_224 layer", 12, 197, 64))
@@ -61,6 +64,35 @@ def _plain_flow(q, k, v, grad_out) -> Callable[[], None]:
     return run
 
 
+def _timm_layout(attention: Callable) -> Callable:
+    """``attention`` as timm's Attention calls it: q, k, v views of one (B, N, 3 C) projection
+    (``unbind`` of a permuted reshape), the output transposed back to (B, N, C)."""
+
+    def run(qkv, heads: int):
+        b, n, three_c = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3, heads, three_c // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        return attention(q, k, v).transpose(1, 2).reshape(b, n, three_c // 3)
+
+    return run
+
+
+def _timm_flow(qkv, heads: int, grad_out, harmonized: bool) -> Callable[[], None]:
+    """The plain step's flow (flash attention) or the harmonized one under
+    ``fast_double_backward`` in timm's layout; the saliency is taken wrt the projection."""
+
+    def run():
+        leaf = qkv.detach().requires_grad_(True)
+        if not harmonized:
+            _timm_layout(F.scaled_dot_product_attention)(leaf, heads).backward(grad_out)
+            return
+        with fast_double_backward():
+            out = _timm_layout(F.scaled_dot_product_attention)(leaf, heads)
+            (saliency,) = torch.autograd.grad(out, leaf, grad_out, create_graph=True)
+        (saliency.square().sum() + out.square().sum()).backward()
+
+    return run
+
+
 def compare(quick: bool = False, repeats: Optional[int] = None, batch: int = 8) -> Tuple[str, List[Comparison]]:
     """The ratio table (``benchmarks.run_all`` protocol); ``quick``: 3 repeats instead of 15."""
     repeats = repeats or (3 if quick else 15)
@@ -78,6 +110,12 @@ def compare(quick: bool = False, repeats: Optional[int] = None, batch: int = 8) 
         native = timed("harmonized, native math attention", _harmonized_flow(_math_attention, q, k, v, grad_out))
         comparisons.append(Comparison(f"{label} b{batch}", base, [fast, formulas, native],
                                       note="speed-up < 1: cost over the plain step's attention"))
+        qkv, grad_tokens = torch.randn(batch, tokens, 3 * heads * dim, generator=gen), grad_out.transpose(1, 2)
+        grad_tokens = grad_tokens.reshape(batch, tokens, heads * dim)
+        base = timed("plain step's attention (flash forward + backward)", _timm_flow(qkv, heads, grad_tokens, False))
+        fast = timed("harmonized, closed form (Trainer)", _timm_flow(qkv, heads, grad_tokens, True))
+        comparisons.append(Comparison(f"{label} b{batch}, timm layout (q, k, v views of one projection)", base,
+                                      [fast], note="speed-up < 1: cost over the plain step's attention"))
     title = f"One attention layer: harmonized flow vs the plain step's (CPU, {torch.get_num_threads()} threads)"
     return title, comparisons
 
