@@ -491,9 +491,8 @@ class AttentionFunction(torch.autograd.Function):
         if grad_p is not None:
             grad_p = grad_p.contiguous()
         if _slice_kernels(g, grad_p, q, k, v, probs) is not None:
-            grads = _AttentionFunctionGrads(q, k, v, grad_aliases, need, g is not None)
-            t = _slice_backward(g, grad_p, q, k, v, probs, scale, *grads.outs, need_bias, grads.add)
-            grad_q, grad_k, grad_v = grads.result
+            outs, add, (grad_q, grad_k, grad_v) = _training_grad_outputs(q, k, v, grad_aliases, need, g is not None)
+            t = _slice_backward(g, grad_p, q, k, v, probs, scale, *outs, need_bias, add)
         else:
             q3, k3, v3 = _as_batched(q), _as_batched(k), _as_batched(v)
             g3 = None if g is None else _as_batched(g)
@@ -510,32 +509,31 @@ class AttentionFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None
 
 
-class _AttentionFunctionGrads:
-    """Where the C++ training backward writes the gradients of q, k, v: into the closed form's
-    gradients of the stand-ins when given (added, in place: they are this backward's own
-    fresh buffers, of :func:`_grad_buffers` layout), else into new :func:`_grad_buffers`."""
+def _training_grad_outputs(q, k, v, grad_aliases, need, has_g: bool):
+    """Where the C++ training backward writes the gradients of q, k, v: ``(outs, add, grads)``,
+    the kernel's output arrays (None: not computed), whether it adds onto them, and the gradients
+    to return. The closed form's gradients of the stand-ins, when given, are added onto in place
+    (this backward's own fresh buffers, of :func:`_grad_buffers` layout); else new
+    :func:`_grad_buffers`. dV needs the output gradient G."""
+    fresh = None
+    outs, add, grads = [], [], []
+    for i, (alias_grad, wanted) in enumerate(zip(grad_aliases, need)):
+        computed = wanted and (i < 2 or has_g)
+        if wanted and alias_grad is not None:
+            if not (alias_grad.is_contiguous()
+                    or (_kernel_writable(alias_grad) and _stacked_layout(grad_aliases) is not None)):
+                alias_grad = alias_grad.contiguous()  # a layout the kernels cannot write in place
+            grad = alias_grad
+        elif computed:
+            fresh = _grad_buffers(q, k, v) if fresh is None else fresh
+            grad = fresh[i]
+        else:
+            grad = None
+        outs.append(grad if computed else None)
+        add.append(computed and alias_grad is not None)
+        grads.append(grad)
+    return outs, add, grads
 
-    def __init__(self, q, k, v, grad_aliases, need, has_g: bool):
-        fresh = None
-        self.outs, self.add, self.result = [], [], []
-        for i, (alias_grad, wanted) in enumerate(zip(grad_aliases, need)):
-            computed = wanted and (i < 2 or has_g)  # dV comes from G only
-            if alias_grad is not None and wanted:
-                if not (alias_grad.is_contiguous() or (_kernel_writable(alias_grad)
-                                                       and _stacked_layout(grad_aliases) is not None)):
-                    alias_grad = alias_grad.contiguous()  # a layout the kernels cannot write in place
-                self.outs.append(alias_grad if computed else None)
-                self.add.append(computed)
-                self.result.append(alias_grad)
-            elif computed:
-                fresh = _grad_buffers(q, k, v) if fresh is None else fresh
-                self.outs.append(fresh[i])
-                self.add.append(False)
-                self.result.append(fresh[i])
-            else:
-                self.outs.append(None)
-                self.add.append(False)
-                self.result.append(None)
 
 _SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
          ("is_causal", False), ("scale", None), ("enable_gqa", False))

@@ -583,3 +583,24 @@ def test_unbind_route_matches_native_to_second_order(dim):
         assert torch.unbind(t, dim=dim)[1].grad_fn.name() == "_UnbindBackward"
         with pytest.raises(IndexError):
             t.unbind(3)  # the native error
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_attention_loss_of_the_saliency_alone_matches_native(path, monkeypatch):
+    # the training backward gets no output gradient, only the closed form's gradients of the
+    # stand-ins (and of P with a bias): they are the gradients of q, k, v as they are
+    attention_double_backward._find_blas()
+    kernel_path(path, monkeypatch, attention_double_backward, "attention_")
+    gen = torch.Generator().manual_seed(23)
+    q, k, v, bias = _attention_inputs(ATTENTION_CASES["relative-position bias (1, H, L, S), trained"], seed=23)
+    weights = _randn(*q.shape[:-1], v.shape[-1], gen=gen, requires_grad=False)
+
+    def grads(sdpa, with_bias):
+        out = sdpa(q, k, v, attn_mask=bias if with_bias else None)
+        saliency = torch.autograd.grad(out, (q, k), weights, create_graph=True)
+        leaves = (q, k, v, bias) if with_bias else (q, k, v)
+        return torch.autograd.grad(sum(s.square().sum() for s in saliency), leaves)
+
+    for with_bias in (False, True):
+        _assert_all_close(grads(scaled_dot_product_attention_fast_double_backward, with_bias),
+                          grads(_native_sdpa, with_bias))
