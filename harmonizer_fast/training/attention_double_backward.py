@@ -133,16 +133,19 @@ def _as_slices(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
     elif t.dim() > 4:
         t = t.reshape((-1,) + tuple(t.shape[-3:]))
+    return t if _rows_as_matrices(t) else t.contiguous()
+
+
+def _rows_as_matrices(t: torch.Tensor) -> bool:
+    """Whether the kernels' GEMMs can take ``t``'s last two dimensions as matrices: a unit column
+    stride and a row stride (their leading dimension) of at least the columns."""
     rows, cols = t.shape[-2:]
-    if (cols > 1 and t.stride(-1) != 1) or (rows > 1 and t.stride(-2) < cols):
-        t = t.contiguous()
-    return t
+    return (cols <= 1 or t.stride(-1) == 1) and (rows <= 1 or t.stride(-2) >= cols)
 
 
 def _kernel_writable(t: torch.Tensor) -> bool:
     """Whether :func:`_as_slices` of ``t`` is a view (the kernels can write into ``t``)."""
-    rows, cols = t.shape[-2:]
-    return t.dim() <= 4 and (cols <= 1 or t.stride(-1) == 1) and (rows <= 1 or t.stride(-2) >= cols)
+    return t.dim() <= 4 and _rows_as_matrices(t)
 
 
 def _out_slices(t: torch.Tensor):
@@ -516,12 +519,12 @@ def _training_grad_outputs(q, k, v, grad_aliases, need, has_g: bool):
     (this backward's own fresh buffers, of :func:`_grad_buffers` layout); else new
     :func:`_grad_buffers`. dV needs the output gradient G."""
     fresh = None
+    stacked = _stacked_layout(grad_aliases) is not None  # non-overlapping: safe to write into
     outs, add, grads = [], [], []
     for i, (alias_grad, wanted) in enumerate(zip(grad_aliases, need)):
         computed = wanted and (i < 2 or has_g)
         if wanted and alias_grad is not None:
-            if not (alias_grad.is_contiguous()
-                    or (_kernel_writable(alias_grad) and _stacked_layout(grad_aliases) is not None)):
+            if not (alias_grad.is_contiguous() or (stacked and _kernel_writable(alias_grad))):
                 alias_grad = alias_grad.contiguous()  # a layout the kernels cannot write in place
             grad = alias_grad
         elif computed:
