@@ -193,6 +193,37 @@ def test_layer_norm_fused_kernel_float32_transformer_shape(layer_norm_kernel):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 
+@pytest.mark.skipif(norm_double_backward._C is None, reason="no C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("need,has_weight", [((g, x, w), a) for g in (0, 1) for x in (0, 1) for w in (0, 1)
+                                             for a in (True, False) if (g or x or w) and (a or not w)])
+def test_layer_norm_kernel_each_output_subset_matches_autograd(need, has_weight, dtype):
+    # every compiled instance of the row kernel (one per wanted-output subset), with and without
+    # a weight, against autograd's derivatives of the native input gradient
+    need_gy, need_x, need_w = (bool(n) for n in need)
+    gen = torch.Generator().manual_seed(sum(need) + 3 * has_weight)
+    rows, m = 37, 48
+    x = (torch.randn(rows, m, generator=gen, dtype=torch.float64) * 1.5 + 0.3).requires_grad_(True)
+    gy = torch.randn(rows, m, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(m, generator=gen, dtype=torch.float64, requires_grad=True) if has_weight else None
+    u = torch.randn(rows, m, generator=gen, dtype=torch.float64)
+    gx, = torch.autograd.grad(F.layer_norm(x, (m,), w, None, 1e-5), x, gy, create_graph=True)
+    wrt = [t for t in (gy, x, w) if t is not None]
+    expected = dict(zip(("gy", "x", "w"), torch.autograd.grad(gx, wrt, u)))
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x.detach(), [m], w, None, 1e-5)
+    cast = lambda t: None if t is None else t.detach().to(dtype)
+    got = norm_double_backward._fused_layer_norm_double_backward(
+        cast(gy), cast(x), cast(w), cast(mean.view(rows, 1)), cast(rstd.view(rows, 1)), cast(u),
+        need_gy, need_x, need_w)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for (name, wanted), out in zip((("gy", need_gy), ("x", need_x), ("w", need_w)), got):
+        if not wanted:
+            assert out is None, name
+            continue
+        e = expected[name]
+        torch.testing.assert_close(out.double(), e, rtol=tol["rtol"], atol=tol["atol"] * e.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("kind", ["batch_norm", "layer_norm"])
 def test_norm_affine_gradients_inside_a_graph_building_backward(kind):
     x, w, b = _affine_inputs((4, 3, 5, 5), 3 if kind == "batch_norm" else (5,), True, seed=3)
