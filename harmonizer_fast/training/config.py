@@ -47,6 +47,11 @@ class TrainerConfig:
     parameters not trained; ``timm.layers.freeze_batch_norm_2d``): for fine-tuning on small
     or correlated batches, whose batch statistics are unrepresentative.
 
+    Memory: ``keep_freed_memory`` (training on the CPU) keeps the memory each step frees for
+    the next step instead of returning it to the OS and page-faulting it back
+    (:func:`harmonizer_fast._memory.keep_freed_memory`, process-wide glibc thresholds; a
+    harmonized ViT-Tiny step here: 15-50 thousand faults fewer, ~3 % faster).
+
     Bookkeeping: ``output_dir`` receives ``last.pt`` every ``checkpoint_every`` steps and at
     the end (plus ``step_XXXXXXX.pt`` files with ``keep_checkpoints``) and the metric logs,
     written every ``log_every`` steps.
@@ -88,6 +93,7 @@ class TrainerConfig:
     unfuse_attention: bool = True
     fast_double_backward: bool = True
     freeze_bn: bool = False
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "steps": self.steps, "grad_accum_steps": self.grad_accum_steps,

@@ -29,6 +29,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from harmonizer_fast._memory import keep_freed_memory
 from harmonizer_fast.models import create_model, model_preprocess, preprocess_input
 
 from harmonizer_fast.training import checkpoint as ckpt
@@ -111,6 +112,8 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = resolve_device(cfg.device)
+        if cfg.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         seed_everything(cfg.seed)
         if isinstance(model, str):
             cfg.model = model

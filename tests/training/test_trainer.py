@@ -335,3 +335,13 @@ def test_fast_double_backward_trains_like_native_autograd(tmp_path, amp):
         torch.testing.assert_close(runs[True][1][key], want, **tol, msg=key)
     assert math.isclose(runs[True][0][-1]["harmonization"], runs[False][0][-1]["harmonization"],
                         rel_tol=tol["rtol"], abs_tol=tol["atol"])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_trainer_keeps_freed_memory_unless_told_not_to(tmp_path, monkeypatch, keep):
+    from harmonizer_fast.training import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(True) or True)
+    Trainer(TinyNet(), _config(tmp_path, steps=1, device="cpu", keep_freed_memory=keep), train_data=make_stream())
+    assert calls == ([True] if keep else [])
