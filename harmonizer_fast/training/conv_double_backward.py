@@ -132,6 +132,10 @@ class Conv2dFunction(torch.autograd.Function):
         p = ctx.params
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
+        # the images of a harmonized step require a gradient for the saliency; the training
+        # backward (Trainer: inputs=parameters) does not reach them, so their gradient through
+        # the first convolution is skipped (ViT-Tiny's patch embedding: ~8 ms of a step)
+        need_x = need_x and _will_be_used(x)
         if not torch.is_grad_enabled():  # ordinary backward
             return (*_conv_grads(grad_out, x, weight, p, need_x, need_w, need_b), None)
         gx = _ConvInputGrad.apply(grad_out, weight, x.detach(), p) if need_x else None

@@ -194,7 +194,10 @@ class Trainer:
                         lambda_harmonization=self.config.lambda_harmonization,
                         backend=self._loss_backend,
                     )
-                (out.loss * scale).backward()
+                # inputs=: only the parameters' gradients (not the images', which require one
+                # for the saliency: the first layer's input gradient would be computed and dropped)
+                trained = [p for p in self.model.parameters() if p.requires_grad]
+                (out.loss * scale).backward(inputs=trained)
             except RuntimeError as err:
                 diagnosis = diagnose_double_backward(err, self.model, batch.images)
                 if diagnosis is None:

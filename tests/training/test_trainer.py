@@ -345,3 +345,32 @@ def test_cpu_trainer_keeps_freed_memory_unless_told_not_to(tmp_path, monkeypatch
     monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(True) or True)
     Trainer(TinyNet(), _config(tmp_path, steps=1, device="cpu", keep_freed_memory=keep), train_data=make_stream())
     assert calls == ([True] if keep else [])
+
+
+def test_training_backward_skips_the_images_gradient(tmp_path, monkeypatch):
+    # the images require a gradient for the saliency only: the step's second backward must not
+    # compute it again through the first convolution, and the update must stay the same
+    from harmonizer_fast.training import conv_double_backward as conv
+
+    input_grads = []
+    real = conv._conv_grads
+
+    def recording(grad_out, x, weight, p, need_x, need_w, need_b=False):
+        if need_x and x.shape[1] == 3:  # the images' gradient through conv1
+            input_grads.append(1)
+        return real(grad_out, x, weight, p, need_x, need_w, need_b)
+
+    monkeypatch.setattr(conv, "_conv_grads", recording)
+    trainer = Trainer(_net(), _config(tmp_path, steps=1), train_data=make_stream())
+    trainer.train_step()
+    assert len(input_grads) == 1  # the saliency's
+
+    # a step whose backward computes every leaf's gradient (no inputs=): the images' again
+    input_grads.clear()
+    reference = Trainer(_net(), _config(tmp_path / "ref", steps=1), train_data=make_stream())
+    real_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, inputs=None, **k: real_backward(self, *a, **k))
+    reference.train_step()
+    assert len(input_grads) == 2
+    for (name, a), b in zip(trainer.model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
