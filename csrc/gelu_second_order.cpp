@@ -3,7 +3,8 @@
 //
 //   out = y''(x) * g * u,   y''(x) = phi(x) (2 - x^2),   phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 //
-// one pass reading x, g, u and writing out, against six elementwise passes in torch ops.
+// one pass reading x, g, u and writing out, against six elementwise passes in torch ops; and
+// the training backward with the closed form's x-gradient added, out = y'(x) g + a, in one pass.
 // float32 uses a vectorizable exp (Cody-Waite reduction, degree-6 polynomial: relative error
 // below 2e-7 over the range used; AVX-512 intrinsics where the CPU has them, else the compiler's
 // SSE2 vectorization); float64 uses std::exp.
@@ -46,6 +47,20 @@ void block_f32_default(const float* x, const float* g, const float* u, float* ou
 }
 
 #ifdef HF_HAVE_AVX512_EXP
+// out[i] = term(x, g, u) over [b, e), 16 lanes at a time and a masked tail
+template <typename Term>
+__attribute__((target("avx512f"), always_inline)) inline void map16(Term&& term, const float* x, const float* g,
+                                                                    const float* u, float* out, int64_t b, int64_t e) {
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16)
+    _mm512_storeu_ps(out + i, term(_mm512_loadu_ps(x + i), _mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+  if (i < e) {
+    const __mmask16 tail = __mmask16((1u << (e - i)) - 1u);
+    _mm512_mask_storeu_ps(out + i, tail, term(_mm512_maskz_loadu_ps(tail, x + i), _mm512_maskz_loadu_ps(tail, g + i),
+                                              _mm512_maskz_loadu_ps(tail, u + i)));
+  }
+}
+
 // The same term 16 floats at a time (the loop above vectorizes for SSE2 only): ~2x faster alone.
 __attribute__((target("avx512f"))) void block_f32_avx512(const float* x, const float* g, const float* u, float* out,
                                                           int64_t b, int64_t e) {
@@ -55,14 +70,7 @@ __attribute__((target("avx512f"))) void block_f32_avx512(const float* x, const f
     const __m512 pdf = _mm512_mul_ps(c, exp_nonpositive_avx512(_mm512_mul_ps(half, x2)));
     return _mm512_mul_ps(_mm512_mul_ps(pdf, _mm512_sub_ps(two, x2)), _mm512_mul_ps(gv, uv));
   };
-  int64_t i = b;
-  for (; i + 16 <= e; i += 16)
-    _mm512_storeu_ps(out + i, term(_mm512_loadu_ps(x + i), _mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
-  if (i < e) {
-    const __mmask16 tail = __mmask16((1u << (e - i)) - 1u);
-    _mm512_mask_storeu_ps(out + i, tail, term(_mm512_maskz_loadu_ps(tail, x + i), _mm512_maskz_loadu_ps(tail, g + i),
-                                              _mm512_maskz_loadu_ps(tail, u + i)));
-  }
+  map16(term, x, g, u, out, b, e);
 }
 #endif
 
@@ -88,7 +96,8 @@ constexpr float kErfcTail[11] = {1.010704297e-06f, 5.641472201e-01f, 5.649079369
                                  -2.636737094e-01f, -6.096937937e-01f, -1.370358276e+00f, 7.258006290e+00f,
                                  -1.108075823e+01f, 7.968504864e+00f, -2.326092097e+00f};
 
-__attribute__((always_inline)) inline void both_f32_one(float x, float g, float u, float* gg_grad, float* gg_x) {
+// Phi(x) and phi(x) for float32 (the scheme above).
+__attribute__((always_inline)) inline void cdf_pdf_f32(float x, float* cdf, float* pdf) {
   const float x2 = x * x, a = std::fabs(x) * 0.70710678118654752f, a2 = 0.5f * x2;
   float s = kErfTaylor[8];
   for (int i = 7; i >= 0; --i) s = s * a2 + kErfTaylor[i];
@@ -97,10 +106,15 @@ __attribute__((always_inline)) inline void both_f32_one(float x, float g, float 
   for (int i = 9; i >= 0; --i) r = r * w + kErfcTail[i];
   const float e = exp_nonpositive(-a2);  // exp(-x^2 / 2) = exp(-a^2)
   const float erfc_a = a < 0.75f ? 1.0f - a * s : e * r;
-  const float cdf = x < 0.0f ? 0.5f * erfc_a : 1.0f - 0.5f * erfc_a;
-  const float pdf = float(kInvSqrt2Pi) * e;
+  *cdf = x < 0.0f ? 0.5f * erfc_a : 1.0f - 0.5f * erfc_a;
+  *pdf = float(kInvSqrt2Pi) * e;
+}
+
+__attribute__((always_inline)) inline void both_f32_one(float x, float g, float u, float* gg_grad, float* gg_x) {
+  float cdf, pdf;
+  cdf_pdf_f32(x, &cdf, &pdf);
   *gg_grad = (cdf + x * pdf) * u;
-  *gg_x = pdf * (2.0f - x2) * g * u;
+  *gg_x = pdf * (2.0f - x * x) * g * u;
 }
 
 void both_block_f32_default(const float* x, const float* g, const float* u, float* og, float* ox, int64_t b,
@@ -110,27 +124,33 @@ void both_block_f32_default(const float* x, const float* g, const float* u, floa
 }
 
 #ifdef HF_HAVE_AVX512_EXP
+// cdf_pdf_f32, 16 lanes
+__attribute__((target("avx512f"), always_inline)) inline void cdf_pdf_f32_avx512(__m512 xv, __m512* cdf, __m512* pdf) {
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
+  const __m512 a2 = _mm512_mul_ps(half, _mm512_mul_ps(xv, xv));
+  const __m512 a = _mm512_mul_ps(_mm512_abs_ps(xv), _mm512_set1_ps(0.70710678118654752f));
+  __m512 s = _mm512_set1_ps(kErfTaylor[8]);
+  for (int i = 7; i >= 0; --i) s = _mm512_fmadd_ps(s, a2, _mm512_set1_ps(kErfTaylor[i]));
+  const __m512 w = _mm512_div_ps(one, _mm512_add_ps(one, a));
+  __m512 r = _mm512_set1_ps(kErfcTail[10]);
+  for (int i = 9; i >= 0; --i) r = _mm512_fmadd_ps(r, w, _mm512_set1_ps(kErfcTail[i]));
+  const __m512 ex = exp_nonpositive_avx512(_mm512_sub_ps(zero, a2));
+  const __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.75f), _CMP_LT_OQ);
+  const __m512 erfc_a = _mm512_mask_blend_ps(small, _mm512_mul_ps(ex, r), _mm512_fnmadd_ps(a, s, one));
+  const __m512 tail = _mm512_mul_ps(half, erfc_a);
+  const __mmask16 negative = _mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ);
+  *cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, tail), tail);
+  *pdf = _mm512_mul_ps(_mm512_set1_ps(float(kInvSqrt2Pi)), ex);
+}
+
 __attribute__((target("avx512f"))) void both_block_f32_avx512(const float* x, const float* g, const float* u,
                                                                float* og, float* ox, int64_t b, int64_t e) {
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), two = _mm512_set1_ps(2.0f);
-  const __m512 c = _mm512_set1_ps(float(kInvSqrt2Pi)), zero = _mm512_setzero_ps();
+  const __m512 two = _mm512_set1_ps(2.0f);
   auto both = [&](__m512 xv, __m512 gv, __m512 uv, __m512* gg_grad, __m512* gg_x) {
-    const __m512 x2 = _mm512_mul_ps(xv, xv), a2 = _mm512_mul_ps(half, x2);
-    const __m512 a = _mm512_mul_ps(_mm512_abs_ps(xv), _mm512_set1_ps(0.70710678118654752f));
-    __m512 s = _mm512_set1_ps(kErfTaylor[8]);
-    for (int i = 7; i >= 0; --i) s = _mm512_fmadd_ps(s, a2, _mm512_set1_ps(kErfTaylor[i]));
-    const __m512 w = _mm512_div_ps(one, _mm512_add_ps(one, a));
-    __m512 r = _mm512_set1_ps(kErfcTail[10]);
-    for (int i = 9; i >= 0; --i) r = _mm512_fmadd_ps(r, w, _mm512_set1_ps(kErfcTail[i]));
-    const __m512 ex = exp_nonpositive_avx512(_mm512_sub_ps(zero, a2));
-    const __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.75f), _CMP_LT_OQ);
-    const __m512 erfc_a = _mm512_mask_blend_ps(small, _mm512_mul_ps(ex, r), _mm512_fnmadd_ps(a, s, one));
-    const __m512 tail = _mm512_mul_ps(half, erfc_a);
-    const __mmask16 negative = _mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ);
-    const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, tail), tail);
-    const __m512 pdf = _mm512_mul_ps(c, ex);
+    __m512 cdf, pdf;
+    cdf_pdf_f32_avx512(xv, &cdf, &pdf);
     *gg_grad = _mm512_mul_ps(_mm512_fmadd_ps(xv, pdf, cdf), uv);
-    *gg_x = _mm512_mul_ps(_mm512_mul_ps(pdf, _mm512_sub_ps(two, x2)), _mm512_mul_ps(gv, uv));
+    *gg_x = _mm512_mul_ps(_mm512_mul_ps(pdf, _mm512_sub_ps(two, _mm512_mul_ps(xv, xv))), _mm512_mul_ps(gv, uv));
   };
   int64_t i = b;
   __m512 rg, rx;
@@ -156,6 +176,37 @@ void both_block_f64(const double* x, const double* g, const double* u, double* o
   }
 }
 
+// The training backward of GELU with the closed form's x-gradient a already there:
+//   out = y'(x) g + a   (gelu_backward and autograd's sum of the two gradients in one pass)
+void backward_add_block_f32_default(const float* x, const float* g, const float* a, float* out, int64_t b,
+                                    int64_t e) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    float cdf, pdf;
+    cdf_pdf_f32(x[i], &cdf, &pdf);
+    out[i] = (cdf + x[i] * pdf) * g[i] + a[i];
+  }
+}
+
+#ifdef HF_HAVE_AVX512_EXP
+__attribute__((target("avx512f"))) void backward_add_block_f32_avx512(const float* x, const float* g, const float* a,
+                                                                       float* out, int64_t b, int64_t e) {
+  auto term = [&](__m512 xv, __m512 gv, __m512 av) {
+    __m512 cdf, pdf;
+    cdf_pdf_f32_avx512(xv, &cdf, &pdf);
+    return _mm512_fmadd_ps(_mm512_fmadd_ps(xv, pdf, cdf), gv, av);
+  };
+  map16(term, x, g, a, out, b, e);
+}
+#endif
+
+void backward_add_block_f64(const double* x, const double* g, const double* a, double* out, int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; ++i) {  // torch's formula for y'(x)
+    const double pdf = kInvSqrt2Pi * std::exp(-0.5 * x[i] * x[i]);
+    out[i] = (0.5 * (1.0 + std::erf(x[i] * 0.70710678118654752440)) + x[i] * pdf) * g[i] + a[i];
+  }
+}
+
 template <typename T>
 using Arr = py::array_t<T, py::array::c_style>;
 
@@ -175,24 +226,47 @@ void run_blocks(int64_t n, int num_threads, Block&& block) {
   parallel_ranges(n, threads, 16, [&](int64_t begin, int64_t end, int) { block(begin, end); });
 }
 
-template <typename T>
-void gelu_second_order_term(py::object x_obj, py::object g_obj, py::object u_obj, py::object out_obj, int num_threads) {
-  const char* fn = "gelu_second_order_term";
-  Arr<T> x = exact_array<T>(x_obj, fn, "x"), g = exact_array<T>(g_obj, fn, "grad");
-  Arr<T> u = exact_array<T>(u_obj, fn, "upstream"), out = exact_array<T>(out_obj, fn, "out");
+using BlockF32 = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t);
+using BlockF64 = void (*)(const double*, const double*, const double*, double*, int64_t, int64_t);
+
+// The block functions of a one-output kernel (AVX-512 null where not compiled).
+struct OneOutput {
+  const char* name;
+  const char* third;  // what the third array is
+  BlockF32 f32_default, f32_avx512;
+  BlockF64 f64;
+};
+
+#ifdef HF_HAVE_AVX512_EXP
+#define HF_AVX512_OR_NULL(f) &f
+#else
+#define HF_AVX512_OR_NULL(f) nullptr
+#endif
+constexpr OneOutput kSecondOrderTerm{"gelu_second_order_term", "upstream", &block_f32_default,
+                                     HF_AVX512_OR_NULL(block_f32_avx512), &block_f64};
+constexpr OneOutput kBackwardAdd{"gelu_backward_add", "addend", &backward_add_block_f32_default,
+                                 HF_AVX512_OR_NULL(backward_add_block_f32_avx512), &backward_add_block_f64};
+#undef HF_AVX512_OR_NULL
+
+// out = kernel(x, g, third) elementwise, all C-contiguous arrays of one size.
+template <typename T, const OneOutput& K>
+void one_output(py::object x_obj, py::object g_obj, py::object u_obj, py::object out_obj, int num_threads) {
+  Arr<T> x = exact_array<T>(x_obj, K.name, "x"), g = exact_array<T>(g_obj, K.name, "grad");
+  Arr<T> u = exact_array<T>(u_obj, K.name, K.third), out = exact_array<T>(out_obj, K.name, "out");
   const int64_t n = x.size();
   if (g.size() != n || u.size() != n || out.size() != n)
-    throw std::invalid_argument("gelu_second_order_term: `x`, `grad`, `upstream` and `out` must have the same size");
+    throw std::invalid_argument(std::string(K.name) + ": `x`, `grad`, `" + K.third +
+                                "` and `out` must have the same size");
   const T *px = x.data(), *pg = g.data(), *pu = u.data();
   T* po = out.mutable_data();
   run_blocks(n, num_threads, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same<T, float>::value) {
 #ifdef HF_HAVE_AVX512_EXP
-      if (use_avx512()) return block_f32_avx512(px, pg, pu, po, begin, end);
+      if (K.f32_avx512 && use_avx512()) return K.f32_avx512(px, pg, pu, po, begin, end);
 #endif
-      block_f32_default(px, pg, pu, po, begin, end);
+      K.f32_default(px, pg, pu, po, begin, end);
     } else {
-      block_f64(px, pg, pu, po, begin, end);
+      K.f64(px, pg, pu, po, begin, end);
     }
   });
 }
@@ -227,9 +301,9 @@ void register_gelu(py::module_& m) {
   const char* doc =
       "out = y''(x) * grad * upstream for exact GELU (y'' = phi(x) (2 - x^2)), written into `out`; "
       "all C-contiguous arrays of one size and dtype.";
-  m.def("gelu_second_order_term_f32", &gelu_second_order_term<float>, py::arg("x"), py::arg("grad"),
+  m.def("gelu_second_order_term_f32", &one_output<float, kSecondOrderTerm>, py::arg("x"), py::arg("grad"),
         py::arg("upstream"), py::arg("out"), py::arg("num_threads"), doc);
-  m.def("gelu_second_order_term_f64", &gelu_second_order_term<double>, py::arg("x"), py::arg("grad"),
+  m.def("gelu_second_order_term_f64", &one_output<double, kSecondOrderTerm>, py::arg("x"), py::arg("grad"),
         py::arg("upstream"), py::arg("out"), py::arg("num_threads"), doc);
   const char* doc2 =
       "Both outputs of exact GELU's input-gradient backward in one pass: out_grad = y'(x) * upstream and "
@@ -238,4 +312,11 @@ void register_gelu(py::module_& m) {
         py::arg("out_grad"), py::arg("out_x"), py::arg("num_threads"), doc2);
   m.def("gelu_double_backward_f64", &gelu_double_backward<double>, py::arg("x"), py::arg("grad"), py::arg("upstream"),
         py::arg("out_grad"), py::arg("out_x"), py::arg("num_threads"), doc2);
+  const char* doc3 =
+      "GELU's input gradient plus an addend in one pass: out = y'(x) * grad + addend (out may be addend); "
+      "all C-contiguous arrays of one size and dtype.";
+  m.def("gelu_backward_add_f32", &one_output<float, kBackwardAdd>, py::arg("x"), py::arg("grad"), py::arg("addend"),
+        py::arg("out"), py::arg("num_threads"), doc3);
+  m.def("gelu_backward_add_f64", &one_output<double, kBackwardAdd>, py::arg("x"), py::arg("grad"), py::arg("addend"),
+        py::arg("out"), py::arg("num_threads"), doc3);
 }

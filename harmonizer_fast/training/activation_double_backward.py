@@ -78,10 +78,18 @@ class _ElementwiseRule:
     def saved_term(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor, arg) -> torch.Tensor:
         raise NotImplementedError
 
+    #: the saved tensor is the input x, so the forward can return a stand-in for it
+    #: (:class:`_ElementwiseFunction`) and add the closed form's x-gradient itself
+    saves_input = False
+
     def both(self, upstream: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor,
              arg) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(vjp(upstream), saved_term(...))`` in one fused pass, or None (then each runs alone)."""
         return None
+
+    def vjp_add(self, grad: torch.Tensor, saved: torch.Tensor, arg, addend: torch.Tensor) -> torch.Tensor:
+        """``vjp(grad) + addend`` (may write into ``addend``, a gradient no one else holds)."""
+        return addend.add_(self.vjp(grad, saved, arg))
 
 
 class _SoftmaxRule(_ElementwiseRule):
@@ -119,6 +127,8 @@ def _gelu_second_derivative(x: torch.Tensor, approximate: str) -> torch.Tensor:
 class _GeluRule(_ElementwiseRule):
     r"""Saved :math:`x`; VJP the native ``gelu_backward``; :math:`\bar x = y''(x) \odot g \odot u`."""
 
+    saves_input = True
+
     def forward(self, x, approximate):
         return _aten.gelu(x, approximate=approximate), x
 
@@ -134,16 +144,22 @@ class _GeluRule(_ElementwiseRule):
     def both(self, upstream, grad, x, approximate):
         return _fused_gelu_kernel("gelu_double_backward", upstream, grad, x, 2) if approximate == "none" else None
 
+    def vjp_add(self, grad, x, approximate, addend):
+        fused = _fused_gelu_kernel("gelu_backward_add", addend, grad, x, out=addend) if approximate == "none" else None
+        return fused[0] if fused is not None else super().vjp_add(grad, x, approximate, addend)
+
 
 _GELU_SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
 def _fused_gelu_kernel(kernel: str, upstream: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
-                       outputs: int = 1) -> Optional[Tuple[torch.Tensor, ...]]:
+                       outputs: int = 1, out: Optional[torch.Tensor] = None) -> Optional[Tuple[torch.Tensor, ...]]:
     r"""Exact GELU's second-order terms in one C++ pass (``csrc/gelu_second_order.cpp``, as
     accurate as the torch formulas in float32): ``gelu_second_order_term`` gives
     :math:`y''(x) \odot g \odot u`; ``gelu_double_backward`` (``outputs=2``) gives
-    :math:`y'(x) \odot u` too, reading :math:`x` and :math:`u` once for both. None off the CPU,
+    :math:`y'(x) \odot u` too, reading :math:`x` and :math:`u` once for both;
+    ``gelu_backward_add`` gives :math:`y'(x) \odot g + u` (the training backward with the closed
+    form's x-gradient ``u``; ``out`` may be ``u``). None off the CPU,
     for other dtypes, broadcasting shapes or non-contiguous tensors, or without the extension
     (then the torch formulas run). Non-contiguous inputs (ConvNeXt's permuted blocks) stay on
     the torch formulas: copying them first cost more than the kernel saves (convnext_atto, quiet
@@ -153,7 +169,7 @@ def _fused_gelu_kernel(kernel: str, upstream: torch.Tensor, grad: torch.Tensor, 
             t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
             for t in tensors):
         return None
-    outs = tuple(torch.empty(x.shape, dtype=x.dtype) for _ in range(outputs))
+    outs = (out,) if out is not None else tuple(torch.empty(x.shape, dtype=x.dtype) for _ in range(outputs))
     flat = lambda t: t.detach().view(-1).numpy()
     getattr(_C, kernel + _GELU_SUFFIX[x.dtype])(flat(x), flat(grad), flat(upstream), *(flat(o) for o in outs),
                                                 torch.get_num_threads())
@@ -180,12 +196,15 @@ class _HardsigmoidRule(_ElementwiseRule):
 
 class _ElementwiseInputGrad(torch.autograd.Function):
     r"""An activation's input gradient :math:`J^\top g` (``rule.vjp``) whose backward is
-    ``rule.vjp`` of the upstream and ``rule.saved_term``."""
+    ``rule.vjp`` of the upstream and ``rule.saved_term``. ``stand_in`` (or None) is the forward's
+    stand-in for its input: the saved-tensor term goes to it instead of to ``saved``, so that the
+    forward's training backward adds it to its own gradient in one pass (no sum by autograd)."""
 
     @staticmethod
-    def forward(ctx, grad_out: torch.Tensor, saved: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+    def forward(ctx, grad_out: torch.Tensor, saved: torch.Tensor, stand_in: Optional[torch.Tensor],
+                rule: _ElementwiseRule, arg) -> torch.Tensor:
         ctx.save_for_backward(grad_out, saved)
-        ctx.rule, ctx.arg = rule, arg
+        ctx.rule, ctx.arg, ctx.to_stand_in = rule, arg, stand_in is not None
         return rule.vjp(grad_out, saved, arg)
 
     @staticmethod
@@ -193,32 +212,60 @@ class _ElementwiseInputGrad(torch.autograd.Function):
     def backward(ctx, upstream: torch.Tensor):
         grad_out, saved = ctx.saved_tensors
         rule, arg = ctx.rule, ctx.arg
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        need_saved = ctx.needs_input_grad[2] if ctx.to_stand_in else ctx.needs_input_grad[1]
+        gg_out = gg_saved = None
+        if ctx.needs_input_grad[0] and need_saved:
             both = rule.both(upstream, grad_out, saved, arg)
             if both is not None:
-                return both[0], both[1], None, None
-        gg_out = rule.vjp(upstream, saved, arg) if ctx.needs_input_grad[0] else None
-        gg_saved = rule.saved_term(upstream, grad_out, saved, arg) if ctx.needs_input_grad[1] else None
-        return gg_out, gg_saved, None, None
+                gg_out, gg_saved = both
+        if gg_out is None:
+            gg_out = rule.vjp(upstream, saved, arg) if ctx.needs_input_grad[0] else None
+            gg_saved = rule.saved_term(upstream, grad_out, saved, arg) if need_saved else None
+        if ctx.to_stand_in:
+            return gg_out, None, gg_saved, None, None
+        return gg_out, gg_saved, None, None, None
 
 
 class _ElementwiseFunction(torch.autograd.Function):
     """``rule.forward(x, arg)`` whose input gradient is :class:`_ElementwiseInputGrad` when the
-    backward builds a graph (``apply(x, rule, arg)``)."""
+    backward builds a graph (``apply(x, rule, arg)``). Rules that save their input
+    (``rule.saves_input``: GELU) return ``(y, stand_in)``, the stand-in an expand of a scalar
+    zero (no memory) that takes the closed form's x-gradient; the training backward then
+    computes ``rule.vjp_add`` (GELU: one C++ pass instead of ``gelu_backward`` and an add of
+    autograd)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rule: _ElementwiseRule, arg) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, rule: _ElementwiseRule, arg):
         y, saved = rule.forward(x, arg)
-        ctx.save_for_backward(saved)
         ctx.rule, ctx.arg = rule, arg
-        return y
+        if not rule.saves_input:
+            ctx.save_for_backward(saved)
+            return y
+        stand_in = x.new_zeros(()).expand(x.shape)
+        ctx.save_for_backward(saved, stand_in)
+        ctx.set_materialize_grads(False)
+        return y, stand_in
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (saved,) = ctx.saved_tensors
-        if not torch.is_grad_enabled():
+    def backward(ctx, grad_out: Optional[torch.Tensor], *grad_stand_in: Optional[torch.Tensor]):
+        saved, *stand_in = ctx.saved_tensors
+        extra = grad_stand_in[0] if grad_stand_in else None
+        if torch.is_grad_enabled():  # the saliency pass: a differentiable input gradient
+            if extra is not None:
+                raise RuntimeError(_THIRD_ORDER)
+            if grad_out is None:
+                return None, None, None
+            return _ElementwiseInputGrad.apply(grad_out, saved, stand_in[0] if stand_in else None, ctx.rule,
+                                               ctx.arg), None, None
+        if grad_out is None:
+            return extra, None, None
+        if extra is None:
             return ctx.rule.vjp(grad_out, saved, ctx.arg), None, None
-        return _ElementwiseInputGrad.apply(grad_out, saved, ctx.rule, ctx.arg), None, None
+        return ctx.rule.vjp_add(grad_out, saved, ctx.arg, extra), None, None
+
+
+_THIRD_ORDER = ("third-order derivatives of an activation are not supported by the fast double backward "
+                "(run that part with fast_double_backward off)")
 
 
 class SoftmaxFunction(_ElementwiseFunction):
@@ -226,7 +273,7 @@ class SoftmaxFunction(_ElementwiseFunction):
 
 
 class GeluFunction(_ElementwiseFunction):
-    """``F.gelu(x, approximate)``: ``GeluFunction.apply(x, GELU, approximate)``."""
+    """``F.gelu(x, approximate)``: ``GeluFunction.apply(x, GELU, approximate)[0]`` (and its stand-in)."""
 
 
 class HardsigmoidFunction(_ElementwiseFunction):
@@ -273,7 +320,7 @@ def gelu_fast_double_backward(*args, **kwargs) -> Optional[torch.Tensor]:
     x, approximate = bind(_GELU, args, kwargs)
     if not isinstance(x, torch.Tensor) or not x.requires_grad or approximate not in ("none", "tanh"):
         return None
-    return GeluFunction.apply(x, GELU, approximate)
+    return GeluFunction.apply(x, GELU, approximate)[0]
 
 
 
