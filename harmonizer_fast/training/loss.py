@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from harmonizer_fast.spec import (
     DEFAULT_NB_LEVELS,
     LABEL_SMOOTHING,
+    all_finite,
     check_finite,
     check_loss_weight,
     check_nonnegative,
@@ -92,9 +93,8 @@ def _check_loss_inputs(images, tokens, labels, true_heatmaps) -> None:
         raise ValueError(f"`images` is an empty batch (shape {shape_of(images)}): the loss needs N >= 1 images")
     # One fused reduction instead of six: non-finite or negative inputs would otherwise
     # surface as a NaN or a sign-flipped loss steps later, far from their cause.
-    checks = [torch.isfinite(t).all() for t in (images, true_heatmaps, labels, tokens)]
-    checks += [(labels >= 0).all(), (tokens >= 0).all()]
-    if not bool(torch.stack(checks).all()):
+    nonnegative = torch.stack([(labels >= 0).all(), (tokens.to(labels.device) >= 0).all()]).all()
+    if not (all_finite((images, true_heatmaps, labels, tokens)) and bool(nonnegative)):
         for tensor, name in ((images, "images"), (true_heatmaps, "true_heatmaps"), (labels, "labels"), (tokens, "tokens")):
             check_finite(tensor, name)
         check_nonnegative(labels, "labels")
