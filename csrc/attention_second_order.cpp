@@ -14,7 +14,8 @@
 //                         through the softmax here, T' = P (P' - <P', P>), Q' += s T' K,
 //                         K' += s T'^T Q: two more products on the slice in cache instead of a
 //                         P-sized P' handed to the training backward (its fresh pages, a write
-//                         and a read from memory)
+//                         and a read from memory; the Python side folds only when the heap does
+//                         not keep freed memory, since without page faults handing P' over wins)
 //   backward:             T = P * (D - <D, P>), D = G V^T + grad_P,
 //                         dQ = s T K, dK = s T^T Q, dV = P^T G
 // Torch runs each product over all slices at once, so the (L x S)-sized temporaries (W, Z, dS,

@@ -23,7 +23,7 @@ import ctypes.util
 import sys
 from typing import Callable, Optional
 
-__all__ = ["keep_freed_memory", "release_freed_memory"]
+__all__ = ["keep_freed_memory", "keeps_freed_memory", "release_freed_memory"]
 
 
 def _glibc_function(name: str, argtypes) -> Optional[Callable[..., int]]:
@@ -72,6 +72,18 @@ def keep_freed_memory() -> bool:
     stays near the largest step's peak instead of falling between steps; the peak itself does not
     grow. :func:`release_freed_memory` still returns free pages when called.
     """
+    global _KEEPING
     if _MALLOPT is None:
         return False
-    return bool(_MALLOPT(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)) and bool(_MALLOPT(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
+    _KEEPING = bool(_MALLOPT(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)) and bool(
+        _MALLOPT(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
+    return _KEEPING
+
+
+_KEEPING = False
+
+
+def keeps_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` has set this process's heap to keep freed memory (then a
+    fresh large tensor costs its writes, not also its page faults)."""
+    return _KEEPING

@@ -97,10 +97,13 @@ def _attention_inputs(case, seed):
     return q, k, v, mask
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["P' folded", "P' handed over"])
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
-def test_attention_second_order_matches_native(name, path, monkeypatch):
+def test_attention_second_order_matches_native(name, path, kept, monkeypatch):
     attention_double_backward._find_blas()  # its one-time self-check calls the kernels too
+    # the saliency backward folds P' into Q', K' unless the heap keeps freed memory
+    monkeypatch.setattr(attention_double_backward, "keeps_freed_memory", lambda: kept)
     counter = kernel_path(path, monkeypatch, attention_double_backward, ("attention_forward", "attention_input_grad",
                                                                           "attention_backward"))
     case = ATTENTION_CASES[name]
@@ -386,7 +389,7 @@ def test_attention_without_a_usable_blas_runs_the_torch_formulas(monkeypatch):
     monkeypatch.setattr(attention_double_backward.ctypes, "CDLL", no_library)
     assert attention_double_backward._find_blas() is False
     assert attention_double_backward._slice_kernels(torch.ones(2, 2, 2)) is None
-    test_attention_second_order_matches_native("plain", "torch ops", monkeypatch)
+    test_attention_second_order_matches_native("plain", "torch ops", False, monkeypatch)
 
 
 def test_attention_slice_kernels_name_a_bad_argument():
