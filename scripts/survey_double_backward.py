@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers, from a checkout
 import timm  # noqa: E402
 
+from harmonizer_fast._memory import keep_freed_memory  # noqa: E402
 from tests.training._routes import harmonizer_gradients, with_relu6_gates  # noqa: E402
 
 DEFAULT_MODELS = """
@@ -87,6 +88,7 @@ def compare(name: str, dtype: torch.dtype = torch.float64) -> str:
 
 def main(names, dtype: torch.dtype = torch.float64) -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the Trainer on a CPU (attention then hands P' over instead of folding it)
     for name in names:
         start = time.perf_counter()
         try:
