@@ -49,6 +49,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEEP_MMAP_THRESHOLD = 32 << 20
 #: free memory at the heap's top is returned to the OS only above this (mallopt takes an int)
 KEEP_TRIM_THRESHOLD = (1 << 31) - 1
+_KEEPING = False  # set by keep_freed_memory
 
 
 def release_freed_memory() -> bool:
@@ -79,8 +80,6 @@ def keep_freed_memory() -> bool:
         _MALLOPT(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
     return _KEEPING
 
-
-_KEEPING = False
 
 
 def keeps_freed_memory() -> bool:
