@@ -168,10 +168,16 @@ __attribute__((target("avx512f"))) void both_block_f32_avx512(const float* x, co
 }
 #endif
 
+// y'(x) = Phi(x) + x phi(x) in float64, torch's formula; phi(x) into *pdf
+inline double slope_f64(double x, double* pdf) {
+  *pdf = kInvSqrt2Pi * std::exp(-0.5 * x * x);
+  return 0.5 * (1.0 + std::erf(x * 0.70710678118654752440)) + x * *pdf;
+}
+
 void both_block_f64(const double* x, const double* g, const double* u, double* og, double* ox, int64_t b, int64_t e) {
-  for (int64_t i = b; i < e; ++i) {  // torch's formula for y'(x)
-    const double pdf = kInvSqrt2Pi * std::exp(-0.5 * x[i] * x[i]);
-    og[i] = (0.5 * (1.0 + std::erf(x[i] * 0.70710678118654752440)) + x[i] * pdf) * u[i];
+  for (int64_t i = b; i < e; ++i) {
+    double pdf;
+    og[i] = slope_f64(x[i], &pdf) * u[i];
     ox[i] = pdf * (2.0 - x[i] * x[i]) * g[i] * u[i];
   }
 }
@@ -201,9 +207,9 @@ __attribute__((target("avx512f"))) void backward_add_block_f32_avx512(const floa
 #endif
 
 void backward_add_block_f64(const double* x, const double* g, const double* a, double* out, int64_t b, int64_t e) {
-  for (int64_t i = b; i < e; ++i) {  // torch's formula for y'(x)
-    const double pdf = kInvSqrt2Pi * std::exp(-0.5 * x[i] * x[i]);
-    out[i] = (0.5 * (1.0 + std::erf(x[i] * 0.70710678118654752440)) + x[i] * pdf) * g[i] + a[i];
+  for (int64_t i = b; i < e; ++i) {
+    double pdf;
+    out[i] = slope_f64(x[i], &pdf) * g[i] + a[i];
   }
 }
 

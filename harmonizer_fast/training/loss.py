@@ -91,8 +91,9 @@ def _check_loss_inputs(images, tokens, labels, true_heatmaps) -> None:
     check_tokens(tokens, n)
     if n == 0:
         raise ValueError(f"`images` is an empty batch (shape {shape_of(images)}): the loss needs N >= 1 images")
-    # One fused reduction instead of six: non-finite or negative inputs would otherwise
-    # surface as a NaN or a sign-flipped loss steps later, far from their cause.
+    # Non-finite or negative inputs would otherwise surface as a NaN or a sign-flipped loss
+    # steps later, far from their cause: one summing pass per tensor and two reductions prove
+    # them fine; only then is each checked by name.
     nonnegative = torch.stack([(labels >= 0).all(), (tokens.to(labels.device) >= 0).all()]).all()
     if not (all_finite((images, true_heatmaps, labels, tokens)) and bool(nonnegative)):
         for tensor, name in ((images, "images"), (true_heatmaps, "true_heatmaps"), (labels, "labels"), (tokens, "tokens")):
