@@ -533,15 +533,15 @@ def test_attention_on_strided_operands_matches_native(case, path, monkeypatch):
 
 def test_timm_attention_gradients_go_back_without_copies():
     # float32 on the CPU kernels: no stack and no copy of a q-, k-, v- or qkv-sized tensor in the
-    # saliency pass, its backward or the training backward
+    # forward (the output's transpose back to (B, N, C) is a view, as after the native kernel),
+    # the saliency pass, its backward or the training backward
     if attention_double_backward._C is None or not attention_double_backward._find_blas() or DEVICE.type != "cpu":
         pytest.skip("the C++ slice kernels are not available")
     x, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(16, 3 * 2 * 8, requires_grad=True)
-    with fast_double_backward():
+    with fast_double_backward(), torch.profiler.profile(record_shapes=True) as prof:
         out = _timm_attention(x @ weight, 2, F.scaled_dot_product_attention)  # the qkv projection
-        with torch.profiler.profile(record_shapes=True) as prof:
-            (grad,) = torch.autograd.grad((out**3).sum(), x, create_graph=True)
-            (grad.square().sum() + out.sum()).backward()
+        (grad,) = torch.autograd.grad((out**3).sum(), x, create_graph=True)
+        (grad.square().sum() + out.sum()).backward()
     part = [2, 2, 9, 8]
     copies = [(e.name, e.input_shapes) for e in prof.events()
               if e.name in ("aten::cat", "aten::stack")
