@@ -68,7 +68,7 @@ class _HalfSquaredNorm(torch.autograd.Function):
 
     Autograd's ``sum(p.square().sum() / 2)`` records a square, a sum and their backwards per
     parameter (``PowBackward0``: ~4 % of a ViT-B/16 harmonized step); here the value is one
-    dot product per parameter and the gradient one multiplication, the same numbers. Each
+    dot product per parameter and the gradient one multi-tensor multiplication, the same numbers. Each
     dot product accumulates in float32 at least; the result is float32 (as the reference's
     ``tf.nn.l2_loss`` sum), float64 when a parameter is float64.
     """
@@ -89,8 +89,16 @@ class _HalfSquaredNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return tuple(p * grad.to(p.dtype) if need else None
-                     for p, need in zip(ctx.saved_tensors, ctx.needs_input_grad))
+        params = ctx.saved_tensors
+        by_dtype = {}  # one multi-tensor multiplication per dtype (a loop of p * g: ~2x the time)
+        for i, (p, need) in enumerate(zip(params, ctx.needs_input_grad)):
+            if need:
+                by_dtype.setdefault(p.dtype, []).append(i)
+        grads: List[Optional[torch.Tensor]] = [None] * len(params)
+        for dtype, indices in by_dtype.items():
+            for i, g in zip(indices, torch._foreach_mul([params[i] for i in indices], grad.to(dtype))):
+                grads[i] = g
+        return tuple(grads)
 
 
 def weight_decay_loss(model: nn.Module) -> torch.Tensor:

@@ -49,3 +49,16 @@ def test_low_precision_parameters_accumulate_in_float32():
 
 def test_no_decayed_parameter_gives_zero():
     assert weight_decay_loss(nn.LayerNorm(3)).item() == 0.0
+
+
+def test_mixed_dtype_parameters_each_get_their_own_gradient():
+    # the backward multiplies each dtype's parameters in one multi-tensor call
+    net = _net(torch.float32)
+    net[3].double()
+    value = weight_decay_loss(net)
+    assert value.dtype == torch.float64
+    upstream = torch.tensor(0.5, dtype=torch.float64)
+    params = [p for _, p in decayed_parameters(net)]
+    for p, g in zip(params, torch.autograd.grad(value, params, upstream)):
+        assert g.dtype == p.dtype
+        torch.testing.assert_close(g, p.detach() * 0.5, rtol=0, atol=0)
