@@ -7,7 +7,9 @@ pyramidal MSE -> backward to the input gradient. Variants:
 - eager: the package's pure-torch path (``backend="torch"``), the baseline;
 - torch.compile: the same eager function compiled (forward and backward, inductor);
 - triton: the fused kernels (``backend="triton"``); GPU only: on CPU Triton runs in its
-  interpreter, whose speed means nothing, so it is not timed there.
+  interpreter, whose speed means nothing, so it is not timed there;
+- C++ (CPU): the harmonization term's C++ op (``ops.harmonization_term_cpu``, what
+  ``backend="auto"`` runs on the CPU); CPU only.
 
 Each variant is checked equal to eager (loss and input gradient, 1e-5 relative) before
 timing. Besides the median, every row reports the peak memory of the step (CUDA: peak
@@ -43,6 +45,13 @@ def triton_alignment(gradient: torch.Tensor, heatmaps: torch.Tensor, tokens: tor
     return harmonization_term(gradient, heatmaps, tokens)
 
 
+def cpu_alignment(gradient: torch.Tensor, heatmaps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Steps 2-5 through the C++ op of the CPU."""
+    from harmonizer_fast.ops.harmonization_term_cpu import cpu_harmonization_term
+
+    return cpu_harmonization_term(gradient, heatmaps, tokens, 5)
+
+
 def compiled_alignment() -> Callable:
     """``torch.compile`` of :func:`eager_alignment` (compiled on first call, i.e. in the warm-up)."""
     return torch.compile(eager_alignment, dynamic=False)
@@ -54,7 +63,14 @@ def variants(device: torch.device) -> Dict[str, Optional[Callable]]:
         "eager": eager_alignment,
         "torch.compile": compiled_alignment(),
         "triton (fused)": triton_alignment if device.type == "cuda" else None,
+        "C++ (CPU)": cpu_alignment if device.type == "cpu" and _cpu_op_applies() else None,
     }
+
+
+def _cpu_op_applies() -> bool:
+    from harmonizer_fast.ops import harmonization_term_cpu
+
+    return harmonization_term_cpu._C is not None
 
 
 def floor_bytes(batch: int, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, channels: int = CHANNELS) -> int:

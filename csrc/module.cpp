@@ -17,6 +17,7 @@ void register_pls(py::module_& m);
 void register_layer_norm(py::module_& m);
 void register_gelu(py::module_& m);
 void register_attention(py::module_& m);
+void register_harmonization_term(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "harmonizer_fast native kernels (pybind11 + OpenMP)";
@@ -47,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
   register_layer_norm(m);
   register_gelu(m);
   register_attention(m);
+  register_harmonization_term(m);
 }

@@ -8,7 +8,9 @@ One module per fused op, each holding its Triton kernels and the
 - :mod:`harmonizer_fast.ops.pyramid`: the 5x5 binomial stride-2 TF-'SAME' pyramid and
   its adjoint;
 - :mod:`harmonizer_fast.ops.alignment_loss`: the token-weighted pyramidal MSE between the
-  saliency and the rescaled, standardized human map, reduced to the scalar.
+  saliency and the rescaled, standardized human map, reduced to the scalar;
+- :mod:`harmonizer_fast.ops.harmonization_term_cpu`: the saliency cut and the alignment loss
+  together on the CPU, in C++ (``csrc/harmonization_term.cpp``), with their gradient.
 
 The pure-torch functions of :mod:`harmonizer_fast.training.loss` and
 :mod:`harmonizer_fast.training.pyramid` are the specification; the fused ops are tested
@@ -16,7 +18,10 @@ against them. Each public function there validates its inputs once, then
 :func:`route` calls either its pure-torch reference or the op's ``fused_*`` function (a
 direct reference, never a name looked up at run time), as ``backend`` says:
 
-- ``"auto"``: Triton for CUDA tensors (float16/bfloat16/float32), pure torch otherwise.
+- ``"auto"``: Triton for CUDA tensors (float16/bfloat16/float32), pure torch otherwise,
+  but for the harmonization term on CPU float32/float64 tensors, which runs the C++ op of
+  :mod:`harmonizer_fast.ops.harmonization_term_cpu` (no Triton needed; routed by
+  ``training.harmonization.route_harmonization_term``).
   A missing or failing Triton falls back to torch with one warning.
 - ``"triton"``: always the fused kernels; on CPU this needs ``TRITON_INTERPRET=1`` (the
   Triton interpreter, slow, meant for tests). Raises :class:`RuntimeError` if Triton

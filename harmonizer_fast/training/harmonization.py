@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonizer_fast import ops
+from harmonizer_fast.ops import harmonization_term_cpu
 from harmonizer_fast.spec import (
     DEFAULT_NB_LEVELS,
     SALIENCY_MAX_EPSILON,
@@ -199,7 +200,12 @@ def route_harmonization_term(
     """Steps 2-5 on validated inputs: the fused op or :func:`reference_harmonization_term`, by ``backend``.
 
     The full loss validates its inputs once (:mod:`harmonizer_fast.training.loss`) and routes
-    here, so that the fused references of this module are the only ones.
+    here, so that the fused references of this module are the only ones. Under ``"auto"``,
+    CPU float32/float64 inputs run the C++ op :mod:`harmonizer_fast.ops.harmonization_term_cpu`
+    when the extension is built (the Triton kernels serve CUDA tensors); ``"torch"`` always
+    runs the reference.
     """
+    if backend == "auto" and harmonization_term_cpu.applies(input_gradient, true_heatmaps, tokens):
+        return harmonization_term_cpu.cpu_harmonization_term(input_gradient, true_heatmaps, tokens, nb_levels)
     fused = _fused_alignment and _fused_alignment.fused_harmonization_term
     return ops.route(backend, fused, reference_harmonization_term, input_gradient, true_heatmaps, tokens, nb_levels)
