@@ -138,3 +138,15 @@ def test_a_second_derivative_raises_instead_of_being_wrong():
     (grad,) = torch.autograd.grad(loss, gradient, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(grad.square().sum(), gradient)
+
+
+def test_channels_last_and_mixed_dtype_inputs():
+    # the Trainer's channels_last images give a channels-last input gradient; human maps may
+    # come in another float dtype than the gradient (the reference converts them too)
+    gradient, heatmaps, tokens = _inputs((2, 3, 12, 14), torch.float64)
+    strided = gradient.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    loss, grad = _value_and_grad(harmonization_term_cpu.cpu_harmonization_term, strided, heatmaps.float(),
+                                 tokens.float(), 5)
+    want_loss, want_grad = _value_and_grad(reference_harmonization_term, gradient, heatmaps.float(), tokens.float(), 5)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)
