@@ -201,6 +201,7 @@ double harmonization_term(Arr<T> gradient, Arr<T> heatmaps, py::array_t<double, 
   int nt = std::max(1, std::min<int>(threads, int(n)));
   if (pixels * channels * n < (int64_t(1) << 15)) nt = 1;
 
+  py::gil_scoped_release release;  // the arrays stay referenced by the arguments
 #ifdef HF_HAVE_OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
