@@ -27,6 +27,7 @@ import torch
 
 from benchmarks._timing import Comparison, Timing, measure
 from benchmarks.compare_loss import CHANNELS, IMAGE_SIZE, forward_backward, make_inputs
+from harmonizer_fast._ext import HAS_EXTENSION
 from harmonizer_fast.training import alignment_loss, saliency_standardize_cut
 
 #: Targets for the GPU figures (README "Fused Triton kernels").
@@ -63,14 +64,8 @@ def variants(device: torch.device) -> Dict[str, Optional[Callable]]:
         "eager": eager_alignment,
         "torch.compile": compiled_alignment(),
         "triton (fused)": triton_alignment if device.type == "cuda" else None,
-        "C++ (CPU)": cpu_alignment if device.type == "cpu" and _cpu_op_applies() else None,
+        "C++ (CPU)": cpu_alignment if device.type == "cpu" and HAS_EXTENSION else None,
     }
-
-
-def _cpu_op_applies() -> bool:
-    from harmonizer_fast.ops import harmonization_term_cpu
-
-    return harmonization_term_cpu._C is not None
 
 
 def floor_bytes(batch: int, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, channels: int = CHANNELS) -> int:

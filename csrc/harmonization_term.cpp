@@ -52,8 +52,8 @@ struct Side {
 };
 
 // One pyramid step on an h x w map: y = D x (separable: along the rows, then the columns).
-// `tmp` holds h x out_w values, `row` 3 (w + 5): a zero-padded row and its even and odd entries,
-// so that the 5 taps read unit-stride arrays.
+// `tmp` holds h x out_w values, `row` 4 (out_w + 2): a zero-padded row and its even and odd
+// entries, so that the 5 taps read unit-stride arrays.
 template <typename T>
 void downsample(const T* x, const Side& rows, const Side& cols, const T* taps, T* tmp, T* row, T* y) {
   const int half = cols.out + 2;  // the padded row, 2 (out - 1) + 5 values, fits in 2 half

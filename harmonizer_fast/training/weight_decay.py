@@ -68,9 +68,9 @@ class _HalfSquaredNorm(torch.autograd.Function):
 
     Autograd's ``sum(p.square().sum() / 2)`` records a square, a sum and their backwards per
     parameter (``PowBackward0``: ~4 % of a ViT-B/16 harmonized step); here the value is one
-    dot product per parameter and the gradient one multi-tensor multiplication, the same numbers. Each
-    dot product accumulates in float32 at least; the result is float32 (as the reference's
-    ``tf.nn.l2_loss`` sum), float64 when a parameter is float64.
+    dot product per parameter and the gradient one multi-tensor multiplication, the same
+    numbers. Each dot product accumulates in float32 at least; the result is float32 (as the
+    reference's ``tf.nn.l2_loss`` sum), float64 when a parameter is float64.
     """
 
     @staticmethod
