@@ -75,7 +75,9 @@ def test_a_non_finite_input_gradient_gives_a_nan_loss_as_the_reference():
 
 
 def test_value_does_not_depend_on_the_thread_count():
-    inputs = _inputs((5, 3, 40, 40), torch.float32)
+    # 5 x 3 x 64 x 64 values: above the kernel's one-thread threshold (2**15), so that two
+    # threads really split the maps
+    inputs = _inputs((5, 3, 64, 64), torch.float32)
     saved = torch.get_num_threads()
     try:
         values = []
